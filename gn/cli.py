@@ -1,0 +1,102 @@
+"""The `gn` command line: a thin layer that parses arguments, loads the config
+and calls `train` / `compare`. Bad input exits with status 2 and a
+one-paragraph message, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from gn.errors import ConfigError
+
+
+def _default_workdir(config: str, method: str | None = None) -> Path:
+    base = Path("runs") / Path(config).stem
+    return base / method if method else base
+
+
+def _load(args):
+    from gn.config import load_config
+
+    return load_config(args.config, overrides=args.set or [])
+
+
+def cmd_train(args) -> None:
+    from gn.train.trainer import train
+
+    cfg = _load(args)
+    workdir = Path(args.workdir) if args.workdir else _default_workdir(args.config, args.method)
+    summary = train(cfg, args.method, workdir)
+    print(f"{summary['method']}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
+          f"final val loss {summary['final_val_loss']:.4f} (best {summary['best_val_loss']:.4f}), "
+          f"{summary['wall_time_s']:.1f} s -> {workdir}")
+
+
+def cmd_compare(args) -> None:
+    from gn.train.compare import compare
+
+    cfg = _load(args)
+    workdir = Path(args.workdir) if args.workdir else _default_workdir(args.config)
+    methods = [m for m in args.methods.split(",") if m] if args.methods else None
+    compare(cfg, workdir, methods=methods)
+    print(f"wrote {workdir}/comparison.json, comparison.md, comparison.png")
+
+
+def cmd_methods(args) -> None:
+    from gn.optim import registry
+
+    rows = registry.describe()
+    width = max(len(n) for n, _ in rows)
+    for name, desc in rows:
+        print(f"{name:<{width}}  {desc}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gn", description="Gauss-Newton and second-order optimization for LMs.")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host runs)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_common(sp):
+        sp.add_argument("config", help="YAML config (states only what differs from the defaults)")
+        sp.add_argument("--workdir", help="output directory (default runs/<config name>[/<method>])")
+        sp.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                        help="override one config key, e.g. --set train.steps=50 (repeatable)")
+
+    t = sub.add_parser("train", help="train one method")
+    add_common(t)
+    t.add_argument("--method", required=True, help="a name from the config's methods list or any registered method")
+    t.set_defaults(fn=cmd_train)
+    c = sub.add_parser("compare", help="train every method of the config and compare them")
+    add_common(c)
+    c.add_argument("--methods", help="comma-separated subset of the config's methods")
+    c.set_defaults(fn=cmd_compare)
+    m = sub.add_parser("methods", help="list registered methods")
+    m.set_defaults(fn=cmd_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", os.environ.get("GN_PLATFORMS", "cpu"))
+    try:
+        if args.distributed:
+            import jax
+
+            jax.distributed.initialize()
+        args.fn(args)
+    except ConfigError as exc:
+        msg = " ".join(str(exc).split())
+        print("error: " + textwrap.fill(msg, width=100, subsequent_indent="  "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

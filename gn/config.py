@@ -1,0 +1,288 @@
+"""Typed, frozen run configuration.
+
+A run is described by one `Config`: the model, the data, the training loop and
+the list of methods to run. YAML files state only what differs from the
+defaults (and from the model preset); `--set key.path=value` overrides single
+keys. Everything is validated before any compute: unknown keys (with the nearest
+valid key suggested), invalid values and cross-field constraints raise
+`gn.errors.ConfigError`.
+
+    cfg = load_config("configs/quickstart.yaml", overrides=["train.steps=10"])
+    entry = cfg.method("adamw")          # a MethodEntry with resolved hyperparameters
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from gn.data.config import DataConfig
+from gn.errors import ConfigError, require, suggest
+from gn.model.config import PRESETS as MODEL_PRESETS
+from gn.model.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training loop, shared by every method.
+
+    `batch_size` is in sequences per (outer) step; `grad_accum` splits each
+    step's batch into that many micro-batches (for batches larger than memory).
+    `target_losses` are validation losses whose first crossing is reported as
+    steps and tokens to target.
+    """
+
+    steps: int = 100
+    batch_size: int = 16
+    grad_accum: int = 1
+    eval_every: int = 25
+    eval_batch_size: int = 16
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    seed: int = 0
+    target_losses: tuple[float, ...] = ()
+    ema_decay: float = 0.0
+    log_every: int = 1
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ConfigError on invalid values."""
+        for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size",
+                    "checkpoint_every", "keep_checkpoints", "log_every"):
+            value = getattr(self, key)
+            require(value > 0, f"train.{key} must be a positive integer, got {value}.")
+        require(self.batch_size % self.grad_accum == 0,
+                f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum "
+                f"({self.grad_accum}): each step is split into equal micro-batches.")
+        require(0.0 <= self.ema_decay < 1.0,
+                f"train.ema_decay must be in [0, 1) (0 disables the EMA), got {self.ema_decay}.")
+        for t in self.target_losses:
+            require(math.isfinite(t) and t > 0, f"train.target_losses must be positive numbers, got {t}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodEntry:
+    """One entry of the `methods:` list: a display name, the registered method
+    it runs, an optional per-method batch size and its hyperparameters."""
+
+    name: str
+    method: str
+    batch_size: int | None = None
+    hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = {"name": self.name}
+        if self.method != self.name:
+            out["method"] = self.method
+        if self.batch_size is not None:
+            out["batch_size"] = self.batch_size
+        out.update(_plain(dict(self.hparams)))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run: model, data, training loop and methods."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    methods: tuple[MethodEntry, ...] = ()
+
+    def method(self, name: str) -> MethodEntry:
+        """The entry called `name`, or a registered method with its defaults."""
+        from gn.optim import registry
+
+        for entry in self.methods:
+            if entry.name == name:
+                return entry
+        if name in registry.names():
+            return registry.resolve_entry({"name": name})
+        valid = sorted({e.name for e in self.methods} | set(registry.names()))
+        raise ConfigError(
+            f"Unknown method '{name}'.{suggest(name, valid)} Valid names are the config's methods "
+            f"({', '.join(e.name for e in self.methods) or 'none'}) or any registered method: "
+            f"{', '.join(registry.names())}."
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "model": _plain(dataclasses.asdict(self.model)),
+            "data": _plain(dataclasses.asdict(self.data)),
+            "train": _plain(dataclasses.asdict(self.train)),
+            "methods": [m.to_dict() for m in self.methods],
+        }
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, *, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config (deltas from the defaults), apply `key.path=value`
+    overrides, validate, and return the resolved `Config`."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        require(p.is_file(), f"Config file '{path}' does not exist.")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from None
+        require(isinstance(raw, dict), f"Config file '{path}' must hold a mapping at the top level.")
+    for item in overrides:
+        apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to a raw dict."""
+    require("=" in item, f"Override '{item}' must look like key.path=value.")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    require(all(parts), f"Override '{item}' has an empty key component.")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        require(isinstance(node, dict), f"Override '{item}': '{part}' is not a section.")
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> Config:
+    """Build and validate a Config from a raw (YAML-shaped) mapping."""
+    from gn.optim import registry
+
+    raw = dict(raw)
+    _check_keys(raw, [f.name for f in dataclasses.fields(Config)], "")
+    model_raw = dict(raw.get("model") or {})
+    preset = model_raw.get("preset", ModelConfig.preset)
+    if preset is not None:
+        require(preset in MODEL_PRESETS,
+                f"Unknown model preset '{preset}'.{suggest(str(preset), MODEL_PRESETS)} "
+                f"Valid presets: {', '.join(MODEL_PRESETS)}.")
+        model_raw = {**MODEL_PRESETS[preset], **model_raw}
+    model = build_dataclass(ModelConfig, model_raw, "model")
+    data = build_dataclass(DataConfig, raw.get("data") or {}, "data")
+    train = build_dataclass(TrainConfig, raw.get("train") or {}, "train")
+    methods_raw = raw.get("methods") or []
+    require(isinstance(methods_raw, list), "'methods' must be a list of entries, each with a 'name'.")
+    methods = tuple(registry.resolve_entry(m, where=f"methods[{i}]") for i, m in enumerate(methods_raw))
+    names = [m.name for m in methods]
+    dup = {n for n in names if names.count(n) > 1}
+    require(not dup, f"Method names in 'methods' must be unique; repeated: {', '.join(sorted(dup))}.")
+    cfg = Config(model=model, data=data, train=train, methods=methods)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Validate every section and the constraints between them."""
+    cfg.model.validate()
+    cfg.data.validate()
+    cfg.train.validate()
+    require(cfg.data.seq_len <= cfg.model.max_seq_len,
+            f"data.seq_len ({cfg.data.seq_len}) exceeds the model's maximum positions "
+            f"model.max_seq_len ({cfg.model.max_seq_len}); lower data.seq_len or raise model.max_seq_len.")
+    if cfg.model.vocab_size is not None and cfg.data.source in ("embedded",) and cfg.data.tokenizer == "bpe":
+        require(cfg.model.vocab_size >= cfg.data.vocab_size,
+                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                f"data.vocab_size ({cfg.data.vocab_size}); leave model.vocab_size unset to take it from the data.")
+
+
+def build_dataclass(cls: type, raw: Any, where: str) -> Any:
+    """Instantiate frozen dataclass `cls` from a mapping, checking keys and types."""
+    if dataclasses.is_dataclass(raw):
+        return raw
+    require(isinstance(raw, Mapping), f"'{where}' must be a mapping, got {type(raw).__name__}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(raw, fields, where)
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: coerce(hints[k], v, f"{where}.{k}") for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def coerce(tp: Any, value: Any, where: str) -> Any:
+    """Convert a YAML value to type `tp` (int, float, str, bool, tuples,
+    optionals and nested dataclasses), or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(arg, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"'{where}' has an invalid value {value!r}.")
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, where)
+    if origin is tuple:
+        if value is None:
+            value = []
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        elem = args[0] if args else Any
+        return tuple(coerce(elem, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    if tp is bool:
+        require(isinstance(value, bool), f"'{where}' must be true or false, got {value!r}.")
+        return value
+    if tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if not ok and isinstance(value, float) and value.is_integer():
+            value, ok = int(value), True
+        require(ok, f"'{where}' must be an integer, got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        require(isinstance(value, (int, float)) and not isinstance(value, bool),
+                f"'{where}' must be a number, got {value!r}.")
+        return float(value)
+    if tp is str:
+        require(isinstance(value, str), f"'{where}' must be a string, got {value!r}.")
+        return value
+    return value
+
+
+def _check_keys(raw: Mapping, valid: Any, where: str) -> None:
+    valid = list(valid)
+    for key in raw:
+        if key not in valid:
+            full = f"{where}.{key}" if where else str(key)
+            raise ConfigError(
+                f"Unknown config key '{full}'.{suggest(str(key), valid)} Valid keys"
+                f"{' in ' + repr(where) if where else ''}: {', '.join(valid)}."
+            )
+
+
+def _plain(obj: Any) -> Any:
+    """Convert tuples/dataclasses to YAML-friendly lists/dicts."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if dataclasses.is_dataclass(obj):
+        return _plain(dataclasses.asdict(obj))
+    return obj
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the fully resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

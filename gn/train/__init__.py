@@ -1,0 +1,1 @@
+"""The trainer: runs any registered method with one step interface."""

@@ -1,0 +1,424 @@
+"""Crash-safe checkpoints over orbax-checkpoint.
+
+Layout of ``directory``::
+
+    step_00000100/
+        state/        orbax StandardCheckpointHandler output (the pytree)
+        meta.json     caller's JSON metadata (data position, RNG, metrics, ...)
+        COMMIT.json   written last: size + sha256 of every other file
+    step_00000200.partial-<id>/   a save in progress, or one killed mid-way
+
+A save is assembled in a ``.partial-`` directory and renamed into place only
+after every file is fsync'ed and ``COMMIT.json`` is written, so a ``kill -9``
+at any moment leaves either a complete step or an ignorable partial one.
+orbax alone is not enough for this: its own markers are not checked on a local
+filesystem and it will happily "restore" a checkpoint whose ``_METADATA`` was
+deleted, so completeness and integrity are decided by our ``COMMIT.json``.
+
+Single-process only: every file here is written by the calling process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import uuid
+import warnings
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+__all__ = ["Checkpointer", "CheckpointWarning"]
+
+_STEP_RE = re.compile(r"^step_(\d+)(.*)$")
+_COMMIT = "COMMIT.json"
+_META = "meta.json"
+_STATE = "state"
+_FORMAT = 1
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was refused, or found corrupted/partial and skipped."""
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    # orbax logs a dozen INFO lines per save through absl; once the trainer
+    # configures logging at INFO they would flood the console.
+    logger = logging.getLogger("absl")
+    old = logger.level
+    if logger.getEffectiveLevel() < logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+def _ocp():
+    # Imported lazily: orbax pulls in tensorstore and friends, which costs a
+    # noticeable amount of start-up time for commands that never checkpoint.
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def _json_default(x: Any) -> Any:
+    # Metadata often carries numpy/jax scalars (RNG words, metric values).
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return np.asarray(x).tolist()
+    raise TypeError(f"meta value of type {type(x).__name__} is not JSON-serialisable")
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _non_finite_leaves(state: Any) -> list[str]:
+    """Key paths of floating leaves of `state` that contain NaN/Inf."""
+    paths, flags = [], []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if isinstance(leaf, bool) or leaf is None:
+            continue
+        if isinstance(leaf, float):
+            if not math.isfinite(leaf):
+                flags.append(False)
+                paths.append(jax.tree_util.keystr(path))
+            continue
+        dtype = getattr(leaf, "dtype", None)
+        # jnp.issubdtype, not np's: numpy does not count bfloat16/float8 as inexact.
+        if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
+            continue
+        if isinstance(leaf, jax.Array):
+            # Reduce on device; fetch all flags in one transfer below.
+            flags.append(jax.numpy.isfinite(leaf).all())
+        else:
+            flags.append(bool(np.isfinite(np.asarray(leaf)).all()))
+        paths.append(jax.tree_util.keystr(path))
+    if not flags:
+        return []
+    ok = jax.device_get(flags)
+    return [p for p, f in zip(paths, ok) if not bool(f)]
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+    dev = getattr(jax.config, "jax_default_device", None)  # None, Device or platform
+    if dev is None:
+        dev = jax.devices()[0]
+    elif isinstance(dev, str):
+        dev = jax.devices(dev)[0]
+    return jax.sharding.SingleDeviceSharding(dev)
+
+
+def _restore_target(abstract_state: Any) -> Any:
+    """Map the caller's abstract pytree to something orbax accepts as target."""
+    default = None
+
+    def leaf(x: Any) -> Any:
+        nonlocal default
+        if isinstance(x, jax.ShapeDtypeStruct):
+            if x.sharding is not None:
+                return x
+            # Without a sharding orbax falls back to whatever was recorded at
+            # save time (numpy for numpy leaves) and newer versions warn.
+            default = default or _default_sharding()
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        if isinstance(x, np.generic):
+            # orbax rejects numpy scalars as restore targets (saving is fine).
+            return np.zeros((), x.dtype)
+        return x
+
+    return jax.tree.map(leaf, abstract_state)
+
+
+def _fix_numpy_scalars(abstract_state: Any, restored: Any) -> Any:
+    return jax.tree.map(
+        lambda a, r: a.dtype.type(np.asarray(r)) if isinstance(a, np.generic) else r,
+        abstract_state,
+        restored,
+    )
+
+
+class Checkpointer:
+    """Keeps the newest ``keep`` verified checkpoints of a training run in ``directory``.
+
+    ``save`` is synchronous and atomic (complete step directory or none);
+    ``restore_latest`` verifies checksums and falls back past corrupted or
+    partial checkpoints with a :class:`CheckpointWarning`.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3):
+        """Use (and create) ``directory``; ``keep`` >= 1 checkpoints are retained."""
+        if int(keep) < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.keep = int(keep)
+        # Steps this process found corrupted; deleted at the next save.
+        self._bad: set[int] = set()
+        os.makedirs(self.directory, exist_ok=True)
+
+    # ------------------------------------------------------------------ layout
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, f"step_{step:08d}")
+
+    def _scan(self) -> tuple[dict[int, str], dict[int, list[str]]]:
+        """(final step dirs by step, partial/other entries by step)."""
+        finals: dict[int, str] = {}
+        partials: dict[int, list[str]] = {}
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return finals, partials
+        for name in names:
+            m = _STEP_RE.match(name)
+            if not m:
+                continue
+            step, rest = int(m.group(1)), m.group(2)
+            path = os.path.join(self.directory, name)
+            if rest == "" and os.path.isdir(path):
+                finals[step] = path
+            else:
+                partials.setdefault(step, []).append(path)
+        return finals, partials
+
+    @staticmethod
+    def _read_commit(path: str) -> dict:
+        with open(os.path.join(path, _COMMIT), encoding="utf-8") as f:
+            commit = json.load(f)
+        files = commit.get("files") if isinstance(commit, dict) else None
+        if not isinstance(files, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str)
+            for v in files.values()
+        ):
+            raise ValueError("malformed COMMIT.json")
+        return commit
+
+    def _check(self, path: str, *, deep: bool) -> str | None:
+        """None if the checkpoint at ``path`` is complete, else the reason.
+
+        The shallow check (marker present, listed files exist with the recorded
+        size) catches deletions and truncation cheaply; ``deep`` also compares
+        sha256 digests, which catches same-size garbage.
+        """
+        try:
+            commit = self._read_commit(path)
+        except FileNotFoundError:
+            return f"no {_COMMIT} (save never finished)"
+        except (OSError, ValueError) as e:
+            return f"unreadable {_COMMIT}: {e}"
+        files = commit["files"]
+        if _META not in files or not any(k.startswith(_STATE + "/") for k in files):
+            return f"{_COMMIT} lists no state/meta files"
+        for rel, (size, digest) in files.items():
+            full = os.path.join(path, rel)
+            try:
+                actual = os.path.getsize(full)
+            except OSError:
+                return f"missing file {rel}"
+            if actual != size:
+                return f"file {rel} has {actual} bytes, expected {size}"
+            if deep:
+                try:
+                    if _sha256(full) != digest:
+                        return f"checksum mismatch in {rel}"
+                except OSError as e:
+                    return f"cannot read {rel}: {e}"
+        return None
+
+    def steps(self) -> list[int]:
+        """Sorted steps whose checkpoint on disk is complete (shallow check)."""
+        finals, _ = self._scan()
+        return sorted(s for s, p in finals.items() if self._check(p, deep=False) is None)
+
+    # -------------------------------------------------------------------- save
+
+    def save(self, step: int, state: Any, meta: dict) -> bool:
+        """Durably save pytree ``state`` and JSON-serialisable ``meta`` at ``step``.
+
+        Returns False (with a :class:`CheckpointWarning`) and writes nothing if
+        any floating leaf of ``state`` is NaN/Inf. Otherwise blocks until the
+        checkpoint is fsync'ed and committed, prunes to the newest ``keep``
+        complete checkpoints, removes leftovers of killed saves, and returns True.
+        Re-saving an existing step replaces it.
+        """
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        bad = _non_finite_leaves(state)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+            warnings.warn(
+                f"checkpoint at step {step} refused: non-finite values in {shown}",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+            return False
+        # Serialise meta before touching the disk so a bad value fails cleanly.
+        meta_bytes = json.dumps(meta, default=_json_default, indent=1).encode("utf-8")
+
+        final = self._step_dir(step)
+        tmp = f"{final}.partial-{uuid.uuid4().hex[:12]}"
+        os.makedirs(tmp)
+        try:
+            ocp = _ocp()
+            with _quiet_orbax():
+                ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+                try:
+                    ckptr.save(os.path.join(tmp, _STATE), args=ocp.args.StandardSave(state))
+                finally:
+                    ckptr.close()
+            with open(os.path.join(tmp, _META), "wb") as f:
+                f.write(meta_bytes)
+            files: dict[str, list] = {}
+            for root, dirs, names in os.walk(tmp):
+                for name in names:
+                    full = os.path.join(root, name)
+                    _fsync_path(full)
+                    rel = os.path.relpath(full, tmp).replace(os.sep, "/")
+                    files[rel] = [os.path.getsize(full), _sha256(full)]
+                for d in dirs:
+                    _fsync_path(os.path.join(root, d))
+            commit = {"format": _FORMAT, "step": step, "files": files}
+            with open(os.path.join(tmp, _COMMIT), "w", encoding="utf-8") as f:
+                json.dump(commit, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_path(tmp)
+            if os.path.exists(final):
+                # Move the old one aside first: rename onto a non-empty dir fails.
+                old = f"{final}.replaced-{uuid.uuid4().hex[:12]}"
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+            _fsync_path(self.directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._bad.discard(step)
+        self._prune(step)
+        return True
+
+    @staticmethod
+    def _remove(path: str) -> None:
+        # Rename first, so a kill during rmtree never leaves a half-deleted
+        # directory under a checkpoint's name; the leftover is swept next save.
+        doomed = f"{path}.deleting-{uuid.uuid4().hex[:12]}"
+        try:
+            os.rename(path, doomed)
+        except OSError:
+            doomed = path
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def _prune(self, just_saved: int) -> None:
+        finals, partials = self._scan()
+        for paths in partials.values():
+            for p in paths:
+                shutil.rmtree(p, ignore_errors=True)
+        good, newer = [], []
+        for s, p in finals.items():
+            if s in self._bad or self._check(p, deep=False) is not None:
+                self._remove(p)
+            elif s != just_saved:
+                good.append(s)
+                if s > just_saved:
+                    newer.append(s)
+        if newer:
+            warnings.warn(
+                f"{self.directory} holds checkpoints newer than step {just_saved} "
+                f"({sorted(newer)}); restore_latest will prefer them",
+                CheckpointWarning,
+                stacklevel=3,
+            )
+        # The checkpoint just written always survives, whatever else is there.
+        for s in sorted(good, reverse=True)[self.keep - 1 :]:
+            self._remove(finals[s])
+
+    # ----------------------------------------------------------------- restore
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+        """Restore the newest good checkpoint as ``(step, state, meta)``, or None.
+
+        ``abstract_state`` fixes the tree structure (optax NamedTuples included)
+        and per-leaf dtype/shape; leaves may be arrays or ``jax.ShapeDtypeStruct``.
+        Leaves with a ``sharding`` are restored onto it, other array leaves onto
+        the default device; numpy arrays and Python scalars come back as such.
+        Corrupted or partial checkpoints are skipped with a :class:`CheckpointWarning`.
+        """
+        finals, partials = self._scan()
+        target = None
+        unrestorable = None  # (step, error) of an intact checkpoint orbax could not load
+        for step in sorted(set(finals) | set(partials), reverse=True):
+            path = finals.get(step)
+            if path is None:
+                names = ", ".join(os.path.basename(p) for p in partials[step])
+                warnings.warn(
+                    f"checkpoint at step {step} is incomplete (leftover of an interrupted "
+                    f"save: {names}); falling back to an earlier step",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
+                continue
+            reason = self._check(path, deep=True)
+            if reason is None:
+                try:
+                    with open(os.path.join(path, _META), encoding="utf-8") as f:
+                        meta = json.load(f)
+                    if target is None:
+                        target = _restore_target(abstract_state)
+                    ocp = _ocp()
+                    with _quiet_orbax():
+                        ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+                        try:
+                            state = ckptr.restore(
+                                os.path.join(path, _STATE), args=ocp.args.StandardRestore(target)
+                            )
+                        finally:
+                            ckptr.close()
+                    state = _fix_numpy_scalars(abstract_state, state)
+                    return step, state, meta
+                except Exception as e:  # any failure means: not usable, try older
+                    reason = f"restore failed: {type(e).__name__}: {e}"
+                    unrestorable = unrestorable or (step, reason)
+            else:
+                # Only checksum-proven damage is deleted later; an intact
+                # checkpoint that fails to load may just not match the target.
+                self._bad.add(step)
+            warnings.warn(
+                f"checkpoint at step {step} ({path}) is corrupted or partial: "
+                f"{reason[:500]}; falling back to an earlier step",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+        if unrestorable is not None:
+            # Intact files that nonetheless will not load almost always mean the
+            # target does not match (model/optimizer changed). Starting from
+            # scratch would silently overwrite the run, so stop instead.
+            step, reason = unrestorable
+            raise RuntimeError(
+                f"no checkpoint in {self.directory} could be restored; step {step} is "
+                f"intact but {reason[:1000]} (does abstract_state match the saved state?)"
+            )
+        return None

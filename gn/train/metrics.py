@@ -1,0 +1,82 @@
+"""Per-step metrics log (JSON lines) and the run summary derived from it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+
+class MetricsLog:
+    """Append-only `metrics.jsonl`, one JSON object per step.
+
+    On resume the lines after the restored checkpoint's step are dropped: those
+    steps are recomputed, so the finished log equals an uninterrupted run's.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only records with record['step'] <= step (all records dropped if step < 0)."""
+        rows = [r for r in self.read() if r["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(self.path)
+
+    def append(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def read(self) -> list[dict]:
+        """All complete records (a torn last line from a kill is ignored)."""
+        if not self.path.exists():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
+
+
+def first_crossing(rows: Iterable[dict], target: float, key: str = "val_loss") -> dict | None:
+    """The first record whose `key` is at or below `target`."""
+    for r in rows:
+        v = r.get(key)
+        if v is not None and math.isfinite(v) and v <= target:
+            return r
+    return None
+
+
+def target_key(t: float) -> str:
+    return f"{t:g}"
+
+
+def summarize(rows: list[dict], targets: Iterable[float]) -> dict:
+    """Loss and to-target numbers from the metrics records of one run."""
+    evals = [r for r in rows if r.get("val_loss") is not None]
+    vals = [r["val_loss"] for r in evals if math.isfinite(r["val_loss"])]
+    last = rows[-1] if rows else {}
+    out = {
+        "steps": last.get("step", 0),
+        "tokens": last.get("tokens", 0),
+        "aux_tokens": last.get("aux_tokens", 0),
+        "updates": last.get("updates", 0),
+        "grad_evals": last.get("grad_evals", 0.0),
+        "initial_val_loss": evals[0]["val_loss"] if evals else None,
+        "final_val_loss": evals[-1]["val_loss"] if evals else None,
+        "best_val_loss": min(vals) if vals else None,
+        "final_train_loss": next((r["train_loss"] for r in reversed(rows) if "train_loss" in r), None),
+    }
+    for field, src in (("steps_to_target", "step"), ("tokens_to_target", "tokens"),
+                       ("updates_to_target", "updates"), ("grad_evals_to_target", "grad_evals"),
+                       ("aux_tokens_to_target", "aux_tokens"), ("wall_time_to_target", "wall_time_s")):
+        out[field] = {}
+        for t in targets:
+            hit = first_crossing(evals, t)
+            out[field][target_key(t)] = hit.get(src) if hit else None
+    return out

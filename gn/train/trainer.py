@@ -1,0 +1,237 @@
+"""One trainer for every method.
+
+`train(cfg, method_name, workdir)` runs one method from the config and writes:
+
+    workdir/config.yaml     the fully resolved config (this method only)
+    workdir/metrics.jsonl   one JSON object per step (+ a step-0 evaluation)
+    workdir/summary.json    final/best losses, steps/tokens/updates to each target, wall time
+    workdir/checkpoints/    orbax checkpoints (params, method state, EMA, RNG, data position)
+    workdir/loss.png        train and validation loss against steps
+
+Steps and tokens are accounted the same way for every method: a step reads
+`method.plan.train` batches of training data (counted in `tokens`) and
+`method.plan.aux` auxiliary batches, e.g. line-search data (counted in
+`aux_tokens`). Rerunning on a workdir with checkpoints resumes from the newest
+good one and recomputes the steps after it, so the finished metrics equal those
+of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gn import data as gn_data
+from gn.config import Config, dump_config
+from gn.errors import ConfigError, require
+from gn.model import count_params, init_params, make_apply
+from gn.optim import MethodContext, registry
+from gn.train import mesh as meshlib
+from gn.train.checkpoint import Checkpointer
+from gn.train.metrics import MetricsLog, summarize
+from gn.train.objective import lm_loss
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything built (and validated) before the first step."""
+
+    cfg: Config
+    entry: Any
+    method: Any
+    source: Any
+    model_cfg: Any
+    apply_fn: Any
+    mesh: Any
+    batch_size: int
+
+
+def prepare(cfg: Config, method_name: str) -> Run:
+    """Validate the method, data and sharding, then build source, model and method.
+
+    Everything that can be wrong with the input raises ConfigError here, before
+    any training compute.
+    """
+    entry = cfg.method(method_name)
+    gn_data.check_data(cfg.data)
+    mesh = meshlib.make_mesh()
+    n_dev = mesh.devices.size
+    batch_size = entry.batch_size or cfg.train.batch_size
+    require(batch_size % n_dev == 0,
+            f"The batch size {batch_size} is not divisible by the {n_dev} devices of the mesh; "
+            f"use a multiple of {n_dev}.")
+    source = gn_data.build_source(cfg.data, seed=cfg.train.seed)
+    model_cfg = cfg.model
+    if model_cfg.vocab_size is None:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=source.vocab_size)
+    require(model_cfg.vocab_size >= source.vocab_size,
+            f"model.vocab_size ({model_cfg.vocab_size}) is smaller than the data's vocabulary "
+            f"({source.vocab_size}); leave model.vocab_size unset to take it from the data.")
+    apply_fn = make_apply(model_cfg)
+    ctx = MethodContext(apply_fn=apply_fn, total_steps=cfg.train.steps, batch_size=batch_size,
+                        grad_accum=cfg.train.grad_accum, num_devices=n_dev)
+    method = registry.build(entry, ctx)
+    plan = method.plan
+    for count, micro in ((plan.train, plan.micro_batch), (plan.aux, plan.aux_micro_batch)):
+        require(count == 0 or micro % n_dev == 0,
+                f"Method '{entry.name}' splits each step into batches of {micro} sequences, which is not "
+                f"divisible by the {n_dev} devices; choose batch sizes that are multiples of {n_dev}.")
+    return Run(cfg, entry, method, source, model_cfg, apply_fn, mesh, batch_size)
+
+
+def _eval_fn(apply_fn):
+    @jax.jit
+    def evaluate(params, val):
+        return jax.lax.map(lambda b: lm_loss(apply_fn, params, b), val).mean()
+
+    return evaluate
+
+
+def _ema_fn(decay: float):
+    @jax.jit
+    def update(ema, params):
+        return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+    return update
+
+
+def _all_finite(tree: Any) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
+               if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None = None) -> dict:
+    """Train one method of `cfg` in `workdir` (resuming if it holds checkpoints); return the summary."""
+    run = run or prepare(cfg, method_name)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tcfg = cfg.train
+    resolved = dataclasses.replace(cfg, model=run.model_cfg, methods=(run.entry,))
+    dump_config(resolved, workdir / "config.yaml")
+
+    method, source, mesh = run.method, run.source, run.mesh
+    evaluate = _eval_fn(run.apply_fn)
+    ema_update = _ema_fn(tcfg.ema_decay) if tcfg.ema_decay > 0 else None
+    val = meshlib.put_batches(source.validation(tcfg.eval_batch_size), mesh)
+
+    params = meshlib.put_replicated(init_params(run.model_cfg, jax.random.PRNGKey(tcfg.seed)), mesh)
+    state = {"params": params, "opt_state": meshlib.put_replicated(method.init(params), mesh),
+             "rng": jax.random.PRNGKey(tcfg.seed + 1)}
+    if ema_update is not None:
+        state["ema"] = params
+
+    ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
+    log = MetricsLog(workdir / "metrics.jsonl")
+    counters = {"step": 0, "tokens": 0, "aux_tokens": 0, "updates": 0, "grad_evals": 0.0, "wall_time_s": 0.0}
+    restored = ckpt.restore_latest(_abstract(state))
+    if restored is not None:
+        _, state, meta = restored
+        counters.update(meta["counters"])
+        source.load_state_dict(meta["data"])
+        log.truncate_after(counters["step"])
+    else:
+        log.truncate_after(-1)
+        loss0 = float(evaluate(state["params"], val))
+        log.append({"step": 0, **{k: v for k, v in counters.items() if k != "step"}, "val_loss": loss0})
+
+    plan = method.plan
+    tokens_per_batch = plan.micro_batch * source.seq_len
+    aux_tokens_per_batch = plan.aux_micro_batch * source.seq_len
+    bar = _progress(tcfg, counters["step"], run.entry.name)
+    diverged = False
+    step_fn = method.step
+    try:
+        while counters["step"] < tcfg.steps:
+            t0 = time.perf_counter()
+            step = counters["step"] + 1
+            host = source.next(plan.train + plan.aux, plan.micro_batch)
+            train_b = meshlib.put_batches(host[:plan.train], mesh)
+            aux_b = meshlib.put_batches(host[plan.train:], mesh) if plan.aux else None
+            rng, sub = jax.random.split(state["rng"])
+            params, opt_state, m = step_fn(state["params"], state["opt_state"], train_b, aux_b, sub)
+            m = {k: float(v) for k, v in m.items()}
+            if not math.isfinite(m["train_loss"]) or not _all_finite(params):
+                diverged = True
+                log.append({"step": step, "diverged": True, **m})
+                break
+            state = {**state, "params": params, "opt_state": opt_state, "rng": rng}
+            if ema_update is not None:
+                state["ema"] = ema_update(state["ema"], params)
+            dt = time.perf_counter() - t0
+            counters.update(step=step, tokens=counters["tokens"] + plan.train * tokens_per_batch,
+                            aux_tokens=counters["aux_tokens"] + plan.aux * aux_tokens_per_batch,
+                            updates=counters["updates"] + method.updates_per_step,
+                            grad_evals=counters["grad_evals"] + method.grad_evals_per_step,
+                            wall_time_s=counters["wall_time_s"] + dt)
+            record = {"step": step, "tokens": counters["tokens"], "aux_tokens": counters["aux_tokens"],
+                      "updates": counters["updates"], "grad_evals": counters["grad_evals"],
+                      "lr": method.lr(step - 1), "step_time_s": dt, "wall_time_s": counters["wall_time_s"], **m}
+            if step % tcfg.eval_every == 0 or step == tcfg.steps:
+                record["val_loss"] = float(evaluate(state["params"], val))
+                if ema_update is not None:
+                    record["val_loss_ema"] = float(evaluate(state["ema"], val))
+            log.append(record)
+            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+                ckpt.save(step, state, {"counters": counters, "data": source.state_dict()})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['train_loss']:.3f}", val=f"{record.get('val_loss', float('nan')):.3f}",
+                                tok_s=f"{plan.train * tokens_per_batch / dt:,.0f}")
+    finally:
+        if bar is not None:
+            bar.close()
+
+    rows = log.read()
+    summary = {
+        "method": run.entry.name,
+        "registered_method": run.entry.method,
+        **summarize(rows, tcfg.target_losses),
+        "wall_time_s": counters["wall_time_s"],
+        "diverged": diverged,
+        "batch_size": run.batch_size,
+        "seq_len": source.seq_len,
+        "tokens_per_step": plan.train * tokens_per_batch,
+        "updates_per_step": method.updates_per_step,
+        "loss_floor": source.loss_floor,
+        "num_params": count_params(run.model_cfg),
+        "hparams": dict(run.entry.hparams),
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    try:
+        from gn.train.plots import plot_run
+
+        plot_run(rows, workdir / "loss.png", title=run.entry.name, floor=source.loss_floor)
+    except Exception as exc:  # a plot must never lose a finished run
+        print(f"warning: could not write the loss plot: {exc}")
+    return summary
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, tuple):
+        return list(x)
+    return str(x)
+
+
+def _progress(tcfg, start: int, name: str):
+    if not tcfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=tcfg.steps, initial=start, desc=name, unit="step", dynamic_ncols=True, leave=True)
+
+
+__all__ = ["train", "prepare", "Run", "ConfigError"]
