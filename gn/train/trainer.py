@@ -150,6 +150,7 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
     tokens_per_batch = plan.micro_batch * source.seq_len
     aux_tokens_per_batch = plan.aux_micro_batch * source.seq_len
     bar = _progress(tcfg, counters["step"], run.entry.name)
+    last_val = next((r["val_loss"] for r in reversed(log.read()) if r.get("val_loss") is not None), float("nan"))
     diverged = False
     step_fn = method.step
     try:
@@ -183,11 +184,12 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
                 if ema_update is not None:
                     record["val_loss_ema"] = float(evaluate(state["ema"], val))
             log.append(record)
+            last_val = record.get("val_loss", last_val)
             if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
                 ckpt.save(step, state, {"counters": counters, "data": source.state_dict()})
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{m['train_loss']:.3f}", val=f"{record.get('val_loss', float('nan')):.3f}",
+                bar.set_postfix(loss=f"{m['train_loss']:.3f}", val=f"{last_val:.3f}",
                                 tok_s=f"{plan.train * tokens_per_batch / dt:,.0f}")
     finally:
         if bar is not None:

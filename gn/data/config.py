@@ -1,0 +1,150 @@
+"""Data configuration: which token stream feeds training, and how it is cut.
+
+`DataConfig.source` picks one of four sources:
+
+- ``embedded`` (default): the English text shipped with CPython
+  (`pydoc_data.topics`), ~465 KB, tokenised by a byte-level BPE trained locally
+  or by raw bytes. Needs no network and no files; good for tests and CPU runs.
+- ``synthetic``: an order-k sparse Markov language with an exactly known
+  Bayes-optimal loss (`SyntheticConfig`), unbounded.
+- ``c4``: C4 text, either local C4-format JSON-lines shards (`path`) or the
+  `allenai/c4` "en" stream from the Hugging Face Hub (`path: null`).
+- ``shards``: packed token shards written by `scripts/pretokenize.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from gn.errors import ConfigError, suggest
+
+SOURCES = ("embedded", "synthetic", "c4", "shards")
+
+# The paper's tokenizer; used for c4 when `tokenizer` is left at "bpe".
+DEFAULT_C4_TOKENIZER = "t5-base"
+
+# A synthetic chain is stored as a table over all V**order contexts.
+MAX_SYNTHETIC_CONTEXTS = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """A sparse order-k Markov language whose Bayes-optimal loss is known exactly.
+
+    Each context of the previous `order` tokens has a next-token distribution on
+    `support` distinct tokens, with weights drawn from a symmetric
+    Dirichlet(`concentration`); everything is drawn from `seed` (the language's
+    seed, independent of the run's sampling seed). Difficulty knobs:
+
+    - `support` and `concentration` set the entropy rate (the loss floor): more
+      support tokens or a larger concentration (flatter weights) raise it; the
+      floor is about psi(support*c + 1) - psi(c + 1) nats per token.
+    - `order` sets how much context a model must use to reach the floor; the
+      number of contexts to memorise is `vocab_size ** order`.
+    - `vocab_size` sets the unigram entropy (about log V), the loss a model
+      without any context use stays at.
+    """
+
+    vocab_size: int = 64
+    order: int = 2
+    support: int = 4
+    concentration: float = 0.5
+    seed: int = 1234
+
+    def validate(self) -> None:
+        """Raise ConfigError unless the language is well defined and small enough to tabulate."""
+        where = "data.synthetic"
+        for name in ("vocab_size", "order", "support"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{where}: '{name}' must be a positive integer, got {value!r}.")
+        if self.vocab_size < 2:
+            raise ConfigError(f"{where}: 'vocab_size' must be at least 2, got {self.vocab_size}.")
+        if self.support > self.vocab_size:
+            raise ConfigError(
+                f"{where}: 'support' ({self.support}) cannot exceed 'vocab_size' ({self.vocab_size}): "
+                "each context draws its support tokens without replacement.")
+        if not isinstance(self.concentration, (int, float)) or not self.concentration > 0:
+            raise ConfigError(f"{where}: 'concentration' must be > 0, got {self.concentration!r}.")
+        if self.vocab_size ** self.order > MAX_SYNTHETIC_CONTEXTS:
+            raise ConfigError(
+                f"{where}: vocab_size**order = {self.vocab_size}**{self.order} contexts is more than "
+                f"{MAX_SYNTHETIC_CONTEXTS}; the chain is tabulated over all contexts to compute its exact "
+                "loss floor. Lower 'vocab_size' or 'order'.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"{where}: 'seed' must be a non-negative integer, got {self.seed!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where training tokens come from and how they are packed.
+
+    Documents are joined with an EOS token and cut into windows of `seq_len + 1`
+    tokens (inputs `w[:-1]`, targets `w[1:]`).
+
+    - `tokenizer`: for `embedded`, "bpe" (byte-level BPE with `vocab_size`
+      entries, trained locally) or "byte" (256 bytes + EOS = 257 ids). For `c4`,
+      a Hugging Face tokenizer name (hub), a path to a `tokenizer.json` or a
+      directory holding one, or "byte"; "bpe" there means the paper's "t5-base".
+    - `path`: for `c4`, a local C4-format `.json`/`.json.gz` JSON-lines file, a
+      directory of them, or a glob (None streams `allenai/c4` "en" from the Hub);
+      for `shards`, the directory written by `scripts/pretokenize.py`.
+    - `val_path`: optional separate validation data (c4: files like `path`;
+      shards: a second shard directory). Without it the last part of the
+      training stream is held out.
+    - `eos_token`: the tokenizer's end-of-document token; None picks "</s>",
+      "<|endoftext|>", "<eos>" or "<|end_of_text|>" if the vocab has one, else
+      adds "<|endoftext|>" as a new id.
+    - `cache_dir`: trained tokenizers and tokenised corpora (default
+      `$GN_CACHE_DIR` or `~/.cache/gn`).
+    """
+
+    source: str = "embedded"
+    seq_len: int = 128
+    tokenizer: str = "bpe"
+    vocab_size: int = 512
+    path: str | None = None
+    val_path: str | None = None
+    text_field: str = "text"
+    eos_token: str | None = None
+    val_sequences: int = 64
+    cache_dir: str | None = None
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    def tokenizer_name(self) -> str:
+        """The tokenizer actually used: "t5-base" for c4 when left at "bpe"."""
+        if self.source == "c4" and self.tokenizer == "bpe":
+            return DEFAULT_C4_TOKENIZER
+        return self.tokenizer
+
+    def validate(self) -> None:
+        """Cheap consistency checks (no file or network access); raise ConfigError."""
+        if self.source not in SOURCES:
+            raise ConfigError(
+                f"data.source {self.source!r} is not known; choose one of {', '.join(SOURCES)}."
+                + suggest(str(self.source), SOURCES))
+        for name in ("seq_len", "vocab_size", "val_sequences"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"data.{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ConfigError(f"data.tokenizer must be a non-empty string, got {self.tokenizer!r}.")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise ConfigError(f"data.text_field must be a non-empty string, got {self.text_field!r}.")
+        if self.source == "embedded":
+            if self.tokenizer not in ("bpe", "byte"):
+                raise ConfigError(
+                    f"data.tokenizer {self.tokenizer!r} is not available for the embedded source; "
+                    "use 'bpe' (byte-level BPE trained locally, data.vocab_size entries) or 'byte' (257 ids)."
+                    + suggest(self.tokenizer, ("bpe", "byte")))
+            if self.tokenizer == "bpe" and self.vocab_size < 258:
+                raise ConfigError(
+                    f"data.vocab_size {self.vocab_size} is too small for a byte-level BPE: it needs the "
+                    "256 byte symbols, the EOS token and at least one merge (>= 258). Use tokenizer: byte "
+                    "for a pure byte vocabulary.")
+        if self.source == "shards" and not self.path:
+            raise ConfigError(
+                "data.source 'shards' needs data.path: the directory written by "
+                "scripts/pretokenize.py --out DIR.")
+        if self.source == "synthetic":
+            self.synthetic.validate()
