@@ -130,15 +130,22 @@ DEFAULTS: dict[str, dict] = {
 }
 
 
-def build_optax_method(name: str, method: str, hparams: dict, ctx: MethodContext,
-                       factory: OptaxFactory) -> OptaxMethod:
-    """Assemble clip -> optimizer(schedule) -> decoupled weight decay."""
+def split_hparams(hparams: dict) -> tuple[OptimHParams, dict]:
+    """Split a resolved hyperparameter dict into the shared part and the options."""
     common_keys = {f.name for f in dataclasses.fields(OptimHParams)}
     common = OptimHParams(**{k: v for k, v in hparams.items() if k in common_keys})
-    options = {k: v for k, v in hparams.items() if k not in common_keys}
-    schedule = make_schedule(common.schedule, common.learning_rate, ctx.total_steps,
-                             warmup_steps=common.warmup_steps, min_lr_ratio=common.min_lr_ratio,
-                             decay_fraction=common.decay_fraction)
+    return common, {k: v for k, v in hparams.items() if k not in common_keys}
+
+
+def build_transform(method: str, hparams: dict, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """clip -> optimizer(schedule) -> decoupled weight decay, for a registered first-order method.
+
+    `schedule` replaces the learning-rate schedule the hyperparameters describe,
+    so callers that drive the learning rate themselves (the Gauss-Newton inner
+    loop) can pass `lambda step: 1.0` and scale the updates.
+    """
+    common, options = split_hparams(hparams)
+    factory = FACTORIES[method][1]
     if options.get("adam_learning_rate") is not None:
         # The AdamW side follows the same schedule shape at its own peak.
         ratio = options["adam_learning_rate"] / common.learning_rate
@@ -150,5 +157,20 @@ def build_optax_method(name: str, method: str, hparams: dict, ctx: MethodContext
     if common.weight_decay > 0:
         rule = common.weight_decay_mask
         parts.append(decoupled_weight_decay(schedule, common.weight_decay, lambda p: decay_mask(p, rule)))
-    tx = optax.chain(*parts)
+    return optax.chain(*parts)
+
+
+def hparams_schedule(common: OptimHParams, total_steps: int) -> optax.Schedule:
+    """The learning-rate schedule described by the shared hyperparameters."""
+    return make_schedule(common.schedule, common.learning_rate, total_steps,
+                         warmup_steps=common.warmup_steps, min_lr_ratio=common.min_lr_ratio,
+                         decay_fraction=common.decay_fraction)
+
+
+def build_optax_method(name: str, method: str, hparams: dict, ctx: MethodContext,
+                       factory: OptaxFactory) -> OptaxMethod:
+    """The trainer-facing method for a registered first-order optimizer."""
+    common, _ = split_hparams(hparams)
+    schedule = hparams_schedule(common, ctx.total_steps)
+    tx = build_transform(method, hparams, schedule)
     return OptaxMethod(name, tx, schedule, ctx, needs_obj_fn=factory.needs_obj_fn)

@@ -1,0 +1,122 @@
+"""Model configuration: a frozen dataclass, named presets, and validation.
+
+Presets follow the LLaMA sizes of the full Gauss-Newton paper (45M and 150M,
+T5 tokenizer vocab of 32128 entries) plus two small ones (`nano`, `tiny`) for
+tests and CPU runs, whose vocab size is taken from the data source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from gn.errors import ConfigError, suggest
+
+# Names accepted in `ModelConfig.dtype`; the model uses the same dtype for
+# parameters and computation (float64 needs `jax_enable_x64`).
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+# Size of the T5 tokenizer's embedding matrix (32100 tokens padded to 32128).
+T5_VOCAB = 32128
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tests and CPU quickstart: ~0.2M params with a 512-token vocab.
+    "nano": dict(hidden=64, layers=2, heads=4, ffn=256, max_seq_len=256),
+    # A few million params with a few-thousand-token vocab.
+    "tiny": dict(hidden=256, layers=4, heads=4, ffn=1024, max_seq_len=512),
+    # Paper's LLaMA-45M (16.8M non-embedding) and LLaMA-150M.
+    "45m": dict(hidden=512, layers=4, heads=8, ffn=2048, max_seq_len=1024, vocab_size=T5_VOCAB),
+    "150m": dict(hidden=768, layers=12, heads=16, ffn=3072, max_seq_len=1024, vocab_size=T5_VOCAB),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a LLaMA-style decoder.
+
+    `vocab_size=None` means "take it from the data source when the run config is
+    resolved"; `init_params` and `count_params` need it set. `kv_heads=None` means
+    no grouping (every query head has its own key/value head).
+    """
+
+    preset: str | None = "nano"
+    vocab_size: int | None = None
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int | None = None
+    ffn: int = 256
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dtype: str = "float32"
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Number of key/value heads (`heads` when `kv_heads` is None)."""
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head, `hidden // heads`."""
+        return self.hidden // self.heads
+
+    def validate(self) -> None:
+        """Raise ConfigError unless every size is consistent.
+
+        Checks positive sizes, `hidden % heads == 0`, `heads % kv_heads == 0`, an
+        even head dimension (RoPE rotates pairs), positive `rope_theta` and
+        `norm_eps`, and a known dtype.
+        """
+        where = f"model config (preset {self.preset!r})"
+        sizes = dict(hidden=self.hidden, layers=self.layers, heads=self.heads,
+                     ffn=self.ffn, max_seq_len=self.max_seq_len)
+        if self.vocab_size is not None:
+            sizes["vocab_size"] = self.vocab_size
+        if self.kv_heads is not None:
+            sizes["kv_heads"] = self.kv_heads
+        for name, value in sizes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{where}: '{name}' must be a positive integer, got {value!r}.")
+        if self.hidden % self.heads:
+            raise ConfigError(
+                f"{where}: 'hidden' ({self.hidden}) must be divisible by 'heads' ({self.heads}) "
+                "so that every attention head has the same width.")
+        if self.heads % self.n_kv_heads:
+            raise ConfigError(
+                f"{where}: 'heads' ({self.heads}) must be a multiple of 'kv_heads' "
+                f"({self.n_kv_heads}); each key/value head serves a whole group of query heads.")
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"{where}: the head dimension hidden/heads = {self.head_dim} must be even, "
+                "because rotary position embeddings rotate pairs of features.")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"{where}: 'rope_theta' must be positive, got {self.rope_theta!r}.")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"{where}: 'norm_eps' must be positive, got {self.norm_eps!r}.")
+        if self.dtype not in DTYPES:
+            raise ConfigError(
+                f"{where}: unknown dtype {self.dtype!r}; valid dtypes are {', '.join(DTYPES)}."
+                + suggest(str(self.dtype), DTYPES))
+
+
+def model_config(preset: str = "nano", **overrides: Any) -> ModelConfig:
+    """Build and validate a ModelConfig from a named preset plus field overrides.
+
+    Unknown presets or field names raise ConfigError listing the valid ones.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(
+            f"unknown model preset {preset!r}; valid presets are {', '.join(PRESETS)}."
+            + suggest(str(preset), PRESETS))
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown model config field(s) {', '.join(map(repr, unknown))}; valid fields are "
+            f"{', '.join(sorted(fields))}." + suggest(unknown[0], fields))
+    values = {**PRESETS[preset], **overrides}
+    values.setdefault("preset", preset)
+    cfg = ModelConfig(**values)
+    cfg.validate()
+    return cfg

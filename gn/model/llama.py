@@ -1,0 +1,344 @@
+"""LLaMA-style decoder in Flax linen, with hooks for per-layer curvature statistics.
+
+Architecture: token embedding -> `layers` x [RMSNorm -> causal attention with RoPE
+(optionally grouped KV heads) -> residual; RMSNorm -> SwiGLU MLP -> residual] ->
+final RMSNorm -> untied output head. No biases. Initialisation follows the paper:
+dense kernels N(0, 1/fan_in), embedding N(0, 1), norm scales 1.
+
+The residual stream is kept 2-D, (B*T, D), from the embedding to the logits: on
+CPU the weight-gradient matmul of a dense layer applied to a 3-D activation is
+several times slower than the same matmul on the flattened 2-D array. Only
+attention reshapes to (B, T, heads, head_dim).
+
+Parameter tree (a contract: optimizers and curvature code address it by path)::
+
+    {"embed": {"embedding": (V, D)},
+     "block_i": {"attn_norm": {"scale": (D,)},
+                 "attn": {"wq": {"kernel": (D, H*hd)}, "wk": {"kernel": (D, KV*hd)},
+                          "wv": {"kernel": (D, KV*hd)}, "wo": {"kernel": (H*hd, D)}},
+                 "mlp_norm": {"scale": (D,)},
+                 "mlp": {"w_gate": {"kernel": (D, F)}, "w_up": {"kernel": (D, F)},
+                         "w_down": {"kernel": (F, D)}}},
+     "final_norm": {"scale": (D,)},
+     "lm_head": {"kernel": (D, V)}}
+
+Kernels are (in, out): a dense layer computes y = x @ kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gn.errors import ConfigError
+from gn.model.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+def _dtype(cfg: ModelConfig) -> Any:
+    return jnp.dtype(cfg.dtype)
+
+
+def _fan_in_normal(key, shape, dtype):
+    # Paper init: N(0, 1/fan_in) with fan_in the kernel's input dimension.
+    return jax.random.normal(key, shape, dtype) * jnp.asarray(1.0 / math.sqrt(shape[0]), dtype)
+
+
+def _unit_normal(key, shape, dtype):
+    return jax.random.normal(key, shape, dtype)
+
+
+def _ones(key, shape, dtype):
+    del key
+    return jnp.ones(shape, dtype)
+
+
+# Initialiser by parameter leaf name, used by the modules (`Llama.init`);
+# `_init_leaves` draws from the same distributions in one batch.
+_INITIALIZERS = {"kernel": _fan_in_normal, "embedding": _unit_normal, "scale": _ones}
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """x / sqrt(mean(x**2, -1) + eps) * scale, computed in at least float32."""
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return y.astype(x.dtype) * scale
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin) tables of shape (seq_len, head_dim) for the rotate-half convention.
+
+    Feature i and feature i + head_dim/2 form a pair rotated by the angle
+    pos * theta**(-2i/head_dim). Computed in float64 numpy, so they are
+    compile-time constants and exact enough for float64 models.
+    """
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.arange(seq_len, dtype=np.float64)[:, None] * inv_freq[None, :]
+    angles = np.concatenate([angles, angles], axis=-1)
+    return np.cos(angles), np.sin(angles)
+
+
+def apply_rope(x: jax.Array, theta: float = 10000.0) -> jax.Array:
+    """Rotary position embedding of x with shape (B, T, heads, head_dim), positions 0..T-1.
+
+    Rotate-half convention: out = x * cos + rotate_half(x) * sin with
+    rotate_half([x1, x2]) = [-x2, x1].
+    """
+    _, t, _, hd = x.shape
+    cos, sin = rope_tables(t, hd, theta)
+    cos = jnp.asarray(cos[None, :, None, :], x.dtype)
+    sin = jnp.asarray(sin[None, :, None, :], x.dtype)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal softmax attention. q: (B, T, H, hd); k, v: (B, T, KV, hd) with H % KV == 0.
+
+    Query head h reads key/value head h // (H // KV) (the usual repeat-interleave
+    grouping). Returns (B, T, H, hd).
+    """
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, hd)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k) / math.sqrt(hd)
+    # Softmax in at least float32: bf16 logits lose the small differences.
+    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+    mask = np.tril(np.ones((t, t), dtype=bool))
+    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
+    return out.reshape(b, t, h, hd)
+
+
+class Dense2D(nn.Module):
+    """Bias-free dense layer on a 2-D input (N, in) -> (N, features).
+
+    Records its input with `sow("intermediates", "inputs", x)` and passes its
+    output through `perturb("outputs", y)`; both are no-ops unless the caller
+    supplies those collections (see `apply_with_layer_stats`).
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", _INITIALIZERS["kernel"], (x.shape[-1], self.features), self.dtype)
+        # Keep only the latest value (not flax's default tuple): each layer runs once.
+        self.sow("intermediates", "inputs", x, init_fn=lambda: None, reduce_fn=lambda _, new: new)
+        return self.perturb("outputs", x @ kernel)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last axis with a learned `scale` (init 1)."""
+
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", _INITIALIZERS["scale"], (x.shape[-1],), self.dtype)
+        return rms_norm(x, scale, self.eps)
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with RoPE on a flattened (B*T, D) stream."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, batch: int, seq: int) -> jax.Array:
+        cfg, dt = self.cfg, _dtype(self.cfg)
+        h, kv, hd = cfg.heads, cfg.n_kv_heads, cfg.head_dim
+        q = Dense2D(h * hd, dt, name="wq")(x).reshape(batch, seq, h, hd)
+        k = Dense2D(kv * hd, dt, name="wk")(x).reshape(batch, seq, kv, hd)
+        v = Dense2D(kv * hd, dt, name="wv")(x).reshape(batch, seq, kv, hd)
+        q, k = apply_rope(q, cfg.rope_theta), apply_rope(k, cfg.rope_theta)
+        out = causal_attention(q, k, v).reshape(batch * seq, h * hd)
+        return Dense2D(cfg.hidden, dt, name="wo")(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w_down(silu(w_gate x) * w_up x)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = _dtype(self.cfg)
+        gate = Dense2D(self.cfg.ffn, dt, name="w_gate")(x)
+        up = Dense2D(self.cfg.ffn, dt, name="w_up")(x)
+        return Dense2D(self.cfg.hidden, dt, name="w_down")(jax.nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, batch: int, seq: int) -> jax.Array:
+        cfg, dt = self.cfg, _dtype(self.cfg)
+        x = x + Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, dt, name="attn_norm")(x), batch, seq)
+        return x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(x))
+
+
+class Embed(nn.Module):
+    """Token embedding table `embedding` (V, D), init N(0, 1); returns (B*T, D)."""
+
+    vocab_size: int
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        table = self.param("embedding", _INITIALIZERS["embedding"],
+                           (self.vocab_size, self.features), self.dtype)
+        return jnp.take(table, tokens.reshape(-1), axis=0)
+
+
+class Llama(nn.Module):
+    """LLaMA-style decoder: tokens int32 (B, T) -> logits (B, T, V) in cfg.dtype."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        cfg, dt = self.cfg, _dtype(self.cfg)
+        if cfg.vocab_size is None:
+            raise ConfigError("the model needs 'vocab_size'; set it or resolve it from the data source.")
+        batch, seq = tokens.shape
+        x = Embed(cfg.vocab_size, cfg.hidden, dt, name="embed")(tokens)
+        for i in range(cfg.layers):
+            x = Block(cfg, name=f"block_{i}")(x, batch, seq)
+        x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
+        logits = Dense2D(cfg.vocab_size, dt, name="lm_head")(x)
+        return logits.reshape(batch, seq, cfg.vocab_size)
+
+
+def _checked(cfg: ModelConfig) -> ModelConfig:
+    cfg.validate()
+    if cfg.vocab_size is None:
+        raise ConfigError(
+            f"model config (preset {cfg.preset!r}) has no 'vocab_size'; it must be set, "
+            "or resolved from the data source's tokenizer, before building parameters.")
+    return cfg
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _init_leaves(rng: jax.Array, specs: tuple, dtype: str) -> list[jax.Array]:
+    # One normal draw sliced into all random leaves: XLA compiles a single RNG
+    # instead of one per parameter, which cuts first-call time several-fold on CPU.
+    n = sum(math.prod(shape) for name, shape in specs if name != "scale")
+    flat = jax.random.normal(rng, (n,), dtype)
+    out, offset = [], 0
+    for name, shape in specs:
+        if name == "scale":
+            out.append(_ones(None, shape, dtype))
+            continue
+        size = math.prod(shape)
+        unit = flat[offset:offset + size].reshape(shape)
+        offset += size
+        out.append(unit if name == "embedding" else unit * jnp.asarray(1.0 / math.sqrt(shape[0]), dtype))
+    return out
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Initialise parameters: a plain nested dict of arrays (see the module docstring).
+
+    Requires `cfg.vocab_size`. Dense kernels ~ N(0, 1/fan_in), embedding ~ N(0, 1),
+    norm scales = 1, all in cfg.dtype. Deterministic in `rng`.
+    """
+    model = Llama(_checked(cfg))
+    # Only the shapes come from flax (abstract trace): running `model.init` would
+    # compile the whole forward pass just to throw it away, seconds on CPU.
+    shapes = jax.eval_shape(model.init, rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    specs = tuple((path[-1].key, tuple(leaf.shape)) for path, leaf in leaves)
+    assert {name for name, _ in specs} <= set(_INITIALIZERS), specs
+    return _to_dict(jax.tree_util.tree_unflatten(treedef, _init_leaves(rng, specs, cfg.dtype)))
+
+
+def _to_dict(tree: Any) -> Any:
+    # Flax may hand back FrozenDicts; callers get plain, mutable dicts.
+    if hasattr(tree, "items"):
+        return {k: _to_dict(v) for k, v in tree.items()}
+    return tree
+
+
+def make_apply(cfg: ModelConfig) -> Callable[[Params, jax.Array], jax.Array]:
+    """Return the pure function `apply(params, tokens) -> logits` (jit-able).
+
+    tokens: int32 (B, T); logits: (B, T, V) in cfg.dtype. `cfg.max_seq_len` is
+    informational here: RoPE has no table to overflow, so longer inputs run.
+    """
+    model = Llama(_checked(cfg))
+
+    def apply(params: Params, tokens: jax.Array) -> jax.Array:
+        return model.apply({"params": params}, tokens)
+
+    return apply
+
+
+def init_perturbations(cfg: ModelConfig, params: Params, tokens: jax.Array) -> Params:
+    """Zero "perturbations" tree for `apply_with_layer_stats` at this batch shape.
+
+    Structure: one entry per dense layer, at the layer's module path with leaf
+    name "outputs" in place of "kernel", holding zeros of shape (B*T, out), e.g.
+    `{"block_0": {"attn": {"wq": {"outputs": (B*T, H*hd)}}, ...}, "lm_head":
+    {"outputs": (B*T, V)}}`. Costs no compute (shapes come from `jax.eval_shape`).
+    """
+    model = Llama(_checked(cfg))
+    shapes = jax.eval_shape(
+        lambda p, t: model.apply({"params": p}, t, mutable=["perturbations"])[1], params, tokens)
+    return _to_dict(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"]))
+
+
+def apply_with_layer_stats(
+    cfg: ModelConfig, params: Params, tokens: jax.Array, perturbations: Params
+) -> tuple[jax.Array, Params]:
+    """Forward pass that also exposes each dense layer's input and output gradient.
+
+    `perturbations` (from `init_perturbations`) is added to every dense layer's 2-D
+    output, so `jax.grad` with respect to it gives the per-token output gradient δ
+    of shape (B*T, out); for the layer's weight gradient, ∇kernel = aᵀ δ.
+
+    Returns (logits, inputs): logits (B, T, V) as from `make_apply`; `inputs`
+    mirrors the dense layers' module paths with leaf name "inputs" holding the 2-D
+    input a of shape (B*T, in), e.g. `inputs["block_0"]["mlp"]["w_down"]["inputs"]`
+    and `inputs["lm_head"]["inputs"]`. wq, wk and wv share the same input.
+    """
+    model = Llama(_checked(cfg))
+    logits, state = model.apply(
+        {"params": params, "perturbations": perturbations}, tokens, mutable=["intermediates"])
+    return logits, _to_dict(state["intermediates"])
+
+
+def count_params(cfg: ModelConfig, *, non_embedding: bool = False) -> int:
+    """Number of parameters, in closed form from the config (no arrays built).
+
+    `non_embedding=True` excludes both the token embedding and the (untied)
+    output head, the convention under which LLaMA-45M has 16.8M parameters; it
+    does not need `vocab_size`.
+    """
+    cfg.validate()
+    d, f, hd = cfg.hidden, cfg.ffn, cfg.head_dim
+    attn = d * cfg.heads * hd * 2 + d * cfg.n_kv_heads * hd * 2  # wq, wo; wk, wv
+    per_block = attn + 3 * d * f + 2 * d
+    body = cfg.layers * per_block + d
+    if non_embedding:
+        return body
+    if cfg.vocab_size is None:
+        raise ConfigError(
+            f"model config (preset {cfg.preset!r}) has no 'vocab_size', so the embedding size is "
+            "unknown; set it or pass non_embedding=True.")
+    return body + 2 * cfg.vocab_size * d

@@ -1,0 +1,105 @@
+"""Newton–Schulz orthogonalisation and the shared helpers of the Muon family.
+
+`orthogonalize` approximates the polar factor U Vᵀ of G = U Σ Vᵀ with the
+quintic Newton–Schulz iteration of Muon (Jordan et al. 2024,
+https://kellerjordan.github.io/posts/muon/):
+
+    X₀ = G / (‖G‖_F + eps)
+    Xₖ₊₁ = a Xₖ + (b A + c A²) Xₖ,   A = Xₖ Xₖᵀ,   (a, b, c) = (3.4445, −4.7750, 2.0315)
+
+Every step maps each singular value s of X through the odd scalar polynomial
+p(s) = a s + b s³ + c s⁵ and keeps the singular vectors, so the output is
+U p⁵(Σ/‖G‖_F) Vᵀ. For these coefficients p⁵ sends every normalised singular
+value in [0.003, 1] into the band [0.68, 1.21] (in [0.01, 1] → [0.68, 1.14]):
+the result is U Vᵀ only up to that band, which is what Muon relies on.
+(The Gram side A is the smaller one: a tall G is transposed first.)
+
+Kernels here are stored (in, out) — `x @ W` — as in the LLaMA tree of `gn.model`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+DEFAULT_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+NON_MATRIX_PREFIXES = ("embed", "lm_head")
+
+# int32 step counter that saturates instead of overflowing (named safe_increment in newer optax).
+safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
+
+
+def _orthogonalize_2d(x: jax.Array, coeffs: Sequence[float], steps: int, eps: float) -> jax.Array:
+    a, b, c = coeffs
+    transposed = x.shape[0] > x.shape[1]
+    if transposed:  # make the Gram matrix A = X Xᵀ the small one
+        x = x.T
+    x = x / (jnp.linalg.norm(x) + eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x.T if transposed else x
+
+
+def orthogonalize(g: jax.Array, *, coeffs: Sequence[float] = DEFAULT_NS_COEFFS, steps: int = 5,
+                  eps: float = 1e-7) -> jax.Array:
+    """Quintic Newton–Schulz approximation of the polar factor of `g`.
+
+    Args:
+      g: a matrix (m, n), or a stack (..., m, n); leading dims are mapped over
+        with `jax.vmap`, each matrix normalised by its own Frobenius norm.
+      coeffs: (a, b, c) of X ← aX + (bA + cA²)X.
+      steps: number of iterations (static).
+      eps: added to the Frobenius norm before normalising.
+
+    Returns:
+      An array of g's shape and dtype, ≈ U Vᵀ with singular values in the band
+      of p⁵ (see the module docstring). Low-precision inputs are iterated in
+      float32.
+    """
+    if g.ndim < 2:
+        raise ValueError(f"orthogonalize needs an array with ndim >= 2, got shape {g.shape}.")
+    dtype = g.dtype
+    x = g.astype(jnp.promote_types(dtype, jnp.float32))
+    coeffs = tuple(float(c) for c in coeffs)
+    if len(coeffs) != 3:
+        raise ValueError(f"coeffs must be (a, b, c), got {coeffs}.")
+    fn = lambda m: _orthogonalize_2d(m, coeffs, int(steps), eps)
+    if x.ndim == 2:
+        out = fn(x)
+    else:
+        lead = x.shape[:-2]
+        out = jax.vmap(fn)(x.reshape((-1,) + x.shape[-2:])).reshape(lead + x.shape[-2:])
+    return out.astype(dtype)
+
+
+def muon_scale(shape: Sequence[int]) -> float:
+    """Muon's width factor √max(1, out/in) for a kernel of shape (..., in, out)."""
+    fan_in, fan_out = shape[-2], shape[-1]
+    return math.sqrt(max(1.0, fan_out / fan_in))
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def default_matrix_mask(params: Any) -> Any:
+    """Pytree of bools: True for the 2-D leaves that the Muon family orthogonalises.
+
+    A leaf is a matrix when it is 2-D and the first key of its path does not
+    start with 'embed' or 'lm_head' (the token embedding and the output head go
+    to the AdamW side, as in optax.contrib.muon with dimension numbers and in
+    the GN paper). Norm scales and other 1-D leaves are never matrices.
+    """
+    def is_matrix(path, leaf):
+        first = _key_name(path[0]) if path else ""
+        return getattr(leaf, "ndim", 0) == 2 and not first.startswith(NON_MATRIX_PREFIXES)
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
