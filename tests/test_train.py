@@ -113,7 +113,7 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     on_disk = json.loads((tmp_path / "comparison.json").read_text())
     assert on_disk["methods"]["muon"]["steps"] == 4
     table = (tmp_path / "comparison.md").read_text()
-    assert "| adamw |" in table and "| muon |" in table and "steps→2.5" in table
+    assert "| adamw |" in table and "| muon |" in table and "To validation loss 2.5" in table
     assert (tmp_path / "comparison.png").stat().st_size > 1000
     assert "| muon |" in capsys.readouterr().out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gn.optim import first_order
+from gn.optim.gauss_newton import register_gauss_newton
 from gn.optim.registry import MethodSpec, register
 
 
@@ -17,3 +18,4 @@ def _register_first_order() -> None:
 
 
 _register_first_order()
+register_gauss_newton()

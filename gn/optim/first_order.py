@@ -19,6 +19,8 @@ import optax
 from optax import contrib
 
 from gn.errors import require
+from gn.optim.muon_family import adarmsuon, normuon, rmsuon
+from gn.optim.soap import soap
 from gn.optim.masks import decay_mask, is_hidden_matrix, map_with_path, validate_decay_rule
 from gn.optim.method import MethodContext, OptaxMethod, decoupled_weight_decay
 from gn.optim.schedules import SCHEDULES, make_schedule
@@ -111,6 +113,23 @@ FACTORIES: dict[str, tuple[str, OptaxFactory]] = {
              "(Jordan et al. 2024; optax.contrib.muon)",
              OptaxFactory(_muon, {"beta": 0.95, "nesterov": True, "ns_steps": 5, "adam_learning_rate": None,
                                   "adam_b1": 0.9, "adam_b2": 0.95})),
+    "soap": ("SOAP: Adam in the eigenbasis of Shampoo's preconditioners (Vyas et al. 2024)",
+             OptaxFactory(lambda lr, **o: soap(lr, weight_decay=0.0, **o),
+                          {"b1": 0.95, "b2": 0.95, "eps": 1e-8, "precondition_frequency": 10,
+                           "max_precond_dim": 10000, "eigenbasis_update": "eigh"})),
+    "normuon": ("NorMuon: Muon with neuron-wise second-moment normalisation of the orthogonalised update",
+                OptaxFactory(lambda lr, **o: normuon(lr, weight_decay=0.0, **o),
+                             {"beta": 0.95, "b2": 0.95, "nesterov": True, "ns_steps": 5,
+                              "adam_learning_rate": None, "adam_b1": 0.9, "adam_b2": 0.95})),
+    "rmsuon": ("RMSuon: NS5 of Adam momentum rescaled to the Adam update's energy (seed 003); "
+               "v_penalty > 0 gives V-RMSuon",
+               OptaxFactory(lambda lr, **o: rmsuon(lr, weight_decay=0.0, **o),
+                            {"b1": 0.9, "b2": 0.95, "eps": 1e-8, "v_penalty": 0.0, "ns_steps": 5,
+                             "adam_learning_rate": None, "adam_b1": 0.9, "adam_b2": 0.95})),
+    "adarmsuon": ("AdaRMSuon: NS5 of the Adam-whitened momentum, energy-scaled (seed 003)",
+                  OptaxFactory(lambda lr, **o: adarmsuon(lr, weight_decay=0.0, **o),
+                               {"b1": 0.9, "b2": 0.95, "eps": 1e-8, "v_penalty": 0.0, "ns_steps": 5,
+                                "adam_learning_rate": None, "adam_b1": 0.9, "adam_b2": 0.95})),
 }
 
 # Per-method overrides of the shared defaults.
@@ -127,6 +146,10 @@ DEFAULTS: dict[str, dict] = {
     "rprop": {"learning_rate": 1e-3, "grad_clip": 0.0},
     "sophia": {"learning_rate": 1e-3, "weight_decay": 0.01},
     "muon": {"learning_rate": 0.02, "weight_decay": 0.0},
+    "soap": {"learning_rate": 3e-3, "weight_decay": 0.01},
+    "normuon": {"learning_rate": 0.02},
+    "rmsuon": {"learning_rate": 3e-3},
+    "adarmsuon": {"learning_rate": 3e-3},
 }
 
 

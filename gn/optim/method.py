@@ -44,6 +44,8 @@ class MethodContext:
     batch_size: int
     grad_accum: int = 1
     num_devices: int = 1
+    model_cfg: Any = None            # gn.model.ModelConfig, for methods that need layer structure
+    reference_batch_size: int = 0    # train.batch_size: cost is reported relative to a step at this batch
 
 
 class Method(Protocol):
@@ -84,7 +86,8 @@ class OptaxMethod:
         self.schedule = schedule
         self.plan = BatchPlan(train=ctx.grad_accum, micro_batch=ctx.batch_size // ctx.grad_accum)
         self.updates_per_step = 1
-        self.grad_evals_per_step = 1.0
+        # value_and_grad equivalents at the reference batch (train.batch_size).
+        self.grad_evals_per_step = ctx.batch_size / (ctx.reference_batch_size or ctx.batch_size)
         self._apply = ctx.apply_fn
         self._needs_obj_fn = needs_obj_fn
         self.step = jax.jit(self._step)

@@ -46,24 +46,42 @@ def _fmt(x, spec=".4f"):
     return str(x)
 
 
+def _num(x, spec=",.0f"):
+    return "–" if x is None else format(x, spec)
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
 def format_table(summaries: dict[str, dict], targets) -> str:
-    """A Markdown table: losses, steps/updates/tokens to each target, wall time."""
-    head = ["method", "batch", "steps", "updates", "tokens", "aux tokens", "final val", "best val"]
-    for t in targets:
-        head += [f"steps→{t:g}", f"updates→{t:g}", f"tokens→{t:g}"]
-    head += ["wall s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    """Markdown tables: one overall, then one per target loss.
+
+    Outer steps are steps of the reference batch (train.batch_size): a method
+    at a smaller batch (the small-batch control) needs several of its steps
+    per outer step. Updates are sequential parameter updates (a GN outer step
+    hides N inner updates); grad evals are value_and_grad equivalents at the
+    reference batch (FLOP estimates for GN); aux tokens are line-search tokens.
+    """
+    head = ["method", "batch", "outer steps", "updates", "train tokens", "aux tokens", "grad evals",
+            "initial val", "final val", "best val", "wall s"]
+    lines = [_row(head), "|" + "---|" * len(head)]
     for name, s in summaries.items():
-        row = [name, s["batch_size"], s["steps"], s["updates"], f"{s['tokens']:,}", f"{s['aux_tokens']:,}",
-               _fmt(s["final_val_loss"]), _fmt(s["best_val_loss"])]
-        for t in targets:
-            k = target_key(t)
-            tok = s["tokens_to_target"].get(k)
-            row += [_fmt(s["steps_to_target"].get(k)), _fmt(s["updates_to_target"].get(k)),
-                    f"{tok:,}" if tok is not None else "–"]
-        row += [f"{s['wall_time_s']:.1f}" + (" (diverged)" if s.get("diverged") else "")]
-        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+        lines.append(_row([name, s["batch_size"], _num(s["outer_steps"], "g"), s["updates"], _num(s["tokens"]),
+                           _num(s["aux_tokens"]), _num(s["grad_evals"], ".1f"), _fmt(s["initial_val_loss"]),
+                           _fmt(s["final_val_loss"]), _fmt(s["best_val_loss"]),
+                           f"{s['wall_time_s']:.1f}" + (" (diverged)" if s.get("diverged") else "")]))
+    for t in targets:
+        k = target_key(t)
+        head = ["method", "outer steps", "updates", "train tokens", "aux tokens", "grad evals", "wall s"]
+        lines += ["", f"To validation loss {t:g}:", "", _row(head), "|" + "---|" * len(head)]
+        for name, s in summaries.items():
+            lines.append(_row([name, _num(s["outer_steps_to_target"].get(k), "g"),
+                               _num(s["updates_to_target"].get(k), "g"), _num(s["tokens_to_target"].get(k)),
+                               _num(s["aux_tokens_to_target"].get(k)), _num(s["grad_evals_to_target"].get(k), ".1f"),
+                               _num(s["wall_time_to_target"].get(k), ".1f")]))
     floor = next(iter(summaries.values()), {}).get("loss_floor")
     if floor is not None:
         lines.append(f"\nBayes-optimal loss floor of the synthetic language: {floor:.4f} nats/token.")
+    lines.append("\n– = target not reached.")
     return "\n".join(lines)

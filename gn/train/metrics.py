@@ -63,6 +63,7 @@ def summarize(rows: list[dict], targets: Iterable[float]) -> dict:
     last = rows[-1] if rows else {}
     out = {
         "steps": last.get("step", 0),
+        "outer_steps": last.get("outer_step", last.get("step", 0)),
         "tokens": last.get("tokens", 0),
         "aux_tokens": last.get("aux_tokens", 0),
         "updates": last.get("updates", 0),
@@ -72,7 +73,7 @@ def summarize(rows: list[dict], targets: Iterable[float]) -> dict:
         "best_val_loss": min(vals) if vals else None,
         "final_train_loss": next((r["train_loss"] for r in reversed(rows) if "train_loss" in r), None),
     }
-    for field, src in (("steps_to_target", "step"), ("tokens_to_target", "tokens"),
+    for field, src in (("steps_to_target", "step"), ("outer_steps_to_target", "outer_step"), ("tokens_to_target", "tokens"),
                        ("updates_to_target", "updates"), ("grad_evals_to_target", "grad_evals"),
                        ("aux_tokens_to_target", "aux_tokens"), ("wall_time_to_target", "wall_time_s")):
         out[field] = {}

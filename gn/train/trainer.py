@@ -52,6 +52,8 @@ class Run:
     apply_fn: Any
     mesh: Any
     batch_size: int
+    steps: int          # this method's steps: train.steps scaled so every method reads the same tokens
+    every: int          # reference steps per method step's multiple: eval/checkpoint cadence multiplier
 
 
 def prepare(cfg: Config, method_name: str) -> Run:
@@ -68,6 +70,7 @@ def prepare(cfg: Config, method_name: str) -> Run:
     require(batch_size % n_dev == 0,
             f"The batch size {batch_size} is not divisible by the {n_dev} devices of the mesh; "
             f"use a multiple of {n_dev}.")
+    steps, every = _scaled_steps(cfg.train, batch_size, entry.name)
     source = gn_data.build_source(cfg.data, seed=cfg.train.seed)
     model_cfg = cfg.model
     if model_cfg.vocab_size is None:
@@ -76,15 +79,34 @@ def prepare(cfg: Config, method_name: str) -> Run:
             f"model.vocab_size ({model_cfg.vocab_size}) is smaller than the data's vocabulary "
             f"({source.vocab_size}); leave model.vocab_size unset to take it from the data.")
     apply_fn = make_apply(model_cfg)
-    ctx = MethodContext(apply_fn=apply_fn, total_steps=cfg.train.steps, batch_size=batch_size,
-                        grad_accum=cfg.train.grad_accum, num_devices=n_dev)
+    ctx = MethodContext(apply_fn=apply_fn, total_steps=steps, batch_size=batch_size,
+                        grad_accum=cfg.train.grad_accum, num_devices=n_dev, model_cfg=model_cfg,
+                        reference_batch_size=cfg.train.batch_size)
     method = registry.build(entry, ctx)
     plan = method.plan
     for count, micro in ((plan.train, plan.micro_batch), (plan.aux, plan.aux_micro_batch)):
         require(count == 0 or micro % n_dev == 0,
                 f"Method '{entry.name}' splits each step into batches of {micro} sequences, which is not "
                 f"divisible by the {n_dev} devices; choose batch sizes that are multiples of {n_dev}.")
-    return Run(cfg, entry, method, source, model_cfg, apply_fn, mesh, batch_size)
+    return Run(cfg, entry, method, source, model_cfg, apply_fn, mesh, batch_size, steps, every)
+
+
+def _scaled_steps(tcfg, batch_size: int, name: str) -> tuple[int, int]:
+    """Steps for a method whose batch differs from train.batch_size, at equal tokens.
+
+    A method at batch b = B/k runs k·train.steps steps (evaluating and
+    checkpointing every k·eval_every, k·checkpoint_every), so that it is compared
+    per *reference* step of train.batch_size = B — e.g. the small-batch Muon
+    control beside a GN outer step of N inner batches.
+    """
+    ref = tcfg.batch_size
+    if batch_size == ref:
+        return tcfg.steps, 1
+    require(ref % batch_size == 0,
+            f"Method '{name}' has batch_size {batch_size}, which must divide train.batch_size ({ref}) so "
+            f"that it runs a whole number of steps per reference step.")
+    k = ref // batch_size
+    return tcfg.steps * k, k
 
 
 def _eval_fn(apply_fn):
@@ -144,17 +166,17 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
     else:
         log.truncate_after(-1)
         loss0 = float(evaluate(state["params"], val))
-        log.append({"step": 0, **{k: v for k, v in counters.items() if k != "step"}, "val_loss": loss0})
+        log.append({"step": 0, "outer_step": 0.0, **{k: v for k, v in counters.items() if k != "step"}, "val_loss": loss0})
 
     plan = method.plan
     tokens_per_batch = plan.micro_batch * source.seq_len
     aux_tokens_per_batch = plan.aux_micro_batch * source.seq_len
-    bar = _progress(tcfg, counters["step"], run.entry.name)
+    bar = _progress(run.steps, tcfg.progress, counters["step"], run.entry.name)
     last_val = next((r["val_loss"] for r in reversed(log.read()) if r.get("val_loss") is not None), float("nan"))
     diverged = False
     step_fn = method.step
     try:
-        while counters["step"] < tcfg.steps:
+        while counters["step"] < run.steps:
             t0 = time.perf_counter()
             step = counters["step"] + 1
             host = source.next(plan.train + plan.aux, plan.micro_batch)
@@ -176,16 +198,16 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
                             updates=counters["updates"] + method.updates_per_step,
                             grad_evals=counters["grad_evals"] + method.grad_evals_per_step,
                             wall_time_s=counters["wall_time_s"] + dt)
-            record = {"step": step, "tokens": counters["tokens"], "aux_tokens": counters["aux_tokens"],
+            record = {"step": step, "outer_step": step / run.every, "tokens": counters["tokens"], "aux_tokens": counters["aux_tokens"],
                       "updates": counters["updates"], "grad_evals": counters["grad_evals"],
                       "lr": method.lr(step - 1), "step_time_s": dt, "wall_time_s": counters["wall_time_s"], **m}
-            if step % tcfg.eval_every == 0 or step == tcfg.steps:
+            if step % (tcfg.eval_every * run.every) == 0 or step == run.steps:
                 record["val_loss"] = float(evaluate(state["params"], val))
                 if ema_update is not None:
                     record["val_loss_ema"] = float(evaluate(state["ema"], val))
             log.append(record)
             last_val = record.get("val_loss", last_val)
-            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+            if step % (tcfg.checkpoint_every * run.every) == 0 or step == run.steps:
                 ckpt.save(step, state, {"counters": counters, "data": source.state_dict()})
             if bar is not None:
                 bar.update(1)
@@ -206,6 +228,8 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
         "seq_len": source.seq_len,
         "tokens_per_step": plan.train * tokens_per_batch,
         "updates_per_step": method.updates_per_step,
+        "grad_evals_per_step": method.grad_evals_per_step,
+        "family": registry.get(run.entry.method).family,
         "loss_floor": source.loss_floor,
         "num_params": count_params(run.model_cfg),
         "hparams": dict(run.entry.hparams),
@@ -228,12 +252,12 @@ def _json_default(x: Any) -> Any:
     return str(x)
 
 
-def _progress(tcfg, start: int, name: str):
-    if not tcfg.progress:
+def _progress(total: int, enabled: bool, start: int, name: str):
+    if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=tcfg.steps, initial=start, desc=name, unit="step", dynamic_ncols=True, leave=True)
+    return tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True, leave=True)
 
 
 __all__ = ["train", "prepare", "Run", "ConfigError"]
