@@ -50,6 +50,8 @@ class TrainConfig:
     ema_decay: float = 0.0
     log_every: int = 1
     progress: bool = True
+    init_from: str | None = None      # another run's workdir: start from its final parameters
+
 
     def validate(self) -> None:
         """Raise ConfigError on invalid values."""

@@ -11,6 +11,7 @@ import yaml
 
 from gn import cli
 from gn.config import config_from_dict, load_config
+from gn.errors import ConfigError
 from gn.train.compare import compare
 from gn.train.trainer import train
 
@@ -24,7 +25,7 @@ TINY = {
               "progress": False, "target_losses": [2.5, 0.1]},
     "methods": [{"name": "adamw", "learning_rate": 0.01}, {"name": "muon", "learning_rate": 0.02}],
 }
-TIMING = {"step_time_s", "wall_time_s"}
+TIMING = {"step_time_s", "wall_time_s", "inner_time_s", "linesearch_time_s"}
 
 
 def _strip(rows):
@@ -61,13 +62,32 @@ def test_train_writes_all_outputs(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_"))[-1]
 
 
+def test_gn_warm_starts_from_another_runs_final_parameters(tmp_path):
+    cfg = config_from_dict(TINY)
+    first = train(cfg, "adamw", tmp_path / "adamw")
+    warm = config_from_dict({**TINY, "train": {**TINY["train"], "steps": 2, "init_from": str(tmp_path / "adamw")},
+                             "methods": [{"name": "gn", "inner_steps": 2, "ls_batches": 1}]})
+    summary = train(warm, "gn", tmp_path / "gn")
+    assert summary["initial_val_loss"] == pytest.approx(first["final_val_loss"], rel=1e-6)
+    rows = _rows(tmp_path / "gn" / "metrics.jsonl")
+    for key in ("loss_before", "loss_after", "pred_decrease", "actual_decrease", "rho", "alpha", "delta_norm",
+                "inner_time_s", "linesearch_time_s", "aux_tokens"):
+        assert key in rows[1], key
+    assert rows[-1]["aux_tokens"] == 2 * 1 * 2 * 32      # 2 steps x 1 line-search batch of b_inner=2 x seq 32
+    bad = config_from_dict({**TINY, "train": {**TINY["train"], "init_from": str(tmp_path / "nothing")}})
+    with pytest.raises(ConfigError, match="init_from"):
+        train(bad, "adamw", tmp_path / "bad")
+
+
 class Crash(Exception):
     pass
 
 
-def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch):
-    cfg = config_from_dict({**TINY, "train": {**TINY["train"], "ema_decay": 0.9}})
-    train(cfg, "muon", tmp_path / "full")
+@pytest.mark.parametrize("method", ["muon", "gn"])
+def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch, method):
+    cfg = config_from_dict({**TINY, "train": {**TINY["train"], "ema_decay": 0.9},
+                            "methods": TINY["methods"] + [{"name": "gn", "inner_steps": 2, "ls_batches": 1}]})
+    train(cfg, method, tmp_path / "full")
 
     from gn.train import trainer
 
@@ -89,10 +109,10 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "prepare", crashing_prepare)
     with pytest.raises(Crash):
-        train(cfg, "muon", tmp_path / "resumed")
+        train(cfg, method, tmp_path / "resumed")
     monkeypatch.setattr(trainer, "prepare", real_prepare)
     assert max(r["step"] for r in _rows(tmp_path / "resumed" / "metrics.jsonl")) == 4
-    train(cfg, "muon", tmp_path / "resumed")
+    train(cfg, method, tmp_path / "resumed")
     full, resumed = _rows(tmp_path / "full" / "metrics.jsonl"), _rows(tmp_path / "resumed" / "metrics.jsonl")
     assert _strip(full) == _strip(resumed)
 

@@ -71,6 +71,11 @@ def prepare(cfg: Config, method_name: str) -> Run:
             f"The batch size {batch_size} is not divisible by the {n_dev} devices of the mesh; "
             f"use a multiple of {n_dev}.")
     steps, every = _scaled_steps(cfg.train, batch_size, entry.name)
+    if cfg.train.init_from:
+        src = Path(cfg.train.init_from) / FINAL_PARAMS
+        require(src.is_dir() and Checkpointer(src).steps(),
+                f"train.init_from: '{cfg.train.init_from}' holds no finished run's parameters "
+                f"(expected {src}/ written at the end of `gn train`).")
     source = gn_data.build_source(cfg.data, seed=cfg.train.seed)
     model_cfg = cfg.model
     if model_cfg.vocab_size is None:
@@ -107,6 +112,21 @@ def _scaled_steps(tcfg, batch_size: int, name: str) -> tuple[int, int]:
             f"that it runs a whole number of steps per reference step.")
     k = ref // batch_size
     return tcfg.steps * k, k
+
+
+FINAL_PARAMS = "final_params"
+
+
+def _warm_start(path: str, params: Any) -> Any:
+    """The final parameters of another run (same model shapes)."""
+    restored = None
+    try:
+        restored = Checkpointer(Path(path) / FINAL_PARAMS).restore_latest(_abstract({"params": params}))
+    except Exception as exc:  # shapes or structure differ
+        raise ConfigError(f"train.init_from: could not load the parameters of '{path}' into this model "
+                          f"({type(exc).__name__}: {exc}); the model configs must match.") from None
+    require(restored is not None, f"train.init_from: '{path}' holds no readable final parameters.")
+    return restored[1]["params"]
 
 
 def _eval_fn(apply_fn):
@@ -149,6 +169,8 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
     val = meshlib.put_batches(source.validation(tcfg.eval_batch_size), mesh)
 
     params = meshlib.put_replicated(init_params(run.model_cfg, jax.random.PRNGKey(tcfg.seed)), mesh)
+    if tcfg.init_from:
+        params = _warm_start(tcfg.init_from, params)
     state = {"params": params, "opt_state": meshlib.put_replicated(method.init(params), mesh),
              "rng": jax.random.PRNGKey(tcfg.seed + 1)}
     if ema_update is not None:
@@ -174,6 +196,7 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
     bar = _progress(run.steps, tcfg.progress, counters["step"], run.entry.name)
     last_val = next((r["val_loss"] for r in reversed(log.read()) if r.get("val_loss") is not None), float("nan"))
     diverged = False
+    edge_warned = False
     step_fn = method.step
     try:
         while counters["step"] < run.steps:
@@ -207,6 +230,10 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
                     record["val_loss_ema"] = float(evaluate(state["ema"], val))
             log.append(record)
             last_val = record.get("val_loss", last_val)
+            if m.get("ls_at_edge") and not edge_warned:
+                edge_warned = True
+                _note(bar, f"{run.entry.name}: step {step} chose the smallest line-search step "
+                           f"α={m['alpha']:.3g}; set ls_extend > 0 to extend the grid downward")
             if step % (tcfg.checkpoint_every * run.every) == 0 or step == run.steps:
                 ckpt.save(step, state, {"counters": counters, "data": source.state_dict()})
             if bar is not None:
@@ -217,6 +244,9 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
         if bar is not None:
             bar.close()
 
+    if not diverged:
+        Checkpointer(workdir / FINAL_PARAMS, keep=1).save(counters["step"], {"params": state["params"]},
+                                                          {"counters": counters})
     rows = log.read()
     summary = {
         "method": run.entry.name,
@@ -242,6 +272,13 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
     except Exception as exc:  # a plot must never lose a finished run
         print(f"warning: could not write the loss plot: {exc}")
     return summary
+
+
+def _note(bar, text: str) -> None:
+    if bar is not None:
+        bar.write(text)
+    else:
+        print(text)
 
 
 def _json_default(x: Any) -> Any:

@@ -1,0 +1,166 @@
+"""The GN outer step against its defining equations on a tiny LLaMA."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from gn import curvature
+from gn.errors import ConfigError
+from gn.model import init_params, make_apply, model_config
+from gn.optim import MethodContext, registry
+from gn.optim.gauss_newton import inner_lr_factor
+from gn.optim.linesearch import grid_alphas, line_search
+from gn.train.objective import lm_loss, split_batch
+
+CFG = model_config("nano", vocab_size=16, hidden=8, layers=1, heads=2, ffn=16, max_seq_len=8)
+APPLY = make_apply(CFG)
+
+
+def _batches(seed, n, b=2, t=6):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 16, size=(n, b, t + 1)), jnp.int32)
+
+
+def _method(name="gn", batch=4, steps=3, **hp):
+    entry = registry.resolve_entry({"name": name, **hp})
+    return registry.build(entry, MethodContext(apply_fn=APPLY, total_steps=steps, batch_size=batch,
+                                               reference_batch_size=batch))
+
+
+def _manual_inner(theta, start, batches, lr_fn, kind="gn", partition=None):
+    """θ̂ ← θ̂ − lr_i ∇Q_i(θ̂) with plain SGD, from the curvature core's Q."""
+    th = start
+    for i in range(batches.shape[0]):
+        x, y = split_batch(batches[i])
+        q = curvature.quadratic_model(APPLY, theta, x, y, kind=kind, partition=partition)
+        _, g = q(th)
+        th = jax.tree.map(lambda p, gi: p - lr_fn(i) * gi, th, g)
+    return th
+
+
+@pytest.mark.parametrize("name, kind, partition", [("gn", "gn", None), ("gn_prox_linear", "prox_linear", None),
+                                                   ("gn_layerwise", "gn", "transformer_blocks")])
+def test_inner_loop_is_sgd_on_the_quadratic_model(name, kind, partition):
+    theta = init_params(CFG, jax.random.PRNGKey(0))
+    m = _method(name, inner_steps=2, inner_optimizer="sgd", inner_learning_rate=0.5, inner_grad_clip=0.0,
+                inner_weight_decay=0.0, inner_schedule="constant_inner_cosine")
+    state = m.init(theta)
+    batches = _batches(1, 2)
+    theta_hat, _, metrics = m._inner(theta, state, batches)
+    # registry default for sgd has momentum 0.9: first step of momentum SGD is plain SGD, second adds 0.9·g1.
+    g_hist = []
+    th = theta
+    for i in range(2):
+        x, y = split_batch(batches[i])
+        _, g = curvature.quadratic_model(APPLY, theta, x, y, kind=kind, partition=partition)(th)
+        mom = g if not g_hist else jax.tree.map(lambda a, b: a + 0.9 * b, g, g_hist[-1])
+        g_hist.append(mom)
+        lr = 0.5 * float(inner_lr_factor("constant_inner_cosine", jnp.asarray(0), jnp.asarray(i), 2, 3, 0.0))
+        th = jax.tree.map(lambda p, u: p - lr * u, th, mom)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), theta_hat, th)
+    assert float(metrics["train_loss"]) == pytest.approx(
+        float(np.mean([lm_loss(APPLY, theta, batches[i]) for i in range(2)])), rel=1e-5)
+
+
+def test_inner_schedules_follow_their_formulas():
+    c = lambda f: 0.5 * (1 + np.cos(np.pi * f))  # noqa: E731
+    assert float(inner_lr_factor("constant", 3, 5, 10, 4, 0.0)) == 1.0
+    assert float(inner_lr_factor("constant_inner_cosine", 3, 5, 10, 4, 0.0)) == pytest.approx(c(0.5))
+    assert float(inner_lr_factor("global_cosine", 2, 5, 10, 4, 0.0)) == pytest.approx(c(25 / 40))
+    assert float(inner_lr_factor("global_inner_cosine", 2, 5, 10, 4, 0.1)) == pytest.approx(
+        (0.1 + 0.9 * c(25 / 40)) * (0.1 + 0.9 * c(0.5)))
+
+
+def test_warm_start_continues_and_restart_begins_at_theta():
+    theta = init_params(CFG, jax.random.PRNGKey(0))
+    batches, aux = _batches(2, 2), _batches(3, 2)
+    for warm in (True, False):
+        m = _method("gn", inner_steps=2, warm_start=warm)
+        state = m.init(theta)
+        new, state, _ = m.step(theta, state, batches, aux, jax.random.PRNGKey(0))
+        hat2, _, _ = m._inner(new, state, batches)
+        fresh = m.init(new)
+        hat_fresh, _, _ = m._inner(new, fresh._replace(outer_step=state.outer_step), batches)
+        same = all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(hat2), jax.tree.leaves(hat_fresh)))
+        assert same == (not warm)
+
+
+def test_line_search_picks_the_grid_argmin_and_rejects_nonfinite():
+    theta = init_params(CFG, jax.random.PRNGKey(0))
+    delta = jax.tree.map(lambda x: 0.3 * jnp.ones_like(x), theta)
+    aux = _batches(4, 2)
+    loss = lambda p, b: lm_loss(APPLY, p, b)  # noqa: E731
+    res = line_search(loss, theta, delta, aux, grid=6)
+    lossj = jax.jit(loss)
+    brute = [float(np.mean([lossj(jax.tree.map(lambda p, d: p + a * d, theta, delta), b) for b in aux]))
+             for a in np.asarray(grid_alphas(0, 6))]
+    assert float(res.alpha) == pytest.approx(float(grid_alphas(0, 6)[int(np.argmin(brute))]))
+    assert float(res.loss) == pytest.approx(min(brute), rel=1e-5)
+    # A loss that is NaN for large steps: those α are rejected.
+    nan_big = lambda p, b: jnp.where(p["final_norm"]["scale"][0] > 1.2, jnp.nan, loss(p, b))  # noqa: E731
+    res2 = line_search(nan_big, theta, delta, aux, grid=6)
+    assert float(res2.alpha) <= 0.5 and np.isfinite(float(res2.loss))
+    # Extending downward: a direction that only hurts ends at the smallest α evaluated.
+    up = jax.tree.map(lambda g: 5.0 * g, jax.grad(lambda p: loss(p, aux[0]))(theta))
+    res3 = line_search(loss, theta, up, aux[:1], grid=2, extend=3)
+    assert float(res3.alpha) == pytest.approx(2.0 ** (-7 / 2)) and int(res3.num_evals) == 9
+
+
+def _dense(theta, batch, damping):
+    flat, unravel = ravel_pytree(theta)
+    G, g = jax.jit(lambda fl: _dense_parts(fl, unravel, batch))(flat)
+    return G + damping * jnp.eye(G.shape[0]), g, unravel
+
+
+def _dense_parts(flat, unravel, batch):
+    x, y = split_batch(batch)
+    f = lambda v: APPLY(unravel(v), x)  # noqa: E731
+    z = f(flat)
+    J = jax.jacfwd(lambda v: f(v).reshape(-1))(flat)
+    p = jax.nn.softmax(z.reshape(-1, z.shape[-1]))
+    n = p.shape[0]
+    Jr = J.reshape(n, p.shape[1], -1)
+    # Σ_tokens J_tᵀ (diag p_t − p_t p_tᵀ) J_t / n, the GGN of the mean cross-entropy.
+    G = (jnp.einsum("tk,tkm,tkn->mn", p, Jr, Jr)
+         - jnp.einsum("tm,tn->mn", jnp.einsum("tk,tkm->tm", p, Jr), jnp.einsum("tk,tkn->tn", p, Jr))) / n
+    g = jax.grad(lambda v: lm_loss(APPLY, unravel(v), batch))(flat)
+    return G, g
+
+
+def test_cg_inner_solver_is_the_damped_gauss_newton_step():
+    theta = init_params(CFG, jax.random.PRNGKey(5))
+    batches = _batches(6, 2)
+    m = _method("gn", inner_steps=2, inner_solver="cg", damping=1e-2, cg_iters=400, cg_tol=1e-10)
+    hat, _, _ = m._inner(theta, m.init(theta), batches)
+    A, g, unravel = _dense(theta, batches.reshape(1, 4, -1)[0], 1e-2)
+    d = jnp.linalg.solve(A, -g)
+    got = ravel_pytree(jax.tree.map(jnp.subtract, hat, theta))[0]
+    np.testing.assert_allclose(got, d, rtol=2e-2, atol=2e-4 * float(jnp.abs(d).max()))
+
+
+def test_predicted_decrease_is_the_model_decrease_at_the_chosen_step():
+    theta = init_params(CFG, jax.random.PRNGKey(7))
+    m = _method("gn", inner_steps=2)
+    batches, aux = _batches(8, 2), _batches(9, 2)
+    new, _, metrics = m.step(theta, m.init(theta), batches, aux, jax.random.PRNGKey(0))
+    pred = []
+    for b in aux:
+        x, y = split_batch(b)
+        q = curvature.quadratic_model(APPLY, theta, x, y)
+        pred.append(float(q.loss0 - q(new)[0]))
+    metrics = {k: float(v) for k, v in metrics.items()}
+    assert metrics["pred_decrease"] == pytest.approx(np.mean(pred), rel=1e-4)
+    before = np.mean([float(lm_loss(APPLY, theta, b)) for b in aux])
+    after = np.mean([float(lm_loss(APPLY, new, b)) for b in aux])
+    assert metrics["actual_decrease"] == pytest.approx(before - after, rel=1e-4, abs=1e-6)
+    assert metrics["rho"] == pytest.approx(metrics["actual_decrease"] / metrics["pred_decrease"], rel=1e-4)
+
+
+def test_gn_rejects_bad_settings():
+    with pytest.raises(ConfigError, match="divisible by inner_steps"):
+        _method("gn", batch=6, inner_steps=4)
+    with pytest.raises(ConfigError, match="inner_optimizer"):
+        registry.resolve_entry({"name": "gn", "inner_optimizer": "gn"})
+    with pytest.raises(ConfigError, match="Did you mean 'inner_steps'"):
+        registry.resolve_entry({"name": "gn", "inner_step": 3})
