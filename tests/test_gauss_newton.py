@@ -13,6 +13,7 @@ from gn.optim import MethodContext, registry
 from gn.optim.gauss_newton import inner_lr_factor
 from gn.optim.linesearch import grid_alphas, line_search
 from gn.train.objective import lm_loss, split_batch
+from tests.dense_reference import dense_ggn
 
 CFG = model_config("nano", vocab_size=16, hidden=8, layers=1, heads=2, ffn=16, max_seq_len=8)
 APPLY = make_apply(CFG)
@@ -108,24 +109,8 @@ def test_line_search_picks_the_grid_argmin_and_rejects_nonfinite():
 
 
 def _dense(theta, batch, damping):
-    flat, unravel = ravel_pytree(theta)
-    G, g = jax.jit(lambda fl: _dense_parts(fl, unravel, batch))(flat)
+    G, g, unravel = dense_ggn(APPLY, theta, batch)
     return G + damping * jnp.eye(G.shape[0]), g, unravel
-
-
-def _dense_parts(flat, unravel, batch):
-    x, y = split_batch(batch)
-    f = lambda v: APPLY(unravel(v), x)  # noqa: E731
-    z = f(flat)
-    J = jax.jacfwd(lambda v: f(v).reshape(-1))(flat)
-    p = jax.nn.softmax(z.reshape(-1, z.shape[-1]))
-    n = p.shape[0]
-    Jr = J.reshape(n, p.shape[1], -1)
-    # Σ_tokens J_tᵀ (diag p_t − p_t p_tᵀ) J_t / n, the GGN of the mean cross-entropy.
-    G = (jnp.einsum("tk,tkm,tkn->mn", p, Jr, Jr)
-         - jnp.einsum("tm,tn->mn", jnp.einsum("tk,tkm->tm", p, Jr), jnp.einsum("tk,tkn->tn", p, Jr))) / n
-    g = jax.grad(lambda v: lm_loss(APPLY, unravel(v), batch))(flat)
-    return G, g
 
 
 def test_cg_inner_solver_is_the_damped_gauss_newton_step():

@@ -14,7 +14,7 @@ def _register_first_order() -> None:
 
         register(MethodSpec(name=name, description=description, hparams_cls=first_order.OptimHParams,
                             options=factory.options, defaults=first_order.DEFAULTS.get(name, {}),
-                            build=build))
+                            build=build, family="curvature" if factory.needs_batch else "first_order"))
 
 
 _register_first_order()

@@ -19,6 +19,7 @@ import optax
 from optax import contrib
 
 from gn.errors import require
+from gn.optim.lwgn import fog_gn, lwgn
 from gn.optim.muon_family import adarmsuon, normuon, rmsuon
 from gn.optim.soap import soap
 from gn.optim.masks import decay_mask, is_hidden_matrix, map_with_path, validate_decay_rule
@@ -75,6 +76,7 @@ class OptaxFactory:
     fn: Callable[..., optax.GradientTransformation]
     options: dict
     needs_obj_fn: bool = False
+    needs_batch: bool = False      # curvature backends: fn(schedule, apply_fn, **options), batch as extra args
 
 
 FACTORIES: dict[str, tuple[str, OptaxFactory]] = {
@@ -130,6 +132,16 @@ FACTORIES: dict[str, tuple[str, OptaxFactory]] = {
                   OptaxFactory(lambda lr, **o: adarmsuon(lr, weight_decay=0.0, **o),
                                {"b1": 0.9, "b2": 0.95, "eps": 1e-8, "v_penalty": 0.0, "ns_steps": 5,
                                 "adam_learning_rate": None, "adam_b1": 0.9, "adam_b2": 0.95})),
+    "lwgn": ("Natural-gradient descent with layerwise GN, (G_bb + λI)⁻¹ g_b per tensor by block CG (seed 004)",
+             OptaxFactory(lambda lr, apply_fn, **o: lwgn(lr, apply_fn, **o),
+                          {"momentum": 0.0, "partition": "per_tensor", "damping": 1e-3, "max_iters": 20,
+                           "tol": 1e-6}, needs_batch=True)),
+    "fog_gn": ("FOG-GN = Muon ∘ LwGN⁻¹: Muon on the per-tensor layerwise GN direction of hidden matrices, "
+               "AdamW elsewhere (seeds 000/004)",
+               OptaxFactory(lambda lr, apply_fn, **o: fog_gn(lr, apply_fn, **o),
+                            {"beta": 0.95, "nesterov": True, "ns_steps": 5, "damping": 1e-3, "max_iters": 20,
+                             "tol": 1e-6, "adam_learning_rate": None, "adam_b1": 0.9, "adam_b2": 0.95},
+                            needs_batch=True)),
 }
 
 # Per-method overrides of the shared defaults.
@@ -150,6 +162,8 @@ DEFAULTS: dict[str, dict] = {
     "normuon": {"learning_rate": 0.02},
     "rmsuon": {"learning_rate": 3e-3},
     "adarmsuon": {"learning_rate": 3e-3},
+    "lwgn": {"learning_rate": 0.3, "grad_clip": 0.0},
+    "fog_gn": {"learning_rate": 0.02},
 }
 
 
@@ -160,7 +174,8 @@ def split_hparams(hparams: dict) -> tuple[OptimHParams, dict]:
     return common, {k: v for k, v in hparams.items() if k not in common_keys}
 
 
-def build_transform(method: str, hparams: dict, schedule: optax.Schedule) -> optax.GradientTransformation:
+def build_transform(method: str, hparams: dict, schedule: optax.Schedule, *,
+                    apply_fn: Callable | None = None) -> optax.GradientTransformation:
     """clip -> optimizer(schedule) -> decoupled weight decay, for a registered first-order method.
 
     `schedule` replaces the learning-rate schedule the hyperparameters describe,
@@ -176,7 +191,10 @@ def build_transform(method: str, hparams: dict, schedule: optax.Schedule) -> opt
     parts = []
     if common.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(common.grad_clip))
-    parts.append(factory.fn(schedule, **options))
+    if factory.needs_batch:
+        parts.append(factory.fn(schedule, apply_fn, **options))
+    else:
+        parts.append(factory.fn(schedule, **options))
     if common.weight_decay > 0:
         rule = common.weight_decay_mask
         parts.append(decoupled_weight_decay(schedule, common.weight_decay, lambda p: decay_mask(p, rule)))
@@ -195,5 +213,5 @@ def build_optax_method(name: str, method: str, hparams: dict, ctx: MethodContext
     """The trainer-facing method for a registered first-order optimizer."""
     common, _ = split_hparams(hparams)
     schedule = hparams_schedule(common, ctx.total_steps)
-    tx = build_transform(method, hparams, schedule)
-    return OptaxMethod(name, tx, schedule, ctx, needs_obj_fn=factory.needs_obj_fn)
+    tx = build_transform(method, hparams, schedule, apply_fn=ctx.apply_fn)
+    return OptaxMethod(name, tx, schedule, ctx, needs_obj_fn=factory.needs_obj_fn, needs_batch=factory.needs_batch)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from gn.errors import ConfigError
-from gn.train.objective import ApplyFn, lm_loss
+from gn.train.objective import ApplyFn, lm_loss, split_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +78,7 @@ class OptaxMethod:
     over the step's micro-batches (gradient accumulation by `lax.scan`)."""
 
     def __init__(self, name: str, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                 ctx: MethodContext, *, needs_obj_fn: bool = False):
+                 ctx: MethodContext, *, needs_obj_fn: bool = False, needs_batch: bool = False):
         if ctx.batch_size % ctx.grad_accum:
             raise ConfigError(f"batch_size {ctx.batch_size} is not divisible by grad_accum {ctx.grad_accum}.")
         self.name = name
@@ -90,6 +90,7 @@ class OptaxMethod:
         self.grad_evals_per_step = ctx.batch_size / (ctx.reference_batch_size or ctx.batch_size)
         self._apply = ctx.apply_fn
         self._needs_obj_fn = needs_obj_fn
+        self._needs_batch = needs_batch
         self.step = jax.jit(self._step)
 
     def init(self, params: Any) -> Any:
@@ -119,6 +120,10 @@ class OptaxMethod:
         extra = {}
         if self._needs_obj_fn:
             extra["obj_fn"] = lambda p: lm_loss(self._apply, p, batches[-1])
+        if self._needs_batch:
+            # Curvature backends see the whole step's batch (all micro-batches).
+            inputs, targets = split_batch(batches.reshape((-1,) + batches.shape[2:]))
+            extra.update(inputs=inputs, targets=targets)
         updates, state = self.tx.update(grads, state, params, **extra)
         params = optax.apply_updates(params, updates)
         metrics = {"train_loss": loss, "grad_norm": tree_norm(grads),

@@ -1,0 +1,129 @@
+"""Layerwise Gauss-Newton as a curvature backend ("g_fisher") for other optimizers.
+
+For a batch and a partition of the parameters into blocks b, the layerwise GN
+direction is
+
+    g_fisher_b = (G_bb + λ I)⁻¹ g_b        for every block b,
+
+with G = Jᵀ H_z J the Gauss-Newton matrix of the batch's mean loss (seed 004;
+Abreu et al. 2025 §layerwise GN). It is solved matrix-free by block conjugate
+gradient: every block runs its own CG recursion and one block-diagonal GGN
+product per iteration serves all blocks (`gn.curvature.block_conjugate_gradient`).
+
+Compositions registered here:
+    lwgn    θ ← θ − lr · LwGN⁻¹ g                      (natural-gradient descent, optional momentum)
+    fog_gn  θ ← θ − lr · Muon(LwGN⁻¹ g)               on hidden matrices; AdamW on the rest
+            (the seeds' operator composition with GN as the statistical operator)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import contrib
+
+from gn import curvature
+from gn.optim.masks import is_hidden_matrix, map_with_path, path_str
+
+
+def layerwise_gn_direction(apply_fn: Callable, params: Any, inputs: Any, targets: Any, grads: Any, *,
+                           mask: Any = None, loss: str = "cross_entropy", partition: Any = "per_tensor",
+                           damping: float = 1e-3, max_iters: int = 50, tol: float = 1e-6,
+                           block_mode: str = "batched") -> Any:
+    """(G_bb + damping·I)⁻¹ g_b for every block b of `partition`, as a pytree like params.
+
+    G is the GGN of the mean loss of `apply_fn(params, inputs)` against
+    `targets` (masked by `mask`), applied matrix-free; all blocks are solved at
+    once by block CG (`max_iters` products at most, relative residual `tol`).
+    """
+    matvec0 = curvature.ggn_operator(apply_fn, params, inputs, targets, mask=mask, loss=loss,
+                                     partition=partition, block_mode=block_mode)
+
+    def matvec(v):
+        return jax.tree.map(lambda gv, x: gv + damping * x, matvec0(v), v)
+
+    labels = curvature.make_partition(params, partition)[0]
+    x, _ = curvature.block_conjugate_gradient(matvec, grads, labels, max_iters=max_iters, tol=tol)
+    return x
+
+
+class ScaleByLayerwiseGNState(NamedTuple):
+    count: jnp.ndarray
+
+
+def _restricted_partition(only: Callable[[str, Any], bool] | None, partition: Any) -> Any:
+    """Per-tensor blocks for leaves `only` selects; all other leaves share one block."""
+    if only is None:
+        return partition
+    if partition != "per_tensor":
+        raise ValueError("restricting the layerwise GN solve to some leaves needs partition='per_tensor'")
+
+    def label(path, leaf):
+        name = path_str(path)
+        return name if only(name, leaf) else "__rest__"
+
+    return label
+
+
+def scale_by_layerwise_gn(apply_fn: Callable, *, partition: Any = "per_tensor", damping: float = 1e-3,
+                          max_iters: int = 50, tol: float = 1e-6, loss: str = "cross_entropy",
+                          block_mode: str = "batched",
+                          only: Callable[[str, Any], bool] | None = None) -> optax.GradientTransformationExtraArgs:
+    """Replace the gradient by the layerwise GN direction of the current batch.
+
+    Extra args of `update`: `inputs`, `targets` and optionally `mask` (the batch
+    the gradient came from). With `only(path, leaf)`, leaves it rejects keep
+    their raw gradient (e.g. embeddings handed to AdamW).
+    """
+    part = _restricted_partition(only, partition)
+
+    def init(params):
+        del params
+        return ScaleByLayerwiseGNState(count=jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None, *, inputs=None, targets=None, mask=None, **extra):
+        del extra
+        if params is None or inputs is None or targets is None:
+            raise ValueError("scale_by_layerwise_gn needs params and the batch (inputs=, targets=)")
+        direction = layerwise_gn_direction(apply_fn, params, inputs, targets, updates, mask=mask, loss=loss,
+                                           partition=part, damping=damping, max_iters=max_iters, tol=tol,
+                                           block_mode=block_mode)
+        if only is not None:
+            keep = map_with_path(only, updates)
+            direction = jax.tree.map(lambda k, d, g: d if k else g, keep, direction, updates)
+        return direction, ScaleByLayerwiseGNState(count=state.count + 1)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def lwgn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, momentum: float = 0.0,
+         partition: Any = "per_tensor", damping: float = 1e-3, max_iters: int = 50,
+         tol: float = 1e-6) -> optax.GradientTransformationExtraArgs:
+    """Natural-gradient descent with layerwise GN: θ ← θ − lr · m, m ← μ m + (G_bb + λI)⁻¹ g_b."""
+    parts = [scale_by_layerwise_gn(apply_fn, partition=partition, damping=damping, max_iters=max_iters, tol=tol)]
+    if momentum:
+        parts.append(optax.trace(decay=momentum))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)
+
+
+def fog_gn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, beta: float = 0.95,
+           nesterov: bool = True, ns_steps: int = 5, damping: float = 1e-3, max_iters: int = 50,
+           tol: float = 1e-6, adam_learning_rate: optax.ScalarOrSchedule | None = None,
+           adam_b1: float = 0.9, adam_b2: float = 0.95) -> optax.GradientTransformationExtraArgs:
+    """FOG-GN = Muon ∘ LwGN⁻¹ (seeds 000/004): Nesterov momentum, Newton-Schulz
+    orthogonalisation and √max(1, out/in) scaling applied to the per-tensor layerwise
+    GN direction of each hidden matrix; embeddings, head and norms take AdamW on
+    their raw gradients."""
+    from gn.optim.first_order import muon_dimension_numbers
+
+    return optax.chain(
+        scale_by_layerwise_gn(apply_fn, partition="per_tensor", damping=damping, max_iters=max_iters, tol=tol,
+                              only=is_hidden_matrix),
+        contrib.muon(learning_rate, beta=beta, nesterov=nesterov, ns_steps=ns_steps, adam_b1=adam_b1,
+                     adam_b2=adam_b2, adam_learning_rate=adam_learning_rate,
+                     muon_weight_dimension_numbers=muon_dimension_numbers),
+    )
