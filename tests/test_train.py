@@ -210,3 +210,31 @@ def test_four_devices_match_one_device(tmp_path):
         for key in ("train_loss", "val_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["adamw", "gn"])
+def test_kill_9_then_same_command_matches_uninterrupted(tmp_path, method):
+    import signal
+    import time
+
+    cfg = tmp_path / "c.yaml"
+    raw = {**TINY, "train": {**TINY["train"], "steps": 40, "checkpoint_every": 4, "eval_every": 4},
+           "methods": TINY["methods"] + [{"name": "gn", "inner_steps": 2, "ls_batches": 1}]}
+    cfg.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "gn.cli", "train", str(cfg), "--method", method, "--workdir"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    subprocess.run(cmd + [str(tmp_path / "full")], env=env, check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(cmd + [str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) > 14:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(_rows(metrics)) < 41, "the run finished before it could be killed"
+    subprocess.run(cmd + [str(tmp_path / "killed")], env=env, check=True, capture_output=True, timeout=600)
+    assert _strip(_rows(tmp_path / "full" / "metrics.jsonl")) == _strip(_rows(metrics))

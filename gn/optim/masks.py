@@ -12,22 +12,15 @@ from typing import Any, Callable, Sequence
 
 import jax
 
+from gn.curvature.partition import path_name
 from gn.errors import ConfigError
 
 EMBED_PREFIXES = ("embed", "lm_head")
 
 
 def path_str(path: Sequence[Any]) -> str:
-    """'/'-joined string form of a jax key path."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    """'/'-joined string form of a jax key path (same naming as the GN partitions)."""
+    return path_name(path)
 
 
 def map_with_path(fn: Callable[[str, Any], Any], tree: Any) -> Any:
