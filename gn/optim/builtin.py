@@ -19,3 +19,18 @@ def _register_first_order() -> None:
 
 _register_first_order()
 register_gauss_newton()
+
+
+def _register_fog_family() -> None:
+    from gn.optim import fog
+
+    fog.register_fog_family()
+    base = fog.FAMILY["pi_muon"]
+    register(MethodSpec(
+        name="pi_muon_gn",
+        description="PI-Muon with layerwise Gauss-Newton as g_fisher: (1-λ)(G_bb+λI)⁻¹g + λ Muon(g) (seed 004)",
+        hparams_cls=first_order.OptimHParams, options={**base[1], "fisher_source": "lwgn"}, defaults=base[2],
+        build=lambda display, hparams, ctx: fog.build_method("pi_muon", display, hparams, ctx), family="fog"))
+
+
+_register_fog_family()

@@ -1,0 +1,58 @@
+"""Matrix-free Gauss-Newton curvature: GGN products, quadratic models, partitions, CG.
+
+For a model z = apply_fn(θ, inputs) and the masked mean loss ℓ(z) (softmax
+cross-entropy or squared error), the generalised Gauss-Newton matrix is
+G = Jᵀ H_z J (Schraudolph 2002; Martens 2010), with J = ∂z/∂θ and H_z the
+closed-form output Hessian. Everything here is matrix-free: one primal+tangent
+pass (`jax.linearize`) and one transpose pass (`jax.linear_transpose`).
+
+- `mean_loss`, `output_hessian_vector_product`: the loss and H_z v in closed form.
+- `ggn_vector_product` / `ggn_operator`: G v, or the block-diagonal diag(G_bb) v.
+- `quadratic_model`: Q (kind "gn") or the prox-linear model P, as q(θ) -> (value, grad).
+- `make_partition`: block labels ("per_tensor", "transformer_blocks", callable).
+- `conjugate_gradient`, `block_conjugate_gradient`: CG on pytrees (Hessian-free solves).
+"""
+
+from gn.curvature.cg import CGInfo, block_conjugate_gradient, conjugate_gradient
+from gn.curvature.ggn import (
+    BLOCK_MODES,
+    BlockLinearization,
+    Linearization,
+    ggn_operator,
+    ggn_vector_product,
+    linearize,
+)
+from gn.curvature.losses import (
+    LOSSES,
+    OutputCurvature,
+    loss_value_and_grad,
+    mean_loss,
+    output_curvature,
+    output_hessian_vector_product,
+)
+from gn.curvature.partition import PARTITIONS, block_ids, make_partition, path_name
+from gn.curvature.quadratic import KINDS, quadratic_model
+
+__all__ = [
+    "BLOCK_MODES",
+    "BlockLinearization",
+    "CGInfo",
+    "KINDS",
+    "LOSSES",
+    "Linearization",
+    "OutputCurvature",
+    "PARTITIONS",
+    "block_conjugate_gradient",
+    "block_ids",
+    "conjugate_gradient",
+    "ggn_operator",
+    "ggn_vector_product",
+    "linearize",
+    "loss_value_and_grad",
+    "make_partition",
+    "mean_loss",
+    "output_curvature",
+    "output_hessian_vector_product",
+    "path_name",
+    "quadratic_model",
+]

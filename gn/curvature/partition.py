@@ -1,0 +1,105 @@
+"""Partitions of a parameter tree into blocks, for layerwise (block-diagonal) curvature.
+
+A partition gives every leaf of the parameter tree a hashable label; leaves with
+the same label form one block b, and layerwise Gauss-Newton keeps only the
+diagonal blocks G_bb of G = Jᵀ H_z J (paper: Abreu et al. 2025, §3 of DESIGN.md).
+
+Accepted `partition` values:
+
+- None: one block holding every parameter (full Gauss-Newton), label "all".
+- "per_tensor": every leaf is its own block, labelled by its path, e.g.
+  "block_0/attn/wq/kernel".
+- "transformer_blocks": the paper's partition of the LLaMA tree (`gn.model`): a
+  leaf is labelled by its top-level key ("embed", "block_0", ..., "block_{L-1}"),
+  except that "final_norm" and "lm_head" share the label "head". Any other
+  top-level key is a block of its own, labelled by that key. A tree wrapped as
+  {"params": {...}} (flax variables) is labelled by the key below "params". A
+  bare array (no top-level key) is one block, "all".
+- a callable `(path, leaf) -> label`, with `path` the key path from
+  `jax.tree_util.tree_flatten_with_path` and any hashable label.
+- a labels pytree (the first output of `make_partition`), used as is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable
+
+import jax
+from jax import tree_util
+
+from gn.errors import ConfigError, suggest
+
+PARTITIONS = ("per_tensor", "transformer_blocks")
+
+# Top-level keys of the LLaMA tree that the paper puts in one block with the head.
+_HEAD_KEYS = ("final_norm", "lm_head")
+
+
+def _key_name(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def path_name(path) -> str:
+    """'a/b/0/c' for a key path from `tree_flatten_with_path`."""
+    return "/".join(_key_name(e) for e in path)
+
+
+def _transformer_block_label(path, leaf) -> str:
+    names = [_key_name(e) for e in path]
+    if len(names) > 1 and names[0] == "params":
+        names = names[1:]
+    if not names:
+        return "all"
+    return "head" if names[0] in _HEAD_KEYS else names[0]
+
+
+def make_partition(params, partition=None) -> tuple[Any, list[Hashable]]:
+    """Label every leaf of `params` with its block.
+
+    Returns `(labels, blocks)`: `labels` is a pytree with the structure of
+    `params` whose leaves are hashable labels, `blocks` the distinct labels in
+    the order of their first leaf (tree-flatten order). Leaves that share a label
+    form one block of the block-diagonal Gauss-Newton matrix
+    diag(G_11, ..., G_BB). See the module docstring for the accepted values;
+    anything else raises ConfigError (a ValueError) listing the valid options.
+    """
+    flat, treedef = tree_util.tree_flatten_with_path(params)
+    if partition is None:
+        labels = ["all"] * len(flat)
+    elif isinstance(partition, str):
+        if partition == "per_tensor":
+            labels = [path_name(p) or "all" for p, _ in flat]
+        elif partition == "transformer_blocks":
+            labels = [_transformer_block_label(p, x) for p, x in flat]
+        else:
+            raise ConfigError(
+                f"unknown partition {partition!r}; valid partitions are None, "
+                f"{', '.join(map(repr, PARTITIONS))}, a callable (path, leaf) -> label, "
+                "or a labels pytree." + suggest(partition, PARTITIONS))
+    elif callable(partition):
+        labels = [partition(p, x) for p, x in flat]
+    else:
+        try:
+            labels = treedef.flatten_up_to(partition)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(
+                "partition must be None, 'per_tensor', 'transformer_blocks', a callable "
+                f"(path, leaf) -> label, or a labels pytree shaped like params ({err}).") from None
+    for lab in labels:
+        try:
+            hash(lab)
+        except TypeError:
+            raise ConfigError(f"partition labels must be hashable, got {lab!r}.") from None
+    blocks = list(dict.fromkeys(labels))
+    return treedef.unflatten(labels), blocks
+
+
+def block_ids(params, partition=None) -> tuple[list[int], list[Hashable]]:
+    """Per-leaf block index (flatten order of `params`) and the block labels."""
+    labels, blocks = make_partition(params, partition)
+    index = {lab: i for i, lab in enumerate(blocks)}
+    flat = jax.tree.structure(params).flatten_up_to(labels)
+    return [index[lab] for lab in flat], blocks

@@ -1,0 +1,502 @@
+"""FOG, DiagFog and PI-Muon: statistical operators composed with Muon (seed 000).
+
+Seed 000 ("FOG/DiagFog: 算子复合的几何优化范式") replaces PI-Muon's linear
+mixing of a Fisher step and a Muon step by operator composition,
+
+    update = Structural_Op(Statistical_Op(g)),
+
+with Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/) as the
+structural operator on each hidden (in, out) kernel:
+
+    m ← β m + (1 − β) x;   y = β m + (1 − β) x (Nesterov) or y = m
+    u = √max(1, out/in) · NS5(y)                    (`newton_schulz.orthogonalize`)
+
+- FOG:      x = K-FAC⁻¹ g  (`kfac.scale_by_kfac`, Martens & Grosse 2015)
+- DiagFog:  x = g ⊘ (f_diag + ε), with f_diag either the Kronecker diagonal
+            f_ij = E[a_i²]·E[δ_j²] (diag="kron", default, as the reference
+            implementation; O(in + out) state per kernel) or an EMA of squared
+            gradients (diag="ema_sq", O(in·out)). `scale_by_diag_fisher`.
+- PI-Muon:  u = (1 − λ) g_fisher + λ Muon(g), λ = 1 − PI,
+            PI = exp(−(α·H + γ·‖g‖)), H the batch's mean predictive entropy and
+            ‖g‖ the global gradient norm. g_fisher comes from any transformation
+            (`fisher=`, default K-FAC) or from the `g_fisher=` extra argument.
+- K-FAC:    plain natural-gradient descent, lr · (momentum of) g_nat.
+
+Embeddings, the output head and norm scales go to an AdamW side (as the seeds
+and the GN paper), so the head's V×V factor is never built unless
+`include_head=True`. `StatsMethod` is the trainer-facing method: it gathers the
+gradient, the layer statistics and the entropy in one forward/backward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gn.errors import require
+from gn.optim import first_order, kfac as kfac_lib, registry
+from gn.optim.kfac import LayerFactors, ema_decay, resolve_factors, scale_by_kfac
+from gn.optim.masks import decay_mask, is_hidden_matrix
+from gn.optim.method import BatchPlan, MethodContext, decoupled_weight_decay, tree_norm
+from gn.optim.newton_schulz import (DEFAULT_NS_COEFFS, default_matrix_mask, muon_scale, orthogonalize,
+                                    safe_increment)
+from gn.train.objective import split_batch
+
+DIAG_MODES = ("kron", "ema_sq")
+FISHER_SOURCES = ("kfac", "lwgn")
+
+
+# --------------------------------------------------------------------------- Muon (structural op)
+
+
+class ScaleByMuonState(NamedTuple):
+    """State of `scale_by_muon`."""
+
+    count: jax.Array
+    mu: optax.Updates
+
+
+def scale_by_muon(beta: float = 0.95, *, nesterov: bool = True, ns_steps: int = 5,
+                  ns_coeffs: Sequence[float] = DEFAULT_NS_COEFFS) -> optax.GradientTransformationExtraArgs:
+    """Muon's structural operator (Jordan et al. 2024) on (in, out) kernels:
+
+        m ← β m + (1 − β) x,  y = β m + (1 − β) x if nesterov else m,
+        u = √max(1, out/in) · NS5(y).
+    """
+    def init_fn(params):
+        return ScaleByMuonState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params))
+
+    def update_fn(updates, state, params=None, **extra):
+        del params, extra
+        mu = jax.tree.map(lambda m, x: beta * m + (1 - beta) * x, state.mu, updates)
+        y = jax.tree.map(lambda m, x: beta * m + (1 - beta) * x, mu, updates) if nesterov else mu
+        u = jax.tree.map(lambda v: muon_scale(v.shape) * orthogonalize(v, coeffs=ns_coeffs, steps=ns_steps), y)
+        return u, ScaleByMuonState(safe_increment(state.count), mu)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------- DiagFog statistics
+
+
+class ScaleByDiagFisherState(NamedTuple):
+    """State of `scale_by_diag_fisher`: per kernel a LayerFactors of EMA diagonals
+    (diag="kron": (in,), (out,)) or an EMA of g² of the kernel's shape (diag="ema_sq")."""
+
+    count: jax.Array
+    refreshes: jax.Array
+    layers: Any
+
+
+def scale_by_diag_fisher(stat_decay: float = 0.95, eps: float = 1e-8, *, diag: str = "kron",
+                         T_cov: int = 1) -> optax.GradientTransformationExtraArgs:
+    """DiagFog's statistical operator: g_nat = g ⊘ (f_diag + ε) (seed 000 §3.2).
+
+    diag="kron": f_ij = Ā_i · Ḡ_j with Ā, Ḡ EMAs of E[a_i²] and E[δ_j²] (δ the
+    per-token gradient of the summed loss), i.e. the diagonal of K-FAC's A ⊗ G,
+    from `factors=` (diagonal `LayerFactors`, `kfac.batch_factors(diagonal=True)`).
+    diag="ema_sq": f = EMA of g ⊙ g of the (mean-loss) gradient itself; no
+    statistics needed. Note g/(g² + ε) amplifies small entries up to 1/(2√ε):
+    the seed's formula, literally; ε matters much more in this mode.
+    EMAs refresh when count % T_cov == 0, with ε_k = min(1 − 1/k, stat_decay).
+    """
+    if diag not in DIAG_MODES:
+        raise ValueError(f"diag must be one of {DIAG_MODES}, got {diag!r}")
+
+    def init_fn(params):
+        def layer(p):
+            if p.ndim != 2:
+                raise ValueError(f"scale_by_diag_fisher applies to 2-D kernels, got shape {p.shape}")
+            dt = jnp.promote_types(p.dtype, jnp.float32)
+            if diag == "kron":
+                return LayerFactors(jnp.zeros((p.shape[0],), dt), jnp.zeros((p.shape[1],), dt))
+            return jnp.zeros(p.shape, dt)
+
+        zero = jnp.zeros([], jnp.int32)
+        return ScaleByDiagFisherState(zero, zero, jax.tree.map(layer, params))
+
+    def update_fn(updates, state, params=None, *, factors=None, layer_inputs=None,
+                  layer_output_grads=None, **extra):
+        del params, extra
+        leaves, treedef = jax.tree.flatten(updates)
+        layers = treedef.flatten_up_to(state.layers)
+        refresh = state.count % T_cov == 0
+        refreshes = state.refreshes + refresh.astype(jnp.int32)
+        e = ema_decay(stat_decay, refreshes)
+        if diag == "kron":
+            fs = resolve_factors(updates, factors, layer_inputs, layer_output_grads, diagonal=True,
+                                 name="scale_by_diag_fisher")
+            new = [LayerFactors(e * l.a + (1 - e) * f.a, e * l.g + (1 - e) * f.g) for l, f in zip(layers, fs)]
+        else:
+            new = [e * l + (1 - e) * jnp.square(g.astype(l.dtype)) for l, g in zip(layers, leaves)]
+        layers = [jax.tree.map(lambda n, o: jnp.where(refresh, n, o), n, o) for n, o in zip(new, layers)]
+
+        def nat(g, l):
+            f = l.a[:, None] * l.g[None, :] if diag == "kron" else l
+            return (g.astype(f.dtype) / (f + eps)).astype(g.dtype)
+
+        out = [nat(g, l) for g, l in zip(leaves, layers)]
+        return treedef.unflatten(out), ScaleByDiagFisherState(safe_increment(state.count), refreshes,
+                                                              treedef.unflatten(layers))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------- composed directions
+
+
+def scale_by_fog(stat_decay: float = 0.95, damping: float = 1e-3, *, damping_mode: str = "eigen",
+                 T_cov: int = 1, T_inv: int = 10, kl_clip: float = 0.0, learning_rate=None,
+                 beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5
+                 ) -> optax.GradientTransformationExtraArgs:
+    """FOG direction (seed 000 §2): u = Muon(K-FAC⁻¹ g); extra arg `factors=`."""
+    return optax.chain(scale_by_kfac(stat_decay, damping, damping_mode=damping_mode, T_cov=T_cov,
+                                     T_inv=T_inv, kl_clip=kl_clip, learning_rate=learning_rate),
+                       scale_by_muon(beta, nesterov=nesterov, ns_steps=ns_steps))
+
+
+def scale_by_diagfog(stat_decay: float = 0.95, eps: float = 1e-8, *, diag: str = "kron", T_cov: int = 1,
+                     beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5
+                     ) -> optax.GradientTransformationExtraArgs:
+    """DiagFog direction (seed 000 §3): u = Muon(g ⊘ (f_diag + ε))."""
+    return optax.chain(scale_by_diag_fisher(stat_decay, eps, diag=diag, T_cov=T_cov),
+                       scale_by_muon(beta, nesterov=nesterov, ns_steps=ns_steps))
+
+
+class ScaleByPIMuonState(NamedTuple):
+    """State of `scale_by_pi_muon`; `pi` is the last PI (diagnostics)."""
+
+    count: jax.Array
+    pi: jax.Array
+    muon: ScaleByMuonState
+    fisher: Any
+
+
+def predictive_integrity(entropy: jax.Array, grad_norm: jax.Array, alpha: float, gamma: float) -> jax.Array:
+    """PI = exp(−(α·H + γ·‖g‖))."""
+    return jnp.exp(-(alpha * entropy + gamma * grad_norm)).astype(jnp.float32)
+
+
+def scale_by_pi_muon(fisher: Optional[optax.GradientTransformation] = None, *, alpha: float = 0.1,
+                     gamma: float = 0.1, beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5
+                     ) -> optax.GradientTransformationExtraArgs:
+    """PI-Muon (superseded by FOG in seed 000): u = (1 − λ) g_fisher + λ Muon(g),
+
+        λ = 1 − PI,  PI = exp(−(α·H + γ·‖g‖)).
+
+    Extra args: `entropy=` H (required), `grad_norm=` ‖g‖ (default: the norm of
+    the updates this transform sees), and either `g_fisher=` (a tree like the
+    updates) or, when `fisher` is a transformation (e.g. `scale_by_kfac`, or a
+    layerwise Gauss-Newton solve), g_fisher = fisher.update(g, ...) with all
+    extra args passed on. Muon keeps its own momentum on g; g_fisher has none.
+    """
+    muon = scale_by_muon(beta, nesterov=nesterov, ns_steps=ns_steps)
+    fisher_tx = None if fisher is None else optax.with_extra_args_support(fisher)
+
+    def init_fn(params):
+        fs = None if fisher_tx is None else fisher_tx.init(params)
+        return ScaleByPIMuonState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32), muon.init(params), fs)
+
+    def update_fn(updates, state, params=None, *, entropy=None, grad_norm=None, g_fisher=None, **extra):
+        if entropy is None:
+            raise ValueError("scale_by_pi_muon.update needs the extra argument `entropy=`")
+        fs = state.fisher
+        if g_fisher is None:
+            if fisher_tx is None:
+                raise ValueError("scale_by_pi_muon: pass `g_fisher=` or build it with a `fisher` transformation")
+            g_fisher, fs = fisher_tx.update(updates, fs, params, entropy=entropy, grad_norm=grad_norm, **extra)
+        m, ms = muon.update(updates, state.muon, params)
+        norm = tree_norm(updates) if grad_norm is None else grad_norm
+        pi = predictive_integrity(entropy, norm, alpha, gamma)
+        lam = 1.0 - pi
+        u = jax.tree.map(lambda f, x: ((1 - lam) * f + lam * x).astype(x.dtype), g_fisher, m)
+        return u, ScaleByPIMuonState(safe_increment(state.count), pi, ms, fs)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------- full optimizers
+
+
+def matrix_mask_fn(include_head: bool = False) -> Callable[[Any], Any]:
+    """Leaves on the statistical/Muon side: hidden 2-D kernels, plus lm_head if asked."""
+    def mask(params):
+        base = default_matrix_mask(params)
+        if not include_head:
+            return base
+        return jax.tree_util.tree_map_with_path(
+            lambda p, m, x: bool(m) or (kfac_lib.keys_of(p)[0] == "lm_head" and x.ndim == 2), base, params)
+
+    return mask
+
+
+def with_adamw_side(matrix_tx: optax.GradientTransformation, learning_rate: optax.ScalarOrSchedule, *,
+                    include_head: bool = False, adam_learning_rate=None, adam_b1: float = 0.9,
+                    adam_b2: float = 0.95, adam_eps: float = 1e-8, mask_extra_args: bool = False
+                    ) -> optax.GradientTransformationExtraArgs:
+    """partition: matrix leaves → matrix_tx then −lr; others → Adam then −adam_lr (lr by default).
+
+    `mask_extra_args`: extra args shaped like the params (g_fisher) are masked like the updates."""
+    mask = matrix_mask_fn(include_head)
+    adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
+    return optax.partition(
+        {"matrix": optax.chain(matrix_tx, optax.scale_by_learning_rate(learning_rate)),
+         "adam": optax.chain(optax.scale_by_adam(adam_b1, adam_b2, adam_eps),
+                             optax.scale_by_learning_rate(adam_lr))},
+        lambda params: jax.tree.map(lambda m: "matrix" if m else "adam", mask(params)),
+        mask_compatible_extra_args=mask_extra_args)
+
+
+def kfac(learning_rate, stat_decay=0.95, damping=1e-3, *, damping_mode="eigen", T_cov=1, T_inv=10,
+         kl_clip=1e-3, momentum=0.9, nesterov=False, include_head=False, **adam):
+    """K-FAC natural-gradient descent (Martens & Grosse 2015): θ ← θ − lr · trace(ν g_nat)
+    on the kernels (heavy-ball momentum, `momentum=0` disables); AdamW side elsewhere."""
+    parts = [scale_by_kfac(stat_decay, damping, damping_mode=damping_mode, T_cov=T_cov, T_inv=T_inv,
+                           kl_clip=kl_clip, learning_rate=learning_rate)]
+    if momentum:
+        parts.append(optax.trace(momentum, nesterov=nesterov))
+    return with_adamw_side(optax.chain(*parts), learning_rate, include_head=include_head, **adam)
+
+
+def fog(learning_rate, stat_decay=0.95, damping=1e-3, *, damping_mode="eigen", T_cov=1, T_inv=10,
+        kl_clip=0.0, beta=0.95, nesterov=True, ns_steps=5, include_head=False, **adam):
+    """FOG (seed 000): θ ← θ − lr · Muon(K-FAC⁻¹ g) on the kernels, AdamW side elsewhere."""
+    tx = scale_by_fog(stat_decay, damping, damping_mode=damping_mode, T_cov=T_cov, T_inv=T_inv,
+                      kl_clip=kl_clip, learning_rate=learning_rate, beta=beta, nesterov=nesterov,
+                      ns_steps=ns_steps)
+    return with_adamw_side(tx, learning_rate, include_head=include_head, **adam)
+
+
+def diagfog(learning_rate, stat_decay=0.95, eps=1e-8, *, diag="kron", T_cov=1, beta=0.95, nesterov=True,
+            ns_steps=5, include_head=False, **adam):
+    """DiagFog (seed 000): θ ← θ − lr · Muon(g ⊘ (f_diag + ε)) on the kernels, AdamW side elsewhere."""
+    tx = scale_by_diagfog(stat_decay, eps, diag=diag, T_cov=T_cov, beta=beta, nesterov=nesterov,
+                          ns_steps=ns_steps)
+    return with_adamw_side(tx, learning_rate, include_head=include_head, **adam)
+
+
+class WithFisherState(NamedTuple):
+    """State of `with_fisher_direction`."""
+
+    fisher: Any
+    inner: Any
+
+
+def with_fisher_direction(fisher: optax.GradientTransformation, inner: optax.GradientTransformation
+                          ) -> optax.GradientTransformationExtraArgs:
+    """g_fisher = fisher.update(g, params) on the FULL parameter tree (all extra args
+    passed on), then inner.update(g, ..., g_fisher=g_fisher). Lets a Fisher source that
+    needs the whole model (e.g. `gn.optim.lwgn.scale_by_layerwise_gn`) feed a
+    partitioned optimizer such as PI-Muon."""
+    fisher, inner = optax.with_extra_args_support(fisher), optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        return WithFisherState(fisher.init(params), inner.init(params))
+
+    def update_fn(updates, state, params=None, **extra):
+        extra.pop("g_fisher", None)
+        g_fisher, fs = fisher.update(updates, state.fisher, params, **extra)
+        u, ins = inner.update(updates, state.inner, params, g_fisher=g_fisher, **extra)
+        return u, WithFisherState(fs, ins)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def pi_muon(learning_rate, alpha=0.1, gamma=0.1, *, fisher=None, stat_decay=0.95, damping=1e-3,
+            damping_mode="eigen", T_cov=1, T_inv=10, kl_clip=1e-3, beta=0.95, nesterov=True, ns_steps=5,
+            include_head=False, **adam):
+    """PI-Muon: θ ← θ − lr · (PI · g_fisher + (1 − PI) · Muon(g)) on the kernels, AdamW side elsewhere.
+
+    g_fisher = fisher.update(g, params, **extra) on the full tree: by default K-FAC
+    with these options (masked to the kernels; extra arg `factors=`); any other
+    transformation can be plugged in, e.g. `lwgn.scale_by_layerwise_gn(apply_fn,
+    only=...)` (extra args `inputs=`, `targets=`). Extra args: `entropy=`, `grad_norm=`.
+    """
+    if fisher is None:
+        fisher = optax.masked(scale_by_kfac(stat_decay, damping, damping_mode=damping_mode, T_cov=T_cov,
+                                            T_inv=T_inv, kl_clip=kl_clip, learning_rate=learning_rate),
+                              matrix_mask_fn(include_head))
+    tx = scale_by_pi_muon(alpha=alpha, gamma=gamma, beta=beta, nesterov=nesterov, ns_steps=ns_steps)
+    return with_fisher_direction(fisher, with_adamw_side(tx, learning_rate, include_head=include_head,
+                                                         mask_extra_args=True, **adam))
+
+
+# --------------------------------------------------------------------------- trainer-facing method
+
+
+class StatsMethodState(NamedTuple):
+    """State of `StatsMethod`: its step count (for T_cov) and the transformation's state."""
+
+    count: jax.Array
+    opt: Any
+
+
+class StatsMethod:
+    """One update per step from the gradient AND layer statistics of one forward/backward pass.
+
+    Per micro-batch (`lax.scan` with grad_accum > 1), `kfac.loss_grads_and_stats`
+    returns the mean loss, its gradient, the batch factors of the selected
+    kernels (stats="kron" or "diag"; None for no statistics) and the predictive
+    entropy; all are averaged over micro-batches. The transformation is then
+    called as tx.update(grads, state, params, factors=..., entropy=H, grad_norm=‖g‖,
+    inputs=..., targets=...), ‖g‖ the global norm of the raw (pre-clip) gradient (also
+    reported as `grad_norm`), inputs/targets the whole step's batch.
+    On steps with count % T_cov ≠ 0 the statistics are skipped (`lax.cond`).
+    """
+
+    def __init__(self, name: str, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                 ctx: MethodContext, *, stats: Optional[str], layer_mask: Callable[[Any], Any],
+                 fisher: str = "empirical", T_cov: int = 1, pi: Optional[tuple[float, float]] = None):
+        require(ctx.model_cfg is not None,
+                f"method '{name}' needs the model config (MethodContext.model_cfg) to gather layer statistics.")
+        require(ctx.batch_size % ctx.grad_accum == 0,
+                f"batch_size {ctx.batch_size} is not divisible by grad_accum {ctx.grad_accum}.")
+        require(fisher in kfac_lib.FISHER_TYPES,
+                f"'{name}.fisher' must be one of {', '.join(kfac_lib.FISHER_TYPES)}, got {fisher!r}.")
+        require(T_cov >= 1, f"'{name}.T_cov' must be >= 1, got {T_cov}.")
+        self.name = name
+        self.tx = optax.with_extra_args_support(tx)
+        self.schedule = schedule
+        self.plan = BatchPlan(train=ctx.grad_accum, micro_batch=ctx.batch_size // ctx.grad_accum)
+        self.updates_per_step = 1
+        # Forward ≈ 1, backward ≈ 2 units; the sampled-label backward runs on refresh steps.
+        extra = 2.0 / (3.0 * T_cov) if (stats is not None and fisher == "true") else 0.0
+        self.grad_evals_per_step = (1.0 + extra) * ctx.batch_size / (ctx.reference_batch_size or ctx.batch_size)
+        self.traces = 0          # times `step` was traced (diagnostics: recompilation)
+        self._cfg = ctx.model_cfg
+        self._stats, self._mask, self._fisher, self._t_cov, self._pi = stats, layer_mask, fisher, T_cov, pi
+        self.step = jax.jit(self._step)
+
+    def init(self, params: Any) -> StatsMethodState:
+        return StatsMethodState(jnp.zeros([], jnp.int32), self.tx.init(params))
+
+    def lr(self, step: int) -> float:
+        return float(self.schedule(step))
+
+    def _one(self, params, batch, rng, refresh, layers):
+        return kfac_lib.loss_grads_and_stats(self._cfg, params, batch, layers=layers, kind=self._stats,
+                                             fisher=self._fisher, rng=rng, compute_stats=refresh)
+
+    def _step(self, params, state, batches, aux, rng):
+        del aux
+        self.traces += 1
+        layers = kfac_lib.stat_layers(params, self._mask) if self._stats else ()
+        refresh = True if self._t_cov == 1 else (state.count % self._t_cov == 0)
+        n = batches.shape[0]
+        if n == 1:
+            loss, grads, factors, entropy = self._one(params, batches[0], rng, refresh, layers)
+        else:
+            def body(acc, xs):
+                out = self._one(params, xs[0], xs[1], refresh, layers)
+                return jax.tree.map(jnp.add, acc, out[1:]), out[0]
+
+            shapes = jax.eval_shape(lambda: self._one(params, batches[0], rng, refresh, layers)[1:])
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            acc, losses = jax.lax.scan(body, zeros, (batches, jax.random.split(rng, n)))
+            grads, factors, entropy = jax.tree.map(lambda x: x / n, acc)
+            loss = losses.mean()
+        gnorm = tree_norm(grads)
+        inputs, targets = split_batch(batches.reshape((-1,) + batches.shape[2:]))
+        # inputs/targets (the whole step's batch) feed Fisher sources that need the model (layerwise GN).
+        extra = {"entropy": entropy, "grad_norm": gnorm, "inputs": inputs, "targets": targets}
+        if factors is not None:
+            extra["factors"] = factors
+        updates, opt = self.tx.update(grads, state.opt, params, **extra)
+        params = optax.apply_updates(params, updates)
+        metrics = {"train_loss": loss, "grad_norm": gnorm, "update_norm": tree_norm(updates),
+                   "entropy": entropy}
+        if self._pi is not None:
+            metrics["pi"] = predictive_integrity(entropy, gnorm, *self._pi)
+        return params, StatsMethodState(safe_increment(state.count), opt), metrics
+
+
+# --------------------------------------------------------------------------- registration
+
+_ADAM = {"adam_learning_rate": None, "adam_b1": 0.9, "adam_b2": 0.95, "adam_eps": 1e-8}
+_KFAC = {"stat_decay": 0.95, "damping": 1e-3, "damping_mode": "eigen", "T_cov": 1, "T_inv": 10,
+         "fisher": "empirical"}
+_MUON = {"beta": 0.95, "nesterov": True, "ns_steps": 5}
+
+FAMILY: dict[str, tuple[str, dict, dict]] = {
+    "kfac": ("K-FAC natural-gradient descent with momentum and KL clip (Martens & Grosse 2015); "
+             "AdamW on embeddings/head/norms",
+             {**_KFAC, "kl_clip": 1e-3, "momentum": 0.9, "nesterov": False, "include_head": False, **_ADAM},
+             {"learning_rate": 0.1, "weight_decay": 0.0}),
+    "fog": ("FOG: Muon of the K-FAC natural gradient, Muon ∘ K-FAC⁻¹ (seed 000); AdamW on embeddings/head/norms",
+            {**_KFAC, "kl_clip": 0.0, **_MUON, "include_head": False, **_ADAM},
+            {"learning_rate": 0.02, "weight_decay": 0.0}),
+    "diagfog": ("DiagFog: Muon of g / (diagonal Fisher + eps), O(in + out) statistics (seed 000)",
+                {"diag": "kron", "stat_decay": 0.95, "eps": 1e-8, "T_cov": 1, "fisher": "empirical", **_MUON,
+                 "include_head": False, **_ADAM},
+                {"learning_rate": 0.02, "weight_decay": 0.0}),
+    "pi_muon": ("PI-Muon: PI-weighted mix of the K-FAC step and Muon, PI = exp(-(alpha H + gamma |g|)) "
+                "(superseded by FOG in seed 000); g_fisher from fisher_source: kfac or lwgn (layerwise GN)",
+                {"alpha": 0.1, "gamma": 0.1, "fisher_source": "kfac", **_KFAC, "kl_clip": 1e-3, **_MUON, "include_head": False, **_ADAM},
+                {"learning_rate": 0.02, "weight_decay": 0.0}),
+}
+
+
+def _check_options(name: str, o: dict) -> None:
+    if "damping_mode" in o:
+        require(o["damping_mode"] in kfac_lib.DAMPING_MODES,
+                f"'{name}.damping_mode' must be one of {', '.join(kfac_lib.DAMPING_MODES)}, "
+                f"got {o['damping_mode']!r}.")
+    if "diag" in o:
+        require(o["diag"] in DIAG_MODES, f"'{name}.diag' must be one of {', '.join(DIAG_MODES)}, got {o['diag']!r}.")
+    for key in ("T_cov", "T_inv", "ns_steps"):
+        if key in o:
+            require(o[key] >= 1, f"'{name}.{key}' must be >= 1, got {o[key]}.")
+    for key in ("damping", "eps", "kl_clip", "alpha", "gamma"):
+        if key in o:
+            require(o[key] >= 0, f"'{name}.{key}' must be >= 0, got {o[key]}.")
+    if "stat_decay" in o:
+        require(0.0 <= o["stat_decay"] < 1.0, f"'{name}.stat_decay' must be in [0, 1), got {o['stat_decay']}.")
+    if "fisher_source" in o:
+        require(o["fisher_source"] in FISHER_SOURCES,
+                f"'{name}.fisher_source' must be one of {', '.join(FISHER_SOURCES)}, got {o['fisher_source']!r}.")
+
+
+def build_method(method: str, display: str, hparams: dict, ctx: MethodContext) -> StatsMethod:
+    """The trainer-facing StatsMethod of a FOG-family method from resolved hyperparameters."""
+    common, o = first_order.split_hparams(hparams)
+    o = {**FAMILY[method][1], **o}
+    _check_options(display, o)
+    schedule = first_order.hparams_schedule(common, ctx.total_steps)
+    if o["adam_learning_rate"] is not None:
+        ratio = o["adam_learning_rate"] / common.learning_rate
+        o["adam_learning_rate"] = lambda s: schedule(s) * ratio
+    fisher = o.pop("fisher", "empirical")
+    stats = "kron"
+    if method == "diagfog":
+        stats = "diag" if o["diag"] == "kron" else None
+    if o.pop("fisher_source", "kfac") == "lwgn":
+        # Layerwise Gauss-Newton (seed 004) as PI-Muon's g_fisher: per-kernel (G_bb + λI)⁻¹ g_b by block CG.
+        from gn.optim.lwgn import scale_by_layerwise_gn
+
+        only = lambda path, leaf: getattr(leaf, "ndim", 0) == 2 and (
+            is_hidden_matrix(path, leaf) or (o["include_head"] and path.split("/")[0] == "lm_head"))
+        o["fisher"] = scale_by_layerwise_gn(ctx.apply_fn, damping=o["damping"], only=only)
+        stats = None
+    core = {"kfac": kfac, "fog": fog, "diagfog": diagfog, "pi_muon": pi_muon}[method](schedule, **o)
+    parts = []
+    if common.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(common.grad_clip))
+    parts.append(core)
+    if common.weight_decay > 0:
+        rule = common.weight_decay_mask
+        parts.append(decoupled_weight_decay(schedule, common.weight_decay, lambda p: decay_mask(p, rule)))
+    pi = (o["alpha"], o["gamma"]) if method == "pi_muon" else None
+    return StatsMethod(display, optax.chain(*parts), schedule, ctx, stats=stats,
+                       layer_mask=matrix_mask_fn(o["include_head"]), fisher=fisher, T_cov=o["T_cov"], pi=pi)
+
+
+def register_fog_family() -> None:
+    """Register kfac, fog, diagfog and pi_muon (raises if already registered)."""
+    for name, (description, options, defaults) in FAMILY.items():
+        registry.register(registry.MethodSpec(
+            name=name, description=description, hparams_cls=first_order.OptimHParams, options=options,
+            defaults=defaults, build=lambda display, hparams, ctx, _n=name: build_method(_n, display, hparams, ctx),
+            family="fog"))
