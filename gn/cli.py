@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", os.environ.get("GN_PLATFORMS", "cpu"))
+    # Reruns (resume after a crash, repeated comparisons) reuse compiled steps from disk.
+    cache = os.environ.get("GN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "gn"))
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(cache, "xla"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     try:
         if args.distributed:
             import jax

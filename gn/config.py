@@ -129,18 +129,33 @@ class Config:
 def load_config(path: str | Path | None = None, *, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML config (deltas from the defaults), apply `key.path=value`
     overrides, validate, and return the resolved `Config`."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        require(p.is_file(), f"Config file '{path}' does not exist.")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from None
-        require(isinstance(raw, dict), f"Config file '{path}' must hold a mapping at the top level.")
+    raw = _read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         apply_override(raw, item)
     return config_from_dict(raw)
+
+
+def _read_yaml(p: Path, seen: tuple = ()) -> dict:
+    """Read a config file; a top-level `base: other.yaml` (relative to this file)
+    is read first and this file's keys are merged over it (lists replace)."""
+    require(p.is_file(), f"Config file '{p}' does not exist.")
+    require(p.resolve() not in seen, f"Config file '{p}' includes itself through 'base'.")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file '{p}' is not valid YAML: {exc}") from None
+    require(isinstance(raw, dict), f"Config file '{p}' must hold a mapping at the top level.")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _merge(_read_yaml(p.parent / str(base), seen + (p.resolve(),)), raw)
+
+
+def _merge(base: dict, delta: dict) -> dict:
+    out = dict(base)
+    for k, v in delta.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def apply_override(raw: dict, item: str) -> None:

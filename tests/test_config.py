@@ -75,3 +75,19 @@ def test_unknown_method_lists_valid_names():
     with pytest.raises(ConfigError) as info:
         cfg.method("nope")
     assert "muon" in str(info.value) and "adamw" in str(info.value)
+
+
+def test_base_config_is_merged_under_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("train: {steps: 5, batch_size: 8}\nmethods: [{name: adamw}]\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain: {steps: 7}\nmethods: [{name: muon}]\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert cfg.train.steps == 7 and cfg.train.batch_size == 8
+    assert [m.name for m in cfg.methods] == ["muon"]
+    (tmp_path / "c.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="itself"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_registry_covers_every_method_the_zoo_lists():
+    cfg = load_config(CONFIGS[0].parent / "optimizer_zoo.yaml")
+    assert {m.name for m in cfg.methods} == set(registry.names())
