@@ -31,13 +31,15 @@ def plot_run(rows: list[dict], path: str | Path, *, title: str = "", floor: floa
 
 
 def plot_comparison(runs: dict[str, list[dict]], path: str | Path, *, floor: float | None = None) -> None:
-    """Validation loss against steps and against training tokens, one line per method."""
+    """Validation loss against outer steps of the reference batch and against
+    training tokens, one line per method."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, rows in runs.items():
         val = [r for r in rows if r.get("val_loss") is not None]
-        axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", ms=3, label=name)
+        axes[0].plot([r.get("outer_step", r["step"]) for r in val], [r["val_loss"] for r in val], "o-", ms=3,
+                     label=name)
         axes[1].plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", ms=3, label=name)
-    for ax, xl in zip(axes, ("step", "training tokens")):
+    for ax, xl in zip(axes, ("outer step (reference batch)", "training tokens")):
         if floor is not None:
             ax.axhline(floor, color="k", ls="--", lw=1, label="Bayes floor")
         ax.set_xlabel(xl)
