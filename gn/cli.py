@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_compare)
     m = sub.add_parser("methods", help="list registered methods")
     m.set_defaults(fn=cmd_methods)
+    from gn.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 

@@ -29,7 +29,8 @@ def _register_fog_family() -> None:
     register(MethodSpec(
         name="pi_muon_gn",
         description="PI-Muon with layerwise Gauss-Newton as g_fisher: (1-λ)(G_bb+λI)⁻¹g + λ Muon(g) (seed 004)",
-        hparams_cls=first_order.OptimHParams, options={**base[1], "fisher_source": "lwgn"}, defaults=base[2],
+        hparams_cls=first_order.OptimHParams, options={**base[1], "fisher_source": "lwgn", "lwgn_iters": 5},
+        defaults=base[2],
         build=lambda display, hparams, ctx: fog.build_method("pi_muon", display, hparams, ctx), family="fog"))
 
 

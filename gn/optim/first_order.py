@@ -134,13 +134,14 @@ FACTORIES: dict[str, tuple[str, OptaxFactory]] = {
                                 "adam_learning_rate": None, "adam_b1": 0.9, "adam_b2": 0.95})),
     "lwgn": ("Natural-gradient descent with layerwise GN, (G_bb + λI)⁻¹ g_b per tensor by block CG (seed 004)",
              OptaxFactory(lambda lr, apply_fn, **o: lwgn(lr, apply_fn, **o),
-                          {"momentum": 0.0, "partition": "per_tensor", "damping": 1e-2, "max_iters": 20,
-                           "tol": 1e-6}, needs_batch=True)),
+                          {"momentum": 0.0, "partition": "transformer_blocks", "damping": 1e-2, "max_iters": 10,
+                           "tol": 1e-6, "block_mode": "unrolled"}, needs_batch=True)),
     "fog_gn": ("FOG-GN = Muon ∘ LwGN⁻¹: Muon on the per-tensor layerwise GN direction of hidden matrices, "
                "AdamW elsewhere (seeds 000/004)",
                OptaxFactory(lambda lr, apply_fn, **o: fog_gn(lr, apply_fn, **o),
-                            {"beta": 0.95, "nesterov": True, "ns_steps": 5, "damping": 1e-3, "max_iters": 20,
-                             "tol": 1e-6, "adam_learning_rate": None, "adam_b1": 0.9, "adam_b2": 0.95},
+                            {"beta": 0.95, "nesterov": True, "ns_steps": 5, "damping": 1e-3, "max_iters": 5,
+                             "tol": 1e-6, "adam_learning_rate": None, "adam_b1": 0.9, "adam_b2": 0.95,
+                             "block_mode": "unrolled"},
                             needs_batch=True)),
 }
 

@@ -472,13 +472,15 @@ def build_method(method: str, display: str, hparams: dict, ctx: MethodContext) -
     stats = "kron"
     if method == "diagfog":
         stats = "diag" if o["diag"] == "kron" else None
+    lwgn_iters = o.pop("lwgn_iters", 5)
     if o.pop("fisher_source", "kfac") == "lwgn":
         # Layerwise Gauss-Newton (seed 004) as PI-Muon's g_fisher: per-kernel (G_bb + λI)⁻¹ g_b by block CG.
         from gn.optim.lwgn import scale_by_layerwise_gn
 
         only = lambda path, leaf: getattr(leaf, "ndim", 0) == 2 and (
             is_hidden_matrix(path, leaf) or (o["include_head"] and path.split("/")[0] == "lm_head"))
-        o["fisher"] = scale_by_layerwise_gn(ctx.apply_fn, damping=o["damping"], only=only)
+        o["fisher"] = scale_by_layerwise_gn(ctx.apply_fn, damping=o["damping"], only=only,
+                                            max_iters=lwgn_iters, block_mode="unrolled")
         stats = None
     core = {"kfac": kfac, "fog": fog, "diagfog": diagfog, "pi_muon": pi_muon}[method](schedule, **o)
     parts = []

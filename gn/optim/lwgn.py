@@ -101,9 +101,14 @@ def scale_by_layerwise_gn(apply_fn: Callable, *, partition: Any = "per_tensor", 
 
 def lwgn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, momentum: float = 0.0,
          partition: Any = "per_tensor", damping: float = 1e-3, max_iters: int = 50,
-         tol: float = 1e-6) -> optax.GradientTransformationExtraArgs:
-    """Natural-gradient descent with layerwise GN: θ ← θ − lr · m, m ← μ m + (G_bb + λI)⁻¹ g_b."""
-    parts = [scale_by_layerwise_gn(apply_fn, partition=partition, damping=damping, max_iters=max_iters, tol=tol)]
+         tol: float = 1e-6, block_mode: str = "batched") -> optax.GradientTransformationExtraArgs:
+    """Natural-gradient descent with layerwise GN: θ ← θ − lr · m, m ← μ m + (G_bb + λI)⁻¹ g_b.
+
+    Cost per step: up to `max_iters` block-diagonal GGN products, each about
+    (number of blocks) tangent+transpose passes in `block_mode="batched"`
+    (fewer with "unrolled", same numbers)."""
+    parts = [scale_by_layerwise_gn(apply_fn, partition=partition, damping=damping, max_iters=max_iters, tol=tol,
+                                   block_mode=block_mode)]
     if momentum:
         parts.append(optax.trace(decay=momentum))
     parts.append(optax.scale_by_learning_rate(learning_rate))
@@ -113,7 +118,8 @@ def lwgn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, momentum:
 def fog_gn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, beta: float = 0.95,
            nesterov: bool = True, ns_steps: int = 5, damping: float = 1e-3, max_iters: int = 50,
            tol: float = 1e-6, adam_learning_rate: optax.ScalarOrSchedule | None = None,
-           adam_b1: float = 0.9, adam_b2: float = 0.95) -> optax.GradientTransformationExtraArgs:
+           adam_b1: float = 0.9, adam_b2: float = 0.95,
+           block_mode: str = "batched") -> optax.GradientTransformationExtraArgs:
     """FOG-GN = Muon ∘ LwGN⁻¹ (seeds 000/004): Nesterov momentum, Newton-Schulz
     orthogonalisation and √max(1, out/in) scaling applied to the per-tensor layerwise
     GN direction of each hidden matrix; embeddings, head and norms take AdamW on
@@ -122,7 +128,7 @@ def fog_gn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, beta: f
 
     return optax.chain(
         scale_by_layerwise_gn(apply_fn, partition="per_tensor", damping=damping, max_iters=max_iters, tol=tol,
-                              only=is_hidden_matrix),
+                              only=is_hidden_matrix, block_mode=block_mode),
         contrib.muon(learning_rate, beta=beta, nesterov=nesterov, ns_steps=ns_steps, adam_b1=adam_b1,
                      adam_b2=adam_b2, adam_learning_rate=adam_learning_rate,
                      muon_weight_dimension_numbers=muon_dimension_numbers),
