@@ -149,3 +149,20 @@ def test_gn_rejects_bad_settings():
         registry.resolve_entry({"name": "gn", "inner_optimizer": "gn"})
     with pytest.raises(ConfigError, match="Did you mean 'inner_steps'"):
         registry.resolve_entry({"name": "gn", "inner_step": 3})
+
+
+def test_cg_probe_reports_the_decrease_of_q_on_the_probe_batch():
+    theta = init_params(CFG, jax.random.PRNGKey(3))
+    m = _method("gn", inner_steps=2, probe_every=1, damping=1e-2, cg_iters=200, cg_tol=1e-10)
+    batches, aux = _batches(10, 2), _batches(11, 2)
+    state = m.init(theta)
+    hat, _, _ = m._inner(theta, state, batches)
+    _, _, metrics = m.step(theta, state, batches, aux, jax.random.PRNGKey(0))
+    x, y = split_batch(batches[0])
+    q = curvature.quadratic_model(APPLY, theta, x, y, damping=1e-2)
+    assert float(metrics["probe_inner_decrease"]) == pytest.approx(float(q.loss0 - q(hat)[0]), rel=1e-4)
+    # CG reaches the exact minimiser of the damped model: Q0 − Q* = ½ gᵀ(G + λI)⁻¹g.
+    A, g, _ = _dense(theta, batches[0], 1e-2)
+    best = 0.5 * float(g @ jnp.linalg.solve(A, g))
+    assert float(metrics["probe_cg_decrease"]) == pytest.approx(best, rel=1e-3)
+    assert 0 < float(metrics["probe_fraction"]) <= 1.0 + 1e-6

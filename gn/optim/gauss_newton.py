@@ -200,25 +200,28 @@ class GaussNewtonMethod:
                    "inner_q_last": qvals[-1] - loss0[-1]}
         return theta_hat, opt, metrics
 
+    def _damped_solve(self, theta, inputs, targets, grads):
+        """d = −(G + λI)⁻¹ g by CG (block CG, one recursion per block, with a partition)."""
+        hp = self.hp
+        matvec0 = curvature.ggn_operator(self._apply, theta, inputs, targets, partition=self.partition,
+                                         block_mode=hp.block_mode)
+
+        def matvec(v):
+            return jax.tree.map(lambda gv, x: gv + hp.damping * x, matvec0(v), v)
+
+        rhs = jax.tree.map(jnp.negative, grads)
+        if self.partition is None:
+            return curvature.conjugate_gradient(matvec, rhs, max_iters=hp.cg_iters, tol=hp.cg_tol)
+        labels = curvature.make_partition(theta, self.partition)[0]
+        return curvature.block_conjugate_gradient(matvec, rhs, labels, max_iters=hp.cg_iters, tol=hp.cg_tol)
+
     def _cg_solve(self, theta, state: GNState, batches):
         """(G + λI) d = −∇ℓ over the whole outer batch, matrix-free (Martens 2010)."""
         hp = self.hp
         flat = batches.reshape((-1,) + batches.shape[2:])
         inputs, targets = split_batch(flat)
-        matvec0 = curvature.ggn_operator(self._apply, theta, inputs, targets, partition=self.partition,
-                                         block_mode=hp.block_mode)
-        lam = hp.damping
-
-        def matvec(v):
-            return jax.tree.map(lambda gv, x: gv + lam * x, matvec0(v), v)
-
         loss0, grads = jax.value_and_grad(lambda p: lm_loss(self._apply, p, flat))(theta)
-        rhs = jax.tree.map(jnp.negative, grads)
-        if self.partition is None:
-            d, info = curvature.conjugate_gradient(matvec, rhs, max_iters=hp.cg_iters, tol=hp.cg_tol)
-        else:
-            labels = curvature.make_partition(theta, self.partition)[0]
-            d, info = curvature.block_conjugate_gradient(matvec, rhs, labels, max_iters=hp.cg_iters, tol=hp.cg_tol)
+        d, info = self._damped_solve(theta, inputs, targets, grads)
         theta_hat = jax.tree.map(jnp.add, theta, d)
         return theta_hat, state.inner_opt, {"train_loss": loss0, "cg_iters": info.iterations,
                                             "cg_residual": jnp.max(info.residual_norm)}
@@ -248,19 +251,7 @@ class GaussNewtonMethod:
         hp = self.hp
         inputs, targets = split_batch(batch)
         q = self._model(theta, batch)
-        matvec0 = curvature.ggn_operator(self._apply, theta, inputs, targets, partition=self.partition,
-                                         block_mode=hp.block_mode)
-        grads = q(theta)[1]
-        rhs = jax.tree.map(jnp.negative, grads)
-
-        def matvec(v):
-            return jax.tree.map(lambda gv, x: gv + hp.damping * x, matvec0(v), v)
-
-        if self.partition is None:
-            d, _ = curvature.conjugate_gradient(matvec, rhs, max_iters=hp.cg_iters, tol=hp.cg_tol)
-        else:
-            labels = curvature.make_partition(theta, self.partition)[0]
-            d, _ = curvature.block_conjugate_gradient(matvec, rhs, labels, max_iters=hp.cg_iters, tol=hp.cg_tol)
+        d, _ = self._damped_solve(theta, inputs, targets, q(theta)[1])
         q0 = q.loss0
         cg_dec = q0 - q(jax.tree.map(jnp.add, theta, d))[0]
         inner_dec = q0 - q(theta_hat)[0]
