@@ -102,8 +102,8 @@ def test_gn_bench_json_is_complete_and_consistent(run_cli):
 
 
 def test_optimizer_bench_is_relative_to_adamw(run_cli):
-    res = run_cli("optimizers", "--json", *TINY, "--batch-size", "2", "--repeats", "3", "--methods", "sgd,muon,lion",
-                  "--exclude", "lion")
+    res = run_cli("optimizers", "--json", *TINY, "--batch-size", "2", "--repeats", "3",
+                  "--methods", "sgd,muon,lion", "--exclude", "lion")
     assert list(res["methods"]) == ["adamw", "sgd", "muon"] and res["errors"] == {}
     ref = res["methods"]["adamw"]
     assert ref["step_time_rel"] == 1.0 and ref["state_rel"] == 1.0

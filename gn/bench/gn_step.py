@@ -471,7 +471,8 @@ def format_gn_table(res: dict) -> str:
     width = max([len(k) for k, _ in rows] + [len(k) for k in res["breakdown"]]) + 2
     lines += [f"  {k:<{width}}{_fmt(res[k], u)}" for k, u in rows]
     peak = res["peak_bytes_in_use"]
-    lines.append(f"  {'peak_bytes_in_use':<{width}}{peak if peak is not None else 'null'}  ({res['peak_memory_note']})")
+    peak_text = peak if peak is not None else "null"
+    lines.append(f"  {'peak_bytes_in_use':<{width}}{peak_text}  ({res['peak_memory_note']})")
     lines += ["", "breakdown:"]
     for k, v in res["breakdown"].items():
         lines.append(f"  {k:<{width}}{_fmt(v, 's' if k.endswith('_s') else '')}")

@@ -49,8 +49,10 @@ class OptimizerBenchConfig:
     def validate(self) -> None:
         for name in ("batch_size", "seq_len", "repeats"):
             v = getattr(self, name)
-            require(isinstance(v, int) and v > 0, f"bench optimizers: '{name}' must be a positive integer, got {v!r}.")
-        require(self.time_budget_s > 0, f"bench optimizers: 'time_budget_s' must be positive, got {self.time_budget_s}.")
+            require(isinstance(v, int) and v > 0,
+                    f"bench optimizers: '{name}' must be a positive integer, got {v!r}.")
+        require(self.time_budget_s > 0,
+                f"bench optimizers: 'time_budget_s' must be positive, got {self.time_budget_s}.")
 
 
 def tree_bytes(tree: Any) -> int:
@@ -173,7 +175,8 @@ def run_optimizer_bench(cfg: OptimizerBenchConfig = OptimizerBenchConfig(), *,
 
 def format_optimizer_table(res: dict) -> str:
     c, m = res["config"], res["machine"]
-    lines = [f"gn bench optimizers: preset {c['preset']} ({c['num_params']:,} params = {c['params_bytes']:,} bytes, "
+    lines = [f"gn bench optimizers: preset {c['preset']} "
+             f"({c['num_params']:,} params = {c['params_bytes']:,} bytes, "
              f"vocab {c['vocab_size']}), batch {c['batch_size']} x seq {c['seq_len']}, "
              f"medians of up to {c['repeats']} steps (n: fewer once {c['time_budget_s']:g} s are spent; 'first' is "
              f"the first call, excluded unless n = 1 and it exceeded the budget); relative to {res['reference']}",
