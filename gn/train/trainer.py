@@ -145,9 +145,15 @@ def _ema_fn(decay: float):
     return update
 
 
+@jax.jit
+def _finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def _all_finite(tree: Any) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
-               if jnp.issubdtype(x.dtype, jnp.floating))
+    """One device round trip for the whole tree (checked every step)."""
+    return bool(_finite(tree))
 
 
 def _abstract(tree: Any) -> Any:
