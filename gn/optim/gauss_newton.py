@@ -217,7 +217,6 @@ class GaussNewtonMethod:
 
     def _cg_solve(self, theta, state: GNState, batches):
         """(G + λI) d = −∇ℓ over the whole outer batch, matrix-free (Martens 2010)."""
-        hp = self.hp
         flat = batches.reshape((-1,) + batches.shape[2:])
         inputs, targets = split_batch(flat)
         loss0, grads = jax.value_and_grad(lambda p: lm_loss(self._apply, p, flat))(theta)
@@ -248,7 +247,6 @@ class GaussNewtonMethod:
         batch's Q); the inner loop's θ̂ was fitted to N different batches, so
         the fraction measures how well the small-batch inner loop minimises Q.
         """
-        hp = self.hp
         inputs, targets = split_batch(batch)
         q = self._model(theta, batch)
         d, _ = self._damped_solve(theta, inputs, targets, q(theta)[1])

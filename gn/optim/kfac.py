@@ -51,6 +51,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gn import curvature
+
 from gn.model.llama import apply_with_layer_stats, init_perturbations
 from gn.optim.newton_schulz import safe_increment
 from gn.train.objective import split_batch
@@ -166,8 +168,7 @@ def mean_entropy(logits: jax.Array) -> jax.Array:
 
 
 def _ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    return optax.softmax_cross_entropy_with_integer_labels(z, labels).mean()
+    return curvature.mean_loss(logits, labels)
 
 
 def loss_grads_and_stats(cfg: Any, params: Any, batch: jax.Array, *, layers: Sequence[Path],

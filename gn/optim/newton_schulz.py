@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import optax
 
 DEFAULT_NS_COEFFS = (3.4445, -4.7750, 2.0315)
-NON_MATRIX_PREFIXES = ("embed", "lm_head")
 
 # int32 step counter that saturates instead of overflowing (named safe_increment in newer optax).
 safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
@@ -83,23 +82,10 @@ def muon_scale(shape: Sequence[int]) -> float:
     return math.sqrt(max(1.0, fan_out / fan_in))
 
 
-def _key_name(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def default_matrix_mask(params: Any) -> Any:
-    """Pytree of bools: True for the 2-D leaves that the Muon family orthogonalises.
+    """Pytree of bools: True for the 2-D leaves that the Muon family orthogonalises
+    (`gn.optim.masks.matrix_mask`: hidden 2-D weights, not 'embed*' or 'lm_head*';
+    those go to the AdamW side, as in optax.contrib.muon and the GN paper)."""
+    from gn.optim.masks import matrix_mask
 
-    A leaf is a matrix when it is 2-D and the first key of its path does not
-    start with 'embed' or 'lm_head' (the token embedding and the output head go
-    to the AdamW side, as in optax.contrib.muon with dimension numbers and in
-    the GN paper). Norm scales and other 1-D leaves are never matrices.
-    """
-    def is_matrix(path, leaf):
-        first = _key_name(path[0]) if path else ""
-        return getattr(leaf, "ndim", 0) == 2 and not first.startswith(NON_MATRIX_PREFIXES)
-
-    return jax.tree_util.tree_map_with_path(is_matrix, params)
+    return matrix_mask(params)

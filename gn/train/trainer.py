@@ -213,7 +213,7 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
             aux_b = meshlib.put_batches(host[plan.train:], mesh) if plan.aux else None
             rng, sub = jax.random.split(state["rng"])
             params, opt_state, m = step_fn(state["params"], state["opt_state"], train_b, aux_b, sub)
-            m = {k: float(v) for k, v in m.items()}
+            m = {k: float(v) for k, v in jax.device_get(m).items()}   # one transfer, not one per metric
             if not math.isfinite(m["train_loss"]) or not _all_finite(params):
                 diverged = True
                 log.append({"step": step, "diverged": True, **m})
