@@ -46,8 +46,11 @@ def cmd_compare(args) -> None:
 
 
 def cmd_methods(args) -> None:
-    from gn.optim import registry
+    from gn.methods import registry
 
+    if args.name:
+        print(registry.describe_options(args.name))
+        return
     rows = registry.describe()
     width = max(len(n) for n, _ in rows)
     for name, desc in rows:
@@ -74,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(c)
     c.add_argument("--methods", help="comma-separated subset of the config's methods")
     c.set_defaults(fn=cmd_compare)
-    m = sub.add_parser("methods", help="list registered methods")
+    m = sub.add_parser("methods", help="list registered methods, or one method's options")
+    m.add_argument("name", nargs="?", help="a registered method: print its options with types and defaults")
     m.set_defaults(fn=cmd_methods)
     from gn.bench.cli import add_bench_parser
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -24,8 +22,11 @@ import yaml
 
 from gn.data.config import DataConfig
 from gn.errors import ConfigError, require, suggest
+from gn.methods import registry
+from gn.methods.registry import MethodEntry
 from gn.model.config import PRESETS as MODEL_PRESETS
 from gn.model.config import ModelConfig
+from gn.structs import build_dataclass, check_keys, plain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,26 +70,6 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class MethodEntry:
-    """One entry of the `methods:` list: a display name, the registered method
-    it runs, an optional per-method batch size and its hyperparameters."""
-
-    name: str
-    method: str
-    batch_size: int | None = None
-    hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        out = {"name": self.name}
-        if self.method != self.name:
-            out["method"] = self.method
-        if self.batch_size is not None:
-            out["batch_size"] = self.batch_size
-        out.update(_plain(dict(self.hparams)))
-        return out
-
-
-@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run: model, data, training loop and methods."""
 
@@ -99,8 +80,6 @@ class Config:
 
     def method(self, name: str) -> MethodEntry:
         """The entry called `name`, or a registered method with its defaults."""
-        from gn.optim import registry
-
         for entry in self.methods:
             if entry.name == name:
                 return entry
@@ -115,9 +94,9 @@ class Config:
 
     def to_dict(self) -> dict:
         return {
-            "model": _plain(dataclasses.asdict(self.model)),
-            "data": _plain(dataclasses.asdict(self.data)),
-            "train": _plain(dataclasses.asdict(self.train)),
+            "model": plain(dataclasses.asdict(self.model)),
+            "data": plain(dataclasses.asdict(self.data)),
+            "train": plain(dataclasses.asdict(self.train)),
             "methods": [m.to_dict() for m in self.methods],
         }
 
@@ -159,7 +138,12 @@ def _merge(base: dict, delta: dict) -> dict:
 
 
 def apply_override(raw: dict, item: str) -> None:
-    """Apply one `a.b.c=value` override (value parsed as YAML) to a raw dict."""
+    """Apply one `a.b.c=value` override (value parsed as YAML) to a raw dict.
+
+    `methods.<name>.<key>=value` sets an option of the `methods:` entry called
+    <name>; when the config has no such entry and <name> is a registered
+    method, an entry with its defaults is added first.
+    """
     require("=" in item, f"Override '{item}' must look like key.path=value.")
     key, _, text = item.partition("=")
     parts = key.strip().split(".")
@@ -168,6 +152,9 @@ def apply_override(raw: dict, item: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
+    if parts[0] == "methods" and len(parts) > 1:
+        _override_method(raw, parts[1:], value, item)
+        return
     node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
@@ -175,12 +162,27 @@ def apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
+def _override_method(raw: dict, parts: list[str], value: Any, item: str) -> None:
+    require(len(parts) == 2, f"Override '{item}' must look like methods.<name>.<key>=value.")
+    name, key = parts
+    methods = raw.setdefault("methods", [])
+    require(isinstance(methods, list), "'methods' must be a list of entries, each with a 'name'.")
+    entry = next((m for m in methods if isinstance(m, dict) and m.get("name") == name), None)
+    if entry is None:
+        listed = [m.get("name") for m in methods if isinstance(m, dict)]
+        require(name in registry.names(),
+                f"Override '{item}': no method '{name}' in the config's methods "
+                f"({', '.join(map(str, listed)) or 'none'}) and no registered method of that name."
+                f"{suggest(name, listed + registry.names())}")
+        entry = {"name": name}
+        methods.append(entry)
+    entry[key] = value
+
+
 def config_from_dict(raw: Mapping[str, Any]) -> Config:
     """Build and validate a Config from a raw (YAML-shaped) mapping."""
-    from gn.optim import registry
-
     raw = dict(raw)
-    _check_keys(raw, [f.name for f in dataclasses.fields(Config)], "")
+    check_keys(raw, [f.name for f in dataclasses.fields(Config)], "")
     model_raw = dict(raw.get("model") or {})
     preset = model_raw.get("preset", ModelConfig.preset)
     if preset is not None:
@@ -214,90 +216,6 @@ def validate(cfg: Config) -> None:
         require(cfg.model.vocab_size >= cfg.data.vocab_size,
                 f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                 f"data.vocab_size ({cfg.data.vocab_size}); leave model.vocab_size unset to take it from the data.")
-
-
-def build_dataclass(cls: type, raw: Any, where: str) -> Any:
-    """Instantiate frozen dataclass `cls` from a mapping, checking keys and types."""
-    if dataclasses.is_dataclass(raw):
-        return raw
-    require(isinstance(raw, Mapping), f"'{where}' must be a mapping, got {type(raw).__name__}.")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    _check_keys(raw, fields, where)
-    hints = typing.get_type_hints(cls)
-    kwargs = {k: coerce(hints[k], v, f"{where}.{k}") for k, v in raw.items()}
-    return cls(**kwargs)
-
-
-def coerce(tp: Any, value: Any, where: str) -> Any:
-    """Convert a YAML value to type `tp` (int, float, str, bool, tuples,
-    optionals and nested dataclasses), or raise ConfigError naming the key."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return coerce(arg, value, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"'{where}' has an invalid value {value!r}.")
-    if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, where)
-    if origin is tuple:
-        if value is None:
-            value = []
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        elem = args[0] if args else Any
-        return tuple(coerce(elem, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is Any:
-        return value
-    if tp is bool:
-        require(isinstance(value, bool), f"'{where}' must be true or false, got {value!r}.")
-        return value
-    if tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        if not ok and isinstance(value, float) and value.is_integer():
-            value, ok = int(value), True
-        require(ok, f"'{where}' must be an integer, got {value!r}.")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        require(isinstance(value, (int, float)) and not isinstance(value, bool),
-                f"'{where}' must be a number, got {value!r}.")
-        return float(value)
-    if tp is str:
-        require(isinstance(value, str), f"'{where}' must be a string, got {value!r}.")
-        return value
-    return value
-
-
-def _check_keys(raw: Mapping, valid: Any, where: str) -> None:
-    valid = list(valid)
-    for key in raw:
-        if key not in valid:
-            full = f"{where}.{key}" if where else str(key)
-            raise ConfigError(
-                f"Unknown config key '{full}'.{suggest(str(key), valid)} Valid keys"
-                f"{' in ' + repr(where) if where else ''}: {', '.join(valid)}."
-            )
-
-
-def _plain(obj: Any) -> Any:
-    """Convert tuples/dataclasses to YAML-friendly lists/dicts."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if dataclasses.is_dataclass(obj):
-        return _plain(dataclasses.asdict(obj))
-    return obj
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from gn.train.objective import lm_loss, split_batch
+from gn.curvature.objective import lm_loss, split_batch
 
 
 def dense_ggn(apply_fn, params, batch):

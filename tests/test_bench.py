@@ -22,7 +22,8 @@ from gn.bench import cli
 from gn.bench.gn_step import GOALS, format_gn_table, inner_step_fn
 from gn.bench.optimizers import format_optimizer_table, tree_bytes
 from gn.model import init_params, make_apply, model_config
-from gn.optim import MethodContext, registry
+from gn.methods import registry
+from gn.methods.base import MethodContext
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "hidden=16", "--model", "layers=1", "--model", "heads=2", "--model", "ffn=32",

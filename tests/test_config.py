@@ -6,7 +6,7 @@ import pytest
 
 from gn.config import Config, apply_override, config_from_dict, load_config
 from gn.errors import ConfigError
-from gn.optim import registry
+from gn.methods import registry
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -32,8 +32,8 @@ def test_yaml_states_deltas_and_presets_fill_the_rest():
     cfg = load_config(CONFIGS[0].parent / "c4_45m.yaml")
     assert (cfg.model.hidden, cfg.model.layers, cfg.model.heads, cfg.model.ffn) == (512, 4, 8, 2048)
     adamw = cfg.method("adamw")
-    assert adamw.hparams["weight_decay"] == 0.1            # from the file
-    assert adamw.hparams["b1"] == 0.9                      # registered default
+    assert adamw.hparams.weight_decay == 0.1            # from the file
+    assert adamw.hparams.b1 == 0.9                      # registered default
 
 
 def test_overrides():
@@ -48,7 +48,7 @@ def test_overrides():
 def test_registered_method_with_defaults():
     cfg = config_from_dict({})
     entry = cfg.method("lion")
-    assert entry.method == "lion" and entry.hparams["learning_rate"] > 0
+    assert entry.method == "lion" and entry.hparams.learning_rate > 0
 
 
 @pytest.mark.parametrize("raw, needle", [
@@ -56,7 +56,7 @@ def test_registered_method_with_defaults():
     ({"train": {"step": 3}}, "Did you mean 'steps'"),
     ({"model": {"hiden": 3}}, "Did you mean 'hidden'"),
     ({"methods": [{"name": "adamw", "learning_rat": 0.1}]}, "Did you mean 'learning_rate'"),
-    ({"methods": [{"name": "adamw", "learning_rate": -0.1}]}, "learning_rate must be positive"),
+    ({"methods": [{"name": "adamw", "learning_rate": -0.1}]}, "learning_rate' must be positive"),
     ({"methods": [{"name": "muonn"}]}, "Did you mean 'muon'"),
     ({"train": {"batch_size": 0}}, "batch_size must be a positive"),
     ({"train": {"batch_size": 10, "grad_accum": 3}}, "divisible"),

@@ -7,11 +7,12 @@ import optax
 import pytest
 
 from gn.model import init_params, make_apply, model_config
-from gn.optim import MethodContext, registry
-from gn.optim.first_order import muon_dimension_numbers
+from gn.methods import registry
+from gn.methods.base import MethodContext
+from gn.optim.transforms import muon_dimension_numbers
 from gn.optim.masks import decay_mask, matrix_mask
 from gn.optim.schedules import make_schedule
-from gn.train.objective import lm_loss
+from gn.curvature.objective import lm_loss
 
 CFG = model_config("nano", vocab_size=64, hidden=32, layers=1, heads=2, ffn=64, max_seq_len=32)
 APPLY = make_apply(CFG)

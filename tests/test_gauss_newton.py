@@ -9,10 +9,11 @@ from jax.flatten_util import ravel_pytree
 from gn import curvature
 from gn.errors import ConfigError
 from gn.model import init_params, make_apply, model_config
-from gn.optim import MethodContext, registry
-from gn.optim.gauss_newton import inner_lr_factor
-from gn.optim.linesearch import grid_alphas, line_search
-from gn.train.objective import lm_loss, split_batch
+from gn.methods import registry
+from gn.methods.base import MethodContext
+from gn.methods.gauss_newton import inner_lr_factor
+from gn.methods.linesearch import grid_alphas, line_search
+from gn.curvature.objective import lm_loss, split_batch
 from tests.dense_reference import dense_ggn
 
 CFG = model_config("nano", vocab_size=16, hidden=8, layers=1, heads=2, ffn=16, max_seq_len=8)

@@ -9,10 +9,10 @@ from optax import contrib
 
 from gn import curvature, optim
 from gn.model import init_params, make_apply, model_config
-from gn.optim.first_order import muon_dimension_numbers
-from gn.optim.lwgn import fog_gn, layerwise_gn_direction
+from gn.optim.transforms import muon_dimension_numbers
+from gn.optim._lwgn import fog_gn, layerwise_gn_direction
 from gn.optim.masks import is_hidden_matrix, map_with_path
-from gn.train.objective import split_batch
+from gn.curvature.objective import split_batch
 from tests.dense_reference import block_diagonal, dense_ggn
 
 CFG = model_config("nano", vocab_size=16, hidden=8, layers=1, heads=2, ffn=16, max_seq_len=8)

@@ -10,7 +10,7 @@ import pytest
 
 from gn.optim.muon_family import adarmsuon, normuon, rmsuon, scale_by_rmsuon
 from gn.optim.newton_schulz import DEFAULT_NS_COEFFS, default_matrix_mask, muon_scale, orthogonalize
-from gn.optim.soap import scale_by_soap, soap
+from gn.optim._soap import scale_by_soap, soap
 
 A, B, C = DEFAULT_NS_COEFFS
 

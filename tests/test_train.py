@@ -155,7 +155,7 @@ def test_cli_methods_lists_registry(capsys):
     (["--method", "nope"], "Unknown method 'nope'"),
     (["--set", "data.source=c4", "--set", "data.path=/no/such/file.json.gz"], "/no/such/file.json.gz"),
     (["--set", "data.seq_len=100000"], "max_seq_len"),
-    (["--set", "methods=[{name: adamw, learning_rate: -1}]"], "learning_rate must be positive"),
+    (["--set", "methods=[{name: adamw, learning_rate: -1}]"], "learning_rate' must be positive"),
 ])
 def test_cli_bad_input_one_paragraph_no_traceback(tmp_path, capsys, extra, needle):
     cfg = tmp_path / "c.yaml"

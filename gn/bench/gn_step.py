@@ -240,12 +240,12 @@ class GNBenchConfig:
 def inner_step_fn(method) -> Callable:
     """One inner step of `method` (a GaussNewtonMethod), as its scan body does it:
     (θ_t, θ̂, opt, batch, outer_step, i) -> (θ̂', opt', ℓ(z0), q(θ̂))."""
-    from gn.optim.gauss_newton import inner_lr_factor
+    from gn.methods.gauss_newton import inner_lr_factor
 
     hp = method.hp
 
     def step(theta, theta_hat, opt, batch, outer_step, i):
-        q = method._model(theta, batch)
+        q = method.local_model(theta, batch)
         value, grads = q(theta_hat)
         updates, opt = method.tx.update(grads, opt, theta_hat)
         lr = hp.inner_learning_rate * inner_lr_factor(hp.inner_schedule, outer_step, i, hp.inner_steps,
@@ -257,7 +257,7 @@ def inner_step_fn(method) -> Callable:
 
 
 def _build(name: str, hparams: dict, ctx):
-    from gn.optim import registry
+    from gn.methods import registry
 
     return registry.build(registry.resolve_entry({"name": name, **hparams}), ctx)
 
@@ -266,8 +266,8 @@ def run_gn_bench(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str], N
     """Run the GN step benchmark; returns the JSON-able result (see the module docstring)."""
     from gn import curvature
     from gn.model import count_params, init_params, make_apply
-    from gn.optim import MethodContext
-    from gn.train.objective import lm_loss
+    from gn.methods.base import MethodContext
+    from gn.curvature.objective import lm_loss
 
     cfg.validate()
     say = log or (lambda msg: None)
@@ -340,8 +340,8 @@ def run_gn_bench(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str], N
     if cfg.breakdown:
         # The gn inner step split: local model + its gradient, and the inner optimizer update alone.
         add("forward", jax.jit(loss_fn), params, batch)
-        add("gn_model_grad", jax.jit(lambda th0, th, bt: gn._model(th0, bt)(th)), params, theta_hat, batch)
-        add("gn_layerwise_model_grad", jax.jit(lambda th0, th, bt: lw._model(th0, bt)(th)), params, theta_hat,
+        add("gn_model_grad", jax.jit(lambda th0, th, bt: gn.local_model(th0, bt)(th)), params, theta_hat, batch)
+        add("gn_layerwise_model_grad", jax.jit(lambda th0, th, bt: lw.local_model(th0, bt)(th)), params, theta_hat,
             batch)
         add("inner_update", jax.jit(gn.tx.update), params, gn.tx.init(params), theta_hat)
     num_blocks = len(curvature.make_partition(params, lw.partition)[1])

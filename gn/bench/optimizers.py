@@ -62,7 +62,7 @@ def tree_bytes(tree: Any) -> int:
 
 def selected_methods(names: tuple[str, ...] | None, exclude: tuple[str, ...] = ()) -> list[str]:
     """The methods to measure, AdamW (the reference) first."""
-    from gn.optim import registry
+    from gn.methods import registry
 
     for n in exclude:
         registry.get(n)                  # ConfigError for unknown names
@@ -84,7 +84,8 @@ def selected_methods(names: tuple[str, ...] | None, exclude: tuple[str, ...] = (
 def run_optimizer_bench(cfg: OptimizerBenchConfig = OptimizerBenchConfig(), *,
                         log: Callable[[str], None] | None = None) -> dict:
     from gn.model import count_params, init_params, make_apply
-    from gn.optim import MethodContext, registry
+    from gn.methods import registry
+    from gn.methods.base import MethodContext
 
     cfg.validate()
     say = log or (lambda msg: None)

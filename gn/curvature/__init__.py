@@ -24,12 +24,14 @@ from gn.curvature.ggn import (
 )
 from gn.curvature.losses import (
     LOSSES,
+    CustomLoss,
     OutputCurvature,
     loss_value_and_grad,
     mean_loss,
     output_curvature,
     output_hessian_vector_product,
 )
+from gn.curvature.objective import ApplyFn, lm_loss, mean_entropy, split_batch
 from gn.curvature.partition import PARTITIONS, block_ids, make_partition, path_name
 from gn.curvature.quadratic import KINDS, quadratic_model
 
@@ -39,6 +41,11 @@ __all__ = [
     "CGInfo",
     "KINDS",
     "LOSSES",
+    "ApplyFn",
+    "CustomLoss",
+    "lm_loss",
+    "mean_entropy",
+    "split_batch",
     "Linearization",
     "OutputCurvature",
     "PARTITIONS",

@@ -156,7 +156,7 @@ class BlockLinearization:
         return jnp.sum(values), tree_cast_like(self.treedef.unflatten(out), self.params)
 
 
-def ggn_operator(apply_fn, params, inputs, targets, *, mask=None, loss: str = "cross_entropy",
+def ggn_operator(apply_fn, params, inputs, targets, *, mask=None, loss: _losses.LossSpec = "cross_entropy",
                  partition=None, block_mode: str = "batched") -> Callable[[Any], Any]:
     """Linearise once at `params` and return the matvec v ↦ G v (or its block diagonal).
 
@@ -178,7 +178,7 @@ def ggn_operator(apply_fn, params, inputs, targets, *, mask=None, loss: str = "c
 
 
 def ggn_vector_product(apply_fn, params, inputs, targets, vector, *, mask=None,
-                       loss: str = "cross_entropy", partition=None, block_mode: str = "batched"):
+                       loss: _losses.LossSpec = "cross_entropy", partition=None, block_mode: str = "batched"):
     """Generalised Gauss-Newton vector product G v = Jᵀ H_z J v (Schraudolph 2002; Martens 2010).
 
     J = ∂z/∂θ at θ = `params` for z = apply_fn(θ, inputs) of shape

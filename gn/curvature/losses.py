@@ -25,7 +25,7 @@ the vocabulary-sized logits.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +35,27 @@ from gn.errors import ConfigError, suggest
 LOSSES = ("cross_entropy", "mse")
 
 
-def check_loss(loss: str) -> str:
-    """Return `loss` if it names a supported loss, else raise ConfigError (a ValueError)."""
+class CustomLoss(NamedTuple):
+    """A user loss ℓ(z) = value(outputs, targets, mask) -> scalar (mean over positions).
+
+    `hvp(outputs, targets, mask, v) -> H_z v` gives its output Hessian product in
+    closed form; when None it is computed by forward-over-reverse autodiff,
+    H_z v = ∂/∂ε ∇ℓ(z + ε v). For a Gauss-Newton model ℓ must be convex in z
+    (H_z PSD), as cross-entropy and squared error are.
+    """
+
+    value: Callable
+    hvp: Optional[Callable] = None
+
+
+LossSpec = Union[str, CustomLoss, Callable]
+
+
+def check_loss(loss: LossSpec) -> LossSpec:
+    """Return `loss` if it is a supported loss name, a CustomLoss or a callable
+    `(outputs, targets, mask) -> scalar`; else raise ConfigError (a ValueError)."""
+    if callable(loss) or isinstance(loss, CustomLoss):
+        return loss
     if loss not in LOSSES:
         raise ConfigError(
             f"unknown loss {loss!r}; valid losses are {', '.join(LOSSES)}." + suggest(str(loss), LOSSES))
@@ -92,7 +111,8 @@ def mean_loss(outputs, targets, mask=None, loss: str = "cross_entropy"):
     outputs.shape[:-1]; mse: l_i = ‖z_i − y_i‖² with targets of the outputs' shape.
     `mask` has shape outputs.shape[:-1]. Computed in at least float32; differentiable.
     """
-    check_loss(loss)
+    if not isinstance(check_loss(loss), str):
+        return _custom(loss).value(outputs, targets, mask)
     _check_shapes(outputs, targets, mask, loss)
     z = outputs.astype(_compute_dtype(outputs.dtype))
     per = _per_position_loss(z, targets, loss)
@@ -120,7 +140,8 @@ def output_curvature(outputs, targets, mask=None, loss: str = "cross_entropy") -
         cross-entropy:  H_z v = (m/n) (p ⊙ v − p (pᵀ v))
         mse:            H_z v = (2m/n) v
     """
-    check_loss(loss)
+    if not isinstance(check_loss(loss), str):
+        return _custom_curvature(_custom(loss), outputs, targets, mask)
     _check_shapes(outputs, targets, mask, loss)
     dt = _compute_dtype(outputs.dtype)
     z = outputs.astype(dt)
@@ -132,6 +153,9 @@ def output_curvature(outputs, targets, mask=None, loss: str = "cross_entropy") -
     value = jnp.sum(scale * per)
     if loss == "cross_entropy":
         p = jax.nn.softmax(z, axis=-1)
+        if mask is not None:
+            # A non-finite logit at a masked position must not reach the counted ones (0 · NaN = NaN).
+            p = jnp.where(_expand(mask) > 0, p, 0.0)
         onehot = jax.nn.one_hot(targets, z.shape[-1], dtype=dt)
         grad = s * (p - onehot)
 
@@ -140,12 +164,29 @@ def output_curvature(outputs, targets, mask=None, loss: str = "cross_entropy") -
             pv = p * v
             return s * (pv - p * jnp.sum(pv, axis=-1, keepdims=True))
     else:
-        grad = 2.0 * s * (z - targets.astype(dt))
+        diff = z - targets.astype(dt)
+        if mask is not None:
+            diff = jnp.where(_expand(mask) > 0, diff, 0.0)
+        grad = 2.0 * s * diff
 
         def hvp(v):
             return 2.0 * s * v.astype(dt)
 
     return OutputCurvature(value, grad, hvp)
+
+
+def _custom(loss) -> CustomLoss:
+    return loss if isinstance(loss, CustomLoss) else CustomLoss(loss)
+
+
+def _custom_curvature(loss: CustomLoss, outputs, targets, mask) -> OutputCurvature:
+    """ℓ, g_z by reverse mode and H_z v by the user's closed form or forward-over-reverse."""
+    z = outputs.astype(_compute_dtype(outputs.dtype))
+    fn = lambda zz: loss.value(zz, targets, mask)
+    value, grad = jax.value_and_grad(fn)(z)
+    if loss.hvp is not None:
+        return OutputCurvature(value, grad, lambda v: loss.hvp(z, targets, mask, v.astype(z.dtype)))
+    return OutputCurvature(value, grad, lambda v: jax.jvp(jax.grad(fn), (z,), (v.astype(z.dtype),))[1])
 
 
 def loss_value_and_grad(outputs, targets, mask=None, loss: str = "cross_entropy"):

@@ -9,6 +9,8 @@ Accepted `partition` values:
 - None: one block holding every parameter (full Gauss-Newton), label "all".
 - "per_tensor": every leaf is its own block, labelled by its path, e.g.
   "block_0/attn/wq/kernel".
+- "top_level": one block per top-level module of any tree (flax's {"params": ...}
+  wrapper stripped), e.g. "Dense_0", "Dense_1" of a flax MLP.
 - "transformer_blocks": the paper's partition of the LLaMA tree (`gn.model`): a
   leaf is labelled by its top-level key ("embed", "block_0", ..., "block_{L-1}"),
   except that "final_norm" and "lm_head" share the label "head". Any other
@@ -28,29 +30,16 @@ import jax
 from jax import tree_util
 
 from gn.errors import ConfigError, suggest
+from gn.paths import param_keys, path_name
 
-PARTITIONS = ("per_tensor", "transformer_blocks")
+PARTITIONS = ("per_tensor", "top_level", "transformer_blocks")
 
 # Top-level keys of the LLaMA tree that the paper puts in one block with the head.
 _HEAD_KEYS = ("final_norm", "lm_head")
 
 
-def _key_name(entry) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def path_name(path) -> str:
-    """'a/b/0/c' for a key path from `tree_flatten_with_path`."""
-    return "/".join(_key_name(e) for e in path)
-
-
 def _transformer_block_label(path, leaf) -> str:
-    names = [_key_name(e) for e in path]
-    if len(names) > 1 and names[0] == "params":
-        names = names[1:]
+    names = param_keys(path)
     if not names:
         return "all"
     return "head" if names[0] in _HEAD_KEYS else names[0]
@@ -72,6 +61,8 @@ def make_partition(params, partition=None) -> tuple[Any, list[Hashable]]:
     elif isinstance(partition, str):
         if partition == "per_tensor":
             labels = [path_name(p) or "all" for p, _ in flat]
+        elif partition == "top_level":
+            labels = [(param_keys(p) or ("all",))[0] for p, _ in flat]
         elif partition == "transformer_blocks":
             labels = [_transformer_block_label(p, x) for p, x in flat]
         else:
@@ -86,7 +77,7 @@ def make_partition(params, partition=None) -> tuple[Any, list[Hashable]]:
             labels = treedef.flatten_up_to(partition)
         except (ValueError, TypeError) as err:
             raise ConfigError(
-                "partition must be None, 'per_tensor', 'transformer_blocks', a callable "
+                "partition must be None, 'per_tensor', 'top_level', 'transformer_blocks', a callable "
                 f"(path, leaf) -> label, or a labels pytree shaped like params ({err}).") from None
     for lab in labels:
         try:

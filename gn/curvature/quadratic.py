@@ -34,7 +34,7 @@ def _tree_sq_norm(tree, dtype):
                jnp.zeros((), dtype))
 
 
-def quadratic_model(apply_fn, params0, inputs, targets, *, mask=None, loss: str = "cross_entropy",
+def quadratic_model(apply_fn, params0, inputs, targets, *, mask=None, loss: _losses.LossSpec = "cross_entropy",
                     kind: str = "gn", partition=None, damping: float = 0.0,
                     block_mode: str = "batched"):
     """Build the local model of the loss at θ0 = `params0`; returns q with q(θ) -> (value, ∇_θ value).

@@ -1,12 +1,54 @@
-"""Optimizers and the method registry.
+"""Pure optax transformations and aliases: import these without the trainer.
 
-`optim.layerwise_gn_direction` is the layerwise Gauss-Newton g_fisher backend:
-(G_bb + λI)⁻¹ g_b for every parameter block, solved matrix-free.
+Every public optimizer of the toolkit is an optax `GradientTransformation`
+(`init`, `update`), composable with `optax.chain`:
+
+- Muon family: `muon` (optax.contrib.muon, path-routed), `normuon`, `rmsuon`, `adarmsuon`.
+- `soap` / `scale_by_soap` (Vyas et al. 2024).
+- K-FAC: `scale_by_kfac`, `kfac`; FOG / DiagFog / PI-Muon (seed 000): `fog`, `diagfog`, `pi_muon`,
+  `scale_by_fog`, `scale_by_diagfog`, `scale_by_diag_fisher`, `scale_by_pi_muon`, `scale_by_muon`.
+- Layerwise Gauss-Newton as a g_fisher backend (seed 004): `layerwise_gn_direction`,
+  `scale_by_layerwise_gn`, `lwgn`, `fog_gn`, and PI-Muon over it, `pi_muon_gn`.
+- Building blocks: `decoupled_weight_decay`, `clip_and_decay`, path masks (`decay_mask`,
+  `matrix_mask`), schedules (`make_schedule`).
+
+They import `gn.curvature` at most: no registry, no trainer, no model. The
+trainer-facing methods built from them live in `gn.methods`.
 """
 
-from gn.optim import registry
-from gn.optim.lwgn import layerwise_gn_direction, scale_by_layerwise_gn
-from gn.optim.method import BatchPlan, Method, MethodContext, OptaxMethod
+from __future__ import annotations
 
-__all__ = ["registry", "BatchPlan", "Method", "MethodContext", "OptaxMethod", "layerwise_gn_direction",
-           "scale_by_layerwise_gn"]
+from typing import Any, Callable
+
+import optax
+
+from gn.optim._fog import (diagfog, fog, kfac, matrix_mask_fn, pi_muon, scale_by_diag_fisher, scale_by_diagfog,
+                          scale_by_fog, scale_by_muon, scale_by_pi_muon, with_adamw_side, with_fisher_direction)
+from gn.optim._kfac import scale_by_kfac
+from gn.optim._lwgn import fog_gn, kernels_only, layerwise_gn_direction, lwgn, scale_by_layerwise_gn
+from gn.optim.masks import decay_mask, matrix_mask
+from gn.optim.muon_family import adarmsuon, normuon, rmsuon
+from gn.optim.schedules import make_schedule
+from gn.optim._soap import scale_by_soap, soap
+from gn.optim.transforms import clip_and_decay, decoupled_weight_decay, muon, tree_norm
+
+
+def pi_muon_gn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, damping: float = 1e-3,
+               max_iters: int = 5, include_head: bool = False, **kwargs: Any) -> optax.GradientTransformation:
+    """PI-Muon with layerwise Gauss-Newton as g_fisher (seed 004):
+    u = (1 − λ) (G_bb + λI)⁻¹ g + λ Muon(g) on the hidden kernels, AdamW elsewhere.
+
+    Extra args of `update`: `entropy=`, `inputs=`, `targets=` (the gradient's batch).
+    """
+    fisher = scale_by_layerwise_gn(apply_fn, damping=damping, only=kernels_only(include_head), max_iters=max_iters,
+                                   block_mode="unrolled")
+    return pi_muon(learning_rate, fisher=fisher, damping=damping, include_head=include_head, **kwargs)
+
+
+__all__ = [
+    "adarmsuon", "clip_and_decay", "decay_mask", "decoupled_weight_decay", "diagfog", "fog", "fog_gn", "kfac",
+    "layerwise_gn_direction", "lwgn", "make_schedule", "matrix_mask", "matrix_mask_fn", "muon", "normuon",
+    "pi_muon", "pi_muon_gn", "rmsuon", "scale_by_diag_fisher", "scale_by_diagfog", "scale_by_fog",
+    "scale_by_kfac", "scale_by_layerwise_gn", "scale_by_muon", "scale_by_pi_muon", "scale_by_soap", "soap",
+    "tree_norm", "with_adamw_side", "with_fisher_direction",
+]

@@ -1,36 +1,19 @@
-"""Parameter-path utilities: explicit, path-based masks and labels.
+"""Explicit, path-based masks.
 
 Masks are pytrees of bools chosen by parameter path (never by class names).
-Paths are '/'-joined dict keys, e.g. 'block_0/attn/wq/kernel'. The LLaMA tree
-(gn.model) has top-level keys 'embed', 'block_<i>', 'final_norm', 'lm_head'.
+Paths are parameter names as `gn.paths` defines them ('/'-joined keys, flax's
+{"params": ...} wrapper stripped), e.g. 'block_0/attn/wq/kernel'.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 
-from gn.curvature.partition import path_name
 from gn.errors import ConfigError
-
-EMBED_PREFIXES = ("embed", "lm_head")
-
-
-def path_str(path: Sequence[Any]) -> str:
-    """'/'-joined string form of a jax key path (same naming as the GN partitions)."""
-    return path_name(path)
-
-
-def map_with_path(fn: Callable[[str, Any], Any], tree: Any) -> Any:
-    """tree_map with the '/'-joined path string as first argument."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree)
-
-
-def is_hidden_matrix(path: str, leaf: Any) -> bool:
-    """2-D weights inside the network body: not the embedding or output head."""
-    return getattr(leaf, "ndim", 0) == 2 and not path.split("/")[0].startswith(EMBED_PREFIXES)
+from gn.paths import is_hidden_matrix, map_with_path
 
 
 def matrix_mask(params: Any) -> Any:

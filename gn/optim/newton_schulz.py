@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gn.optim.masks import matrix_mask
+
 DEFAULT_NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 # int32 step counter that saturates instead of overflowing (named safe_increment in newer optax).
@@ -86,6 +88,4 @@ def default_matrix_mask(params: Any) -> Any:
     """Pytree of bools: True for the 2-D leaves that the Muon family orthogonalises
     (`gn.optim.masks.matrix_mask`: hidden 2-D weights, not 'embed*' or 'lm_head*';
     those go to the AdamW side, as in optax.contrib.muon and the GN paper)."""
-    from gn.optim.masks import matrix_mask
-
     return matrix_mask(params)

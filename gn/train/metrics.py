@@ -73,10 +73,6 @@ def summarize(rows: list[dict], targets: Iterable[float]) -> dict:
         "best_val_loss": min(vals) if vals else None,
         "final_train_loss": next((r["train_loss"] for r in reversed(rows) if "train_loss" in r), None),
     }
-    edge = [r for r in rows if "ls_at_edge" in r]
-    if edge:
-        out["ls_at_edge_steps"] = int(sum(r["ls_at_edge"] > 0 for r in edge))
-        out["mean_alpha"] = sum(r["alpha"] for r in edge) / len(edge)
     for field, src in (("steps_to_target", "step"), ("outer_steps_to_target", "outer_step"), ("tokens_to_target", "tokens"),
                        ("updates_to_target", "updates"), ("grad_evals_to_target", "grad_evals"),
                        ("aux_tokens_to_target", "aux_tokens"), ("wall_time_to_target", "wall_time_s")):

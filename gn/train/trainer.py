@@ -32,12 +32,12 @@ import numpy as np
 from gn import data as gn_data
 from gn.config import Config, dump_config
 from gn.errors import ConfigError, require
+from gn.curvature.objective import lm_loss
+from gn.methods.base import MethodContext
 from gn.model import count_params, init_params, make_apply
-from gn.optim import MethodContext, registry
 from gn.train import mesh as meshlib
 from gn.train.checkpoint import Checkpointer
 from gn.train.metrics import MetricsLog, summarize
-from gn.train.objective import lm_loss
 
 
 @dataclasses.dataclass
@@ -87,7 +87,7 @@ def prepare(cfg: Config, method_name: str) -> Run:
     ctx = MethodContext(apply_fn=apply_fn, total_steps=steps, batch_size=batch_size,
                         grad_accum=cfg.train.grad_accum, num_devices=n_dev, model_cfg=model_cfg,
                         reference_batch_size=cfg.train.batch_size)
-    method = registry.build(entry, ctx)
+    method = entry.build(ctx)
     plan = method.plan
     for count, micro in ((plan.train, plan.micro_batch), (plan.aux, plan.aux_micro_batch)):
         require(count == 0 or micro % n_dev == 0,
@@ -160,19 +160,33 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None = None) -> dict:
-    """Train one method of `cfg` in `workdir` (resuming if it holds checkpoints); return the summary."""
-    run = run or prepare(cfg, method_name)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+@dataclasses.dataclass
+class Session:
+    """The mutable state of one run between setup and finish."""
+
+    run: Run
+    workdir: Path
+    state: dict            # params, opt_state, rng (+ ema)
+    counters: dict         # step, tokens, aux_tokens, updates, grad_evals, wall_time_s
+    log: MetricsLog
+    ckpt: Checkpointer
+    evaluate: Any
+    ema_update: Any
+    val: Any
+    diverged: bool = False
+
+
+def setup(run: Run, workdir: Path) -> Session:
+    """Write the resolved config, initialise (or warm-start) the state and restore
+    the newest verified checkpoint; a fresh run logs its step-0 evaluation."""
+    cfg, method, mesh = run.cfg, run.method, run.mesh
     tcfg = cfg.train
+    workdir.mkdir(parents=True, exist_ok=True)
     resolved = dataclasses.replace(cfg, model=run.model_cfg, methods=(run.entry,))
     dump_config(resolved, workdir / "config.yaml")
-
-    method, source, mesh = run.method, run.source, run.mesh
     evaluate = _eval_fn(run.apply_fn)
     ema_update = _ema_fn(tcfg.ema_decay) if tcfg.ema_decay > 0 else None
-    val = meshlib.put_batches(source.validation(tcfg.eval_batch_size), mesh)
+    val = meshlib.put_batches(run.source.validation(tcfg.eval_batch_size), mesh)
 
     params = meshlib.put_replicated(init_params(run.model_cfg, jax.random.PRNGKey(tcfg.seed)), mesh)
     if tcfg.init_from:
@@ -189,95 +203,125 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
     if restored is not None:
         _, state, meta = restored
         counters.update(meta["counters"])
-        source.load_state_dict(meta["data"])
+        run.source.load_state_dict(meta["data"])
         log.truncate_after(counters["step"])
     else:
         log.truncate_after(-1)
         loss0 = float(evaluate(state["params"], val))
-        log.append({"step": 0, "outer_step": 0.0, **{k: v for k, v in counters.items() if k != "step"}, "val_loss": loss0})
+        log.append({"step": 0, "outer_step": 0.0, **{k: v for k, v in counters.items() if k != "step"},
+                    "val_loss": loss0})
+    return Session(run, workdir, state, counters, log, ckpt, evaluate, ema_update, val)
 
+
+def _one_step(sess: Session) -> tuple[dict, dict]:
+    """Read the step's batches and run the method; (new state, metrics)."""
+    run, plan = sess.run, sess.run.method.plan
+    host = run.source.next(plan.train + plan.aux, plan.micro_batch)
+    train_b = meshlib.put_batches(host[:plan.train], run.mesh)
+    aux_b = meshlib.put_batches(host[plan.train:], run.mesh) if plan.aux else None
+    rng, sub = jax.random.split(sess.state["rng"])
+    params, opt_state, m = run.method.step(sess.state["params"], sess.state["opt_state"], train_b, aux_b, sub)
+    m = {k: float(v) for k, v in jax.device_get(m).items()}   # one transfer, not one per metric
+    return {**sess.state, "params": params, "opt_state": opt_state, "rng": rng}, m
+
+
+def _advance(sess: Session, step: int, m: dict, dt: float) -> dict:
+    """Count the step's tokens, updates and cost; the step's metrics record."""
+    run, method, c = sess.run, sess.run.method, sess.counters
     plan = method.plan
-    tokens_per_batch = plan.micro_batch * source.seq_len
-    aux_tokens_per_batch = plan.aux_micro_batch * source.seq_len
-    bar = _progress(run.steps, tcfg.progress, counters["step"], run.entry.name)
-    last_val = next((r["val_loss"] for r in reversed(log.read()) if r.get("val_loss") is not None), float("nan"))
-    diverged = False
-    edge_warned = False
-    step_fn = method.step
+    c.update(step=step, tokens=c["tokens"] + plan.train * plan.micro_batch * run.source.seq_len,
+             aux_tokens=c["aux_tokens"] + plan.aux * plan.aux_micro_batch * run.source.seq_len,
+             updates=c["updates"] + method.updates_per_step,
+             grad_evals=c["grad_evals"] + method.grad_evals_per_step,
+             wall_time_s=c["wall_time_s"] + dt)
+    return {"step": step, "outer_step": step / run.every, "tokens": c["tokens"], "aux_tokens": c["aux_tokens"],
+            "updates": c["updates"], "grad_evals": c["grad_evals"], "lr": method.lr(step - 1),
+            "step_time_s": dt, "wall_time_s": c["wall_time_s"], **m}
+
+
+def loop(sess: Session) -> None:
+    """Train from the session's step to the run's last step, logging every step,
+    evaluating and checkpointing on their cadences; stop at the first non-finite step."""
+    run, method, tcfg = sess.run, sess.run.method, sess.run.cfg.train
+    plan = method.plan
+    tokens_per_step = plan.train * plan.micro_batch * run.source.seq_len
+    c = sess.counters
+    bar = _progress(run.steps, tcfg.progress, c["step"], run.entry.name)
+    last_val = next((r["val_loss"] for r in reversed(sess.log.read()) if r.get("val_loss") is not None),
+                    float("nan"))
     try:
-        while counters["step"] < run.steps:
+        while c["step"] < run.steps:
+            step = c["step"] + 1
             t0 = time.perf_counter()
-            step = counters["step"] + 1
-            host = source.next(plan.train + plan.aux, plan.micro_batch)
-            train_b = meshlib.put_batches(host[:plan.train], mesh)
-            aux_b = meshlib.put_batches(host[plan.train:], mesh) if plan.aux else None
-            rng, sub = jax.random.split(state["rng"])
-            params, opt_state, m = step_fn(state["params"], state["opt_state"], train_b, aux_b, sub)
-            m = {k: float(v) for k, v in jax.device_get(m).items()}   # one transfer, not one per metric
-            if not math.isfinite(m["train_loss"]) or not _all_finite(params):
-                diverged = True
-                log.append({"step": step, "diverged": True, **m})
+            state, m = _one_step(sess)
+            if not math.isfinite(m["train_loss"]) or not _all_finite(state["params"]):
+                sess.diverged = True
+                sess.log.append({"step": step, "diverged": True, **m})
                 break
-            state = {**state, "params": params, "opt_state": opt_state, "rng": rng}
-            if ema_update is not None:
-                state["ema"] = ema_update(state["ema"], params)
-            dt = time.perf_counter() - t0
-            counters.update(step=step, tokens=counters["tokens"] + plan.train * tokens_per_batch,
-                            aux_tokens=counters["aux_tokens"] + plan.aux * aux_tokens_per_batch,
-                            updates=counters["updates"] + method.updates_per_step,
-                            grad_evals=counters["grad_evals"] + method.grad_evals_per_step,
-                            wall_time_s=counters["wall_time_s"] + dt)
-            record = {"step": step, "outer_step": step / run.every, "tokens": counters["tokens"], "aux_tokens": counters["aux_tokens"],
-                      "updates": counters["updates"], "grad_evals": counters["grad_evals"],
-                      "lr": method.lr(step - 1), "step_time_s": dt, "wall_time_s": counters["wall_time_s"], **m}
+            if sess.ema_update is not None:
+                state["ema"] = sess.ema_update(state["ema"], state["params"])
+            sess.state = state
+            record = _advance(sess, step, m, time.perf_counter() - t0)
             if step % (tcfg.eval_every * run.every) == 0 or step == run.steps:
-                record["val_loss"] = float(evaluate(state["params"], val))
-                if ema_update is not None:
-                    record["val_loss_ema"] = float(evaluate(state["ema"], val))
-            log.append(record)
+                record["val_loss"] = float(sess.evaluate(sess.state["params"], sess.val))
+                if sess.ema_update is not None:
+                    record["val_loss_ema"] = float(sess.evaluate(sess.state["ema"], sess.val))
+            sess.log.append(record)
             last_val = record.get("val_loss", last_val)
-            if m.get("ls_at_edge") and not edge_warned:
-                edge_warned = True
-                _note(bar, f"{run.entry.name}: step {step} chose the smallest line-search step "
-                           f"α={m['alpha']:.3g}; set ls_extend > 0 to extend the grid downward")
+            for note in method.notes(step, m):
+                _note(bar, note)
             if step % (tcfg.checkpoint_every * run.every) == 0 or step == run.steps:
-                ckpt.save(step, state, {"counters": counters, "data": source.state_dict()})
+                sess.ckpt.save(step, sess.state, {"counters": c, "data": run.source.state_dict()})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['train_loss']:.3f}", val=f"{last_val:.3f}",
-                                tok_s=f"{plan.train * tokens_per_batch / dt:,.0f}")
+                                tok_s=f"{tokens_per_step / record['step_time_s']:,.0f}")
     finally:
         if bar is not None:
             bar.close()
 
-    if not diverged:
-        Checkpointer(workdir / FINAL_PARAMS, keep=1).save(counters["step"], {"params": state["params"]},
-                                                          {"counters": counters})
-    rows = log.read()
+
+def finish(sess: Session) -> dict:
+    """Save the final parameters (never non-finite ones), write summary.json and the plot."""
+    run, c, workdir = sess.run, sess.counters, sess.workdir
+    method, plan = run.method, run.method.plan
+    if not sess.diverged:
+        Checkpointer(workdir / FINAL_PARAMS, keep=1).save(c["step"], {"params": sess.state["params"]},
+                                                          {"counters": c})
+    rows = sess.log.read()
     summary = {
         "method": run.entry.name,
         "registered_method": run.entry.method,
-        **summarize(rows, tcfg.target_losses),
-        "wall_time_s": counters["wall_time_s"],
-        "diverged": diverged,
+        **summarize(rows, run.cfg.train.target_losses),
+        **method.summarize(rows),
+        "wall_time_s": c["wall_time_s"],
+        "diverged": sess.diverged,
         "batch_size": run.batch_size,
-        "seq_len": source.seq_len,
-        "tokens_per_step": plan.train * tokens_per_batch,
+        "seq_len": run.source.seq_len,
+        "tokens_per_step": plan.train * plan.micro_batch * run.source.seq_len,
         "updates_per_step": method.updates_per_step,
         "grad_evals_per_step": method.grad_evals_per_step,
-        "family": registry.get(run.entry.method).family,
-        "loss_floor": source.loss_floor,
+        "family": run.entry.hparams.family,
+        "loss_floor": run.source.loss_floor,
         "num_params": count_params(run.model_cfg),
-        "hparams": dict(run.entry.hparams),
+        "hparams": run.entry.to_dict(),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
     try:
-        from gn.train.plots import plot_run
+        from gn.train.plots import plot_run  # matplotlib: imported only when a run finishes
 
-        plot_run(rows, workdir / "loss.png", title=run.entry.name, floor=source.loss_floor)
+        plot_run(rows, workdir / "loss.png", title=run.entry.name, floor=run.source.loss_floor)
     except Exception as exc:  # a plot must never lose a finished run
         print(f"warning: could not write the loss plot: {exc}")
     return summary
+
+
+def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None = None) -> dict:
+    """Train one method of `cfg` in `workdir` (resuming if it holds checkpoints); return the summary."""
+    run = run or prepare(cfg, method_name)
+    sess = setup(run, Path(workdir))
+    loop(sess)
+    return finish(sess)
 
 
 def _note(bar, text: str) -> None:

@@ -1,14 +1,18 @@
-"""The language-modelling objective shared by every method.
+"""The language-modelling objective shared by every method and the trainer.
 
 A batch is an int32 array [batch, seq_len + 1] of packed tokens: inputs are
-window[:, :-1], targets window[:, 1:], every position counted.
+window[:, :-1], targets window[:, 1:], every position counted. The loss is
+`losses.mean_loss`, the one definition the Gauss-Newton models linearise.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
+
+from gn.curvature.losses import mean_loss
 
 ApplyFn = Callable[[Any, jnp.ndarray], jnp.ndarray]
 
@@ -20,7 +24,12 @@ def split_batch(batch: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
 
 def lm_loss(apply_fn: ApplyFn, params: Any, batch: jnp.ndarray) -> jnp.ndarray:
     """Mean next-token softmax cross-entropy (nats per token) on a [B, T+1] batch."""
-    from gn.curvature import mean_loss  # the one definition of the loss the GN models linearise
-
     inputs, targets = split_batch(batch)
     return mean_loss(apply_fn(params, inputs), targets)
+
+
+def mean_entropy(logits: jax.Array) -> jax.Array:
+    """Mean over tokens of the predictive entropy −Σ_v p_v log p_v (nats)."""
+    z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    logp = jax.nn.log_softmax(z, axis=-1)
+    return -jnp.mean(jnp.sum(jnp.exp(logp) * logp, axis=-1))

@@ -2,7 +2,7 @@
 
 Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
 Curvature", ICML 2015. Used on its own (`fog.kfac`) and as the statistical
-operator of FOG (seed 000: FOG = Muon ∘ K-FAC⁻¹, `gn.optim.fog`).
+operator of FOG (seed 000: FOG = Muon ∘ K-FAC⁻¹, `gn.optim._fog`).
 
 Conventions (kernels are (in, out): a dense layer computes y = a W)
 -------------------------------------------------------------------
@@ -51,11 +51,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gn import curvature
 
-from gn.model.llama import apply_with_layer_stats, init_perturbations
 from gn.optim.newton_schulz import safe_increment
-from gn.train.objective import split_batch
+from gn.paths import path_keys
 
 FISHER_TYPES = ("empirical", "true")
 DAMPING_MODES = ("eigen", "factored")
@@ -74,16 +72,9 @@ class LayerFactors(NamedTuple):
     g: jax.Array
 
 
-def _key(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def keys_of(path: Sequence[Any]) -> Path:
     """A jax key path as a tuple of strings, e.g. ('block_0', 'attn', 'wq', 'kernel')."""
-    return tuple(_key(k) for k in path)
+    return path_keys(path)
 
 
 def lookup(tree: Any, keys: Path) -> Any:
@@ -158,70 +149,6 @@ def batch_factors(layer_inputs: Any, layer_output_grads: Any, layers: Sequence[P
             f = LayerFactors(a.T @ a / n, d.T @ d / n)
         _insert(out, keys, f)
     return out
-
-
-def mean_entropy(logits: jax.Array) -> jax.Array:
-    """Mean over tokens of the predictive entropy −Σ_v p_v log p_v (nats)."""
-    z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    logp = jax.nn.log_softmax(z, axis=-1)
-    return -jnp.mean(jnp.sum(jnp.exp(logp) * logp, axis=-1))
-
-
-def _ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return curvature.mean_loss(logits, labels)
-
-
-def loss_grads_and_stats(cfg: Any, params: Any, batch: jax.Array, *, layers: Sequence[Path],
-                         kind: Optional[str] = "kron", fisher: str = "empirical",
-                         rng: Optional[jax.Array] = None, compute_stats: Any = True):
-    """Loss, gradient, layer factors and predictive entropy from ONE forward pass.
-
-    The forward runs `apply_with_layer_stats` with zero perturbations under
-    `jax.vjp` (equivalent to `jax.value_and_grad(..., argnums=(0, 1), has_aux=True)`
-    over (params, perturbations), but the pullback can be reused): its pullback
-    of ∂ℓ̄/∂z gives both ∇θ ℓ̄ and ∂ℓ̄/∂y of every dense layer. With
-    fisher="true", a second pullback of the loss on labels sampled from
-    softmax(z) (with `rng`) gives the δ used for the statistics.
-
-    Args:
-      cfg: the gn.model ModelConfig; params: its parameters; batch: [B, T+1] tokens.
-      layers: kernel paths to gather statistics for (`stat_layers`).
-      kind: "kron" (A, G), "diag" (their diagonals) or None (no statistics).
-      compute_stats: bool or traced bool; when False (a T_cov off-step) the
-        statistics are skipped with `lax.cond` and zeros returned.
-
-    Returns:
-      (loss, grads, factors or None, entropy), loss the mean token cross-entropy.
-    """
-    if fisher not in FISHER_TYPES:
-        raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
-    inputs, targets = split_batch(batch)
-    perts = init_perturbations(cfg, params, inputs)
-    logits, pullback, acts = jax.vjp(lambda p, e: apply_with_layer_stats(cfg, p, inputs, e),
-                                     params, perts, has_aux=True)
-    loss, dlogits = jax.value_and_grad(_ce)(logits, targets)
-    grads, dout = pullback(dlogits)
-    entropy = mean_entropy(jax.lax.stop_gradient(logits))
-    if kind is None:
-        return loss, grads, None, entropy
-
-    def stats():
-        d = dout
-        if fisher == "true":
-            if rng is None:
-                raise ValueError("fisher='true' needs an rng to sample labels")
-            z = jax.lax.stop_gradient(logits).astype(jnp.float32)
-            sampled = jax.random.categorical(rng, z, axis=-1)
-            _, d = pullback(jax.grad(_ce)(logits, sampled))
-        return batch_factors(acts, d, layers, diagonal=(kind == "diag"))
-
-    if compute_stats is True:
-        factors = stats()
-    else:
-        shapes = jax.eval_shape(stats)
-        factors = jax.lax.cond(compute_stats, stats,
-                               lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-    return loss, grads, factors, entropy
 
 
 # --------------------------------------------------------------------------- preconditioner

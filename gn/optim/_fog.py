@@ -24,8 +24,9 @@ structural operator on each hidden (in, out) kernel:
 
 Embeddings, the output head and norm scales go to an AdamW side (as the seeds
 and the GN paper), so the head's V×V factor is never built unless
-`include_head=True`. `StatsMethod` is the trainer-facing method: it gathers the
-gradient, the layer statistics and the entropy in one forward/backward pass.
+`include_head=True`. The trainer-facing method that gathers the gradient, the
+layer statistics and the entropy in one forward/backward pass is
+`gn.methods.stats.StatsMethod`.
 """
 
 from __future__ import annotations
@@ -36,14 +37,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gn.errors import require
-from gn.optim import first_order, kfac as kfac_lib, registry
-from gn.optim.kfac import LayerFactors, ema_decay, resolve_factors, scale_by_kfac
-from gn.optim.masks import decay_mask, is_hidden_matrix
-from gn.optim.method import BatchPlan, MethodContext, decoupled_weight_decay, tree_norm
+from gn.optim._kfac import LayerFactors, ema_decay, resolve_factors, scale_by_kfac
 from gn.optim.newton_schulz import (DEFAULT_NS_COEFFS, default_matrix_mask, muon_scale, orthogonalize,
                                     safe_increment)
-from gn.train.objective import split_batch
+from gn.optim.transforms import tree_norm
+from gn.paths import param_name, top_level
 
 DIAG_MODES = ("kron", "ema_sq")
 FISHER_SOURCES = ("kfac", "lwgn")
@@ -67,7 +65,15 @@ def scale_by_muon(beta: float = 0.95, *, nesterov: bool = True, ns_steps: int = 
         u = √max(1, out/in) · NS5(y).
     """
     def init_fn(params):
-        return ScaleByMuonState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params))
+        def zeros(path, p):
+            if getattr(p, "ndim", 0) != 2:
+                raise ValueError(
+                    f"scale_by_muon orthogonalises 2-D (in, out) kernels, but '{param_name(path)}' has shape "
+                    f"{getattr(p, 'shape', None)}; route non-matrix leaves elsewhere, e.g. with "
+                    "`with_adamw_side` (an AdamW side for embeddings, head, norms and biases).")
+            return jnp.zeros_like(p)
+
+        return ScaleByMuonState(jnp.zeros([], jnp.int32), jax.tree_util.tree_map_with_path(zeros, params))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -228,7 +234,7 @@ def matrix_mask_fn(include_head: bool = False) -> Callable[[Any], Any]:
         if not include_head:
             return base
         return jax.tree_util.tree_map_with_path(
-            lambda p, m, x: bool(m) or (kfac_lib.keys_of(p)[0] == "lm_head" and x.ndim == 2), base, params)
+            lambda p, m, x: bool(m) or (top_level(p) == "lm_head" and x.ndim == 2), base, params)
 
     return mask
 
@@ -289,7 +295,7 @@ def with_fisher_direction(fisher: optax.GradientTransformation, inner: optax.Gra
                           ) -> optax.GradientTransformationExtraArgs:
     """g_fisher = fisher.update(g, params) on the FULL parameter tree (all extra args
     passed on), then inner.update(g, ..., g_fisher=g_fisher). Lets a Fisher source that
-    needs the whole model (e.g. `gn.optim.lwgn.scale_by_layerwise_gn`) feed a
+    needs the whole model (e.g. `gn.optim._lwgn.scale_by_layerwise_gn`) feed a
     partitioned optimizer such as PI-Muon."""
     fisher, inner = optax.with_extra_args_support(fisher), optax.with_extra_args_support(inner)
 
@@ -322,183 +328,3 @@ def pi_muon(learning_rate, alpha=0.1, gamma=0.1, *, fisher=None, stat_decay=0.95
     tx = scale_by_pi_muon(alpha=alpha, gamma=gamma, beta=beta, nesterov=nesterov, ns_steps=ns_steps)
     return with_fisher_direction(fisher, with_adamw_side(tx, learning_rate, include_head=include_head,
                                                          mask_extra_args=True, **adam))
-
-
-# --------------------------------------------------------------------------- trainer-facing method
-
-
-class StatsMethodState(NamedTuple):
-    """State of `StatsMethod`: its step count (for T_cov) and the transformation's state."""
-
-    count: jax.Array
-    opt: Any
-
-
-class StatsMethod:
-    """One update per step from the gradient AND layer statistics of one forward/backward pass.
-
-    Per micro-batch (`lax.scan` with grad_accum > 1), `kfac.loss_grads_and_stats`
-    returns the mean loss, its gradient, the batch factors of the selected
-    kernels (stats="kron" or "diag"; None for no statistics) and the predictive
-    entropy; all are averaged over micro-batches. The transformation is then
-    called as tx.update(grads, state, params, factors=..., entropy=H, grad_norm=‖g‖,
-    inputs=..., targets=...), ‖g‖ the global norm of the raw (pre-clip) gradient (also
-    reported as `grad_norm`), inputs/targets the whole step's batch.
-    On steps with count % T_cov ≠ 0 the statistics are skipped (`lax.cond`).
-    """
-
-    def __init__(self, name: str, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                 ctx: MethodContext, *, stats: Optional[str], layer_mask: Callable[[Any], Any],
-                 fisher: str = "empirical", T_cov: int = 1, pi: Optional[tuple[float, float]] = None):
-        require(ctx.model_cfg is not None,
-                f"method '{name}' needs the model config (MethodContext.model_cfg) to gather layer statistics.")
-        require(ctx.batch_size % ctx.grad_accum == 0,
-                f"batch_size {ctx.batch_size} is not divisible by grad_accum {ctx.grad_accum}.")
-        require(fisher in kfac_lib.FISHER_TYPES,
-                f"'{name}.fisher' must be one of {', '.join(kfac_lib.FISHER_TYPES)}, got {fisher!r}.")
-        require(T_cov >= 1, f"'{name}.T_cov' must be >= 1, got {T_cov}.")
-        self.name = name
-        self.tx = optax.with_extra_args_support(tx)
-        self.schedule = schedule
-        self.plan = BatchPlan(train=ctx.grad_accum, micro_batch=ctx.batch_size // ctx.grad_accum)
-        self.updates_per_step = 1
-        # Forward ≈ 1, backward ≈ 2 units; the sampled-label backward runs on refresh steps.
-        extra = 2.0 / (3.0 * T_cov) if (stats is not None and fisher == "true") else 0.0
-        self.grad_evals_per_step = (1.0 + extra) * ctx.batch_size / (ctx.reference_batch_size or ctx.batch_size)
-        self.traces = 0          # times `step` was traced (diagnostics: recompilation)
-        self._cfg = ctx.model_cfg
-        self._stats, self._mask, self._fisher, self._t_cov, self._pi = stats, layer_mask, fisher, T_cov, pi
-        self.step = jax.jit(self._step)
-
-    def init(self, params: Any) -> StatsMethodState:
-        return StatsMethodState(jnp.zeros([], jnp.int32), self.tx.init(params))
-
-    def lr(self, step: int) -> float:
-        return float(self.schedule(step))
-
-    def _one(self, params, batch, rng, refresh, layers):
-        return kfac_lib.loss_grads_and_stats(self._cfg, params, batch, layers=layers, kind=self._stats,
-                                             fisher=self._fisher, rng=rng, compute_stats=refresh)
-
-    def _step(self, params, state, batches, aux, rng):
-        del aux
-        self.traces += 1
-        layers = kfac_lib.stat_layers(params, self._mask) if self._stats else ()
-        refresh = True if self._t_cov == 1 else (state.count % self._t_cov == 0)
-        n = batches.shape[0]
-        if n == 1:
-            loss, grads, factors, entropy = self._one(params, batches[0], rng, refresh, layers)
-        else:
-            def body(acc, xs):
-                out = self._one(params, xs[0], xs[1], refresh, layers)
-                return jax.tree.map(jnp.add, acc, out[1:]), out[0]
-
-            shapes = jax.eval_shape(lambda: self._one(params, batches[0], rng, refresh, layers)[1:])
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            acc, losses = jax.lax.scan(body, zeros, (batches, jax.random.split(rng, n)))
-            grads, factors, entropy = jax.tree.map(lambda x: x / n, acc)
-            loss = losses.mean()
-        gnorm = tree_norm(grads)
-        inputs, targets = split_batch(batches.reshape((-1,) + batches.shape[2:]))
-        # inputs/targets (the whole step's batch) feed Fisher sources that need the model (layerwise GN).
-        extra = {"entropy": entropy, "grad_norm": gnorm, "inputs": inputs, "targets": targets}
-        if factors is not None:
-            extra["factors"] = factors
-        updates, opt = self.tx.update(grads, state.opt, params, **extra)
-        params = optax.apply_updates(params, updates)
-        metrics = {"train_loss": loss, "grad_norm": gnorm, "update_norm": tree_norm(updates),
-                   "entropy": entropy}
-        if self._pi is not None:
-            metrics["pi"] = predictive_integrity(entropy, gnorm, *self._pi)
-        return params, StatsMethodState(safe_increment(state.count), opt), metrics
-
-
-# --------------------------------------------------------------------------- registration
-
-_ADAM = {"adam_learning_rate": None, "adam_b1": 0.9, "adam_b2": 0.95, "adam_eps": 1e-8}
-_KFAC = {"stat_decay": 0.95, "damping": 1e-3, "damping_mode": "eigen", "T_cov": 1, "T_inv": 10,
-         "fisher": "empirical"}
-_MUON = {"beta": 0.95, "nesterov": True, "ns_steps": 5}
-
-FAMILY: dict[str, tuple[str, dict, dict]] = {
-    "kfac": ("K-FAC natural-gradient descent with momentum and KL clip (Martens & Grosse 2015); "
-             "AdamW on embeddings/head/norms",
-             {**_KFAC, "kl_clip": 1e-3, "momentum": 0.9, "nesterov": False, "include_head": False, **_ADAM},
-             {"learning_rate": 0.1, "weight_decay": 0.0}),
-    "fog": ("FOG: Muon of the K-FAC natural gradient, Muon ∘ K-FAC⁻¹ (seed 000); AdamW on embeddings/head/norms",
-            {**_KFAC, "kl_clip": 0.0, **_MUON, "include_head": False, **_ADAM},
-            {"learning_rate": 0.02, "weight_decay": 0.0}),
-    "diagfog": ("DiagFog: Muon of g / (diagonal Fisher + eps), O(in + out) statistics (seed 000)",
-                {"diag": "kron", "stat_decay": 0.95, "eps": 1e-8, "T_cov": 1, "fisher": "empirical", **_MUON,
-                 "include_head": False, **_ADAM},
-                {"learning_rate": 0.02, "weight_decay": 0.0}),
-    "pi_muon": ("PI-Muon: PI-weighted mix of the K-FAC step and Muon, PI = exp(-(alpha H + gamma |g|)) "
-                "(superseded by FOG in seed 000); g_fisher from fisher_source: kfac or lwgn (layerwise GN)",
-                {"alpha": 0.1, "gamma": 0.1, "fisher_source": "kfac", **_KFAC, "kl_clip": 1e-3, **_MUON, "include_head": False, **_ADAM},
-                {"learning_rate": 0.02, "weight_decay": 0.0}),
-}
-
-
-def _check_options(name: str, o: dict) -> None:
-    if "damping_mode" in o:
-        require(o["damping_mode"] in kfac_lib.DAMPING_MODES,
-                f"'{name}.damping_mode' must be one of {', '.join(kfac_lib.DAMPING_MODES)}, "
-                f"got {o['damping_mode']!r}.")
-    if "diag" in o:
-        require(o["diag"] in DIAG_MODES, f"'{name}.diag' must be one of {', '.join(DIAG_MODES)}, got {o['diag']!r}.")
-    for key in ("T_cov", "T_inv", "ns_steps"):
-        if key in o:
-            require(o[key] >= 1, f"'{name}.{key}' must be >= 1, got {o[key]}.")
-    for key in ("damping", "eps", "kl_clip", "alpha", "gamma"):
-        if key in o:
-            require(o[key] >= 0, f"'{name}.{key}' must be >= 0, got {o[key]}.")
-    if "stat_decay" in o:
-        require(0.0 <= o["stat_decay"] < 1.0, f"'{name}.stat_decay' must be in [0, 1), got {o['stat_decay']}.")
-    if "fisher_source" in o:
-        require(o["fisher_source"] in FISHER_SOURCES,
-                f"'{name}.fisher_source' must be one of {', '.join(FISHER_SOURCES)}, got {o['fisher_source']!r}.")
-
-
-def build_method(method: str, display: str, hparams: dict, ctx: MethodContext) -> StatsMethod:
-    """The trainer-facing StatsMethod of a FOG-family method from resolved hyperparameters."""
-    common, o = first_order.split_hparams(hparams)
-    o = {**FAMILY[method][1], **o}
-    _check_options(display, o)
-    schedule = first_order.hparams_schedule(common, ctx.total_steps)
-    if o["adam_learning_rate"] is not None:
-        ratio = o["adam_learning_rate"] / common.learning_rate
-        o["adam_learning_rate"] = lambda s: schedule(s) * ratio
-    fisher = o.pop("fisher", "empirical")
-    stats = "kron"
-    if method == "diagfog":
-        stats = "diag" if o["diag"] == "kron" else None
-    lwgn_iters = o.pop("lwgn_iters", 5)
-    if o.pop("fisher_source", "kfac") == "lwgn":
-        # Layerwise Gauss-Newton (seed 004) as PI-Muon's g_fisher: per-kernel (G_bb + λI)⁻¹ g_b by block CG.
-        from gn.optim.lwgn import scale_by_layerwise_gn
-
-        only = lambda path, leaf: getattr(leaf, "ndim", 0) == 2 and (
-            is_hidden_matrix(path, leaf) or (o["include_head"] and path.split("/")[0] == "lm_head"))
-        o["fisher"] = scale_by_layerwise_gn(ctx.apply_fn, damping=o["damping"], only=only,
-                                            max_iters=lwgn_iters, block_mode="unrolled")
-        stats = None
-    core = {"kfac": kfac, "fog": fog, "diagfog": diagfog, "pi_muon": pi_muon}[method](schedule, **o)
-    parts = []
-    if common.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(common.grad_clip))
-    parts.append(core)
-    if common.weight_decay > 0:
-        rule = common.weight_decay_mask
-        parts.append(decoupled_weight_decay(schedule, common.weight_decay, lambda p: decay_mask(p, rule)))
-    pi = (o["alpha"], o["gamma"]) if method == "pi_muon" else None
-    return StatsMethod(display, optax.chain(*parts), schedule, ctx, stats=stats,
-                       layer_mask=matrix_mask_fn(o["include_head"]), fisher=fisher, T_cov=o["T_cov"], pi=pi)
-
-
-def register_fog_family() -> None:
-    """Register kfac, fog, diagfog and pi_muon (raises if already registered)."""
-    for name, (description, options, defaults) in FAMILY.items():
-        registry.register(registry.MethodSpec(
-            name=name, description=description, hparams_cls=first_order.OptimHParams, options=options,
-            defaults=defaults, build=lambda display, hparams, ctx, _n=name: build_method(_n, display, hparams, ctx),
-            family="fog"))

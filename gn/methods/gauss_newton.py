@@ -25,72 +25,122 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from gn import curvature
-from gn.errors import ConfigError, require
-from gn.optim.linesearch import line_search
-from gn.optim.method import BatchPlan, MethodContext, tree_norm
-from gn.train.objective import lm_loss, split_batch
+from gn.curvature.objective import lm_loss, split_batch
+from gn.errors import ConfigError
+from gn.methods.base import BatchPlan, MethodBase, MethodConfig, MethodContext, check_choice, check_range, opt
+from gn.methods.linesearch import line_search
+from gn.methods.optimizers import OPTIMIZERS
+from gn.optim.transforms import tree_norm
 
 INNER_SCHEDULES = ("constant", "constant_inner_cosine", "global_cosine", "global_inner_cosine")
 INNER_SOLVERS = ("optax", "cg")
-PARTITIONS = (None, "per_tensor", "transformer_blocks")
+PARTITIONS = (None, *curvature.PARTITIONS)
+
+
+INNER_LOOP_KEYS = ("inner_optimizer", "inner_learning_rate", "inner_adam_learning_rate", "inner_schedule",
+                   "inner_min_lr_ratio", "inner_grad_clip", "inner_weight_decay", "warm_start")
+CG_KEYS = ("cg_iters", "cg_tol")
 
 
 @dataclasses.dataclass(frozen=True)
-class GNHParams:
+class GNConfig(MethodConfig):
     """Hyperparameters of a Gauss-Newton method (defaults sized for CPU runs;
     the paper's 45M settings: inner_steps 122, b_inner 32, inner lr 0.01)."""
 
-    inner_steps: int = 8
-    inner_solver: str = "optax"
-    inner_optimizer: str = "muon"
-    inner_learning_rate: float = 0.01
-    inner_adam_learning_rate: float = 0.0      # 0 = same as inner_learning_rate
-    inner_schedule: str = "constant_inner_cosine"
-    inner_min_lr_ratio: float = 0.0
-    inner_grad_clip: float = 1.0
-    inner_weight_decay: float = 0.001
-    warm_start: bool = True
-    damping: float = 0.0
-    partition: str | None = None
-    block_mode: str = "batched"
-    ls_grid: int = 5
-    ls_batches: int = 2
-    ls_extend: int = 0
-    ls_vectorize: bool = True
-    cg_iters: int = 50
-    cg_tol: float = 1e-6
-    probe_every: int = 0                       # >0: every k outer steps, compare the inner loop with CG
+    family: ClassVar[str] = "gauss_newton"
+    kind: ClassVar[str] = "gn"          # curvature.quadratic_model kind
+
+    inner_steps: int = opt(8, "N inner steps per outer step, each on batch_size / N sequences")
+    inner_solver: str = opt("optax", "optax (inner loop of inner_optimizer) or cg (Hessian-free solve)")
+    inner_optimizer: str = opt("muon", "first-order method of the inner loop")
+    inner_learning_rate: float = opt(0.01, "inner peak learning rate")
+    inner_adam_learning_rate: Optional[float] = opt(None, "inner AdamW-side rate (null = inner_learning_rate)")
+    inner_schedule: str = opt("constant_inner_cosine", "constant, constant_inner_cosine, global_cosine, "
+                                                       "global_inner_cosine")
+    inner_min_lr_ratio: float = opt(0.0, "floor of the inner cosine, as a fraction of the peak")
+    inner_grad_clip: float = opt(1.0, "inner global-norm clipping (0 = off)")
+    inner_weight_decay: float = opt(0.001, "inner decoupled weight decay")
+    warm_start: bool = opt(True, "continue the previous inner solution and optimizer state")
+    damping: float = opt(0.0, "λ in (λ/2)‖θ − θ_t‖² added to the model")
+    partition: Optional[str] = opt(None, "block-diagonal model: per_tensor, top_level, transformer_blocks")
+    block_mode: str = opt("batched", "batched, sequential or unrolled (same numbers)")
+    ls_grid: int = opt(5, "line-search grid α ∈ {2^(−i/2) : i < ls_grid}")
+    ls_batches: int = opt(2, "fresh batches the line search reads")
+    ls_extend: int = opt(0, "extra downward grid chunks while the loss improves")
+    ls_vectorize: bool = opt(True, "evaluate all α in one vmapped call (false: one by one, less memory)")
+    cg_iters: int = opt(50, "CG iterations (cg solver and probe)")
+    cg_tol: float = opt(1e-6, "CG relative residual tolerance")
+    probe_every: int = opt(0, "every k outer steps, compare the inner loop with a CG solve (0 = off)")
 
     def validate(self, where: str) -> None:
-        from gn.optim import registry
+        check_range(self.inner_steps > 0, where, "inner_steps", "positive", self.inner_steps)
+        check_choice(self.inner_solver, INNER_SOLVERS, where, "inner_solver")
+        check_choice(self.inner_optimizer, tuple(OPTIMIZERS), where, "inner_optimizer")
+        check_range(OPTIMIZERS[self.inner_optimizer].inner_ok, where, "inner_optimizer",
+                    "a plain first-order method (not one that needs the objective or the batch)",
+                    self.inner_optimizer)
+        check_range(self.inner_learning_rate > 0, where, "inner_learning_rate", "positive", self.inner_learning_rate)
+        check_range(self.inner_adam_learning_rate is None or self.inner_adam_learning_rate > 0, where,
+                    "inner_adam_learning_rate", "positive or null", self.inner_adam_learning_rate)
+        check_choice(self.inner_schedule, INNER_SCHEDULES, where, "inner_schedule")
+        check_range(0 <= self.inner_min_lr_ratio <= 1, where, "inner_min_lr_ratio", "in [0, 1]",
+                    self.inner_min_lr_ratio)
+        for key in ("inner_grad_clip", "inner_weight_decay", "damping"):
+            check_range(getattr(self, key) >= 0, where, key, ">= 0", getattr(self, key))
+        check_choice(self.partition, PARTITIONS, where, "partition")
+        check_choice(self.block_mode, curvature.BLOCK_MODES, where, "block_mode")
+        for key in ("ls_grid", "ls_batches", "cg_iters"):
+            check_range(getattr(self, key) > 0, where, key, "positive", getattr(self, key))
+        check_range(self.ls_extend >= 0, where, "ls_extend", ">= 0", self.ls_extend)
+        check_range(self.cg_tol > 0, where, "cg_tol", "positive", self.cg_tol)
+        check_range(self.probe_every >= 0, where, "probe_every", ">= 0 (0 disables the CG probe)",
+                    self.probe_every)
 
-        require(self.inner_steps > 0, f"{where}.inner_steps must be positive, got {self.inner_steps}.")
-        require(self.inner_solver in INNER_SOLVERS,
-                f"{where}.inner_solver must be one of {', '.join(INNER_SOLVERS)}, got '{self.inner_solver}'.")
-        spec = registry.get(self.inner_optimizer)
-        require(spec.family == "first_order",
-                f"{where}.inner_optimizer must be a first-order method, got '{self.inner_optimizer}'.")
-        require(self.inner_learning_rate > 0, f"{where}.inner_learning_rate must be positive.")
-        require(self.inner_adam_learning_rate >= 0, f"{where}.inner_adam_learning_rate must be >= 0.")
-        require(self.inner_schedule in INNER_SCHEDULES,
-                f"{where}.inner_schedule must be one of {', '.join(INNER_SCHEDULES)}, got '{self.inner_schedule}'.")
-        require(0 <= self.inner_min_lr_ratio <= 1, f"{where}.inner_min_lr_ratio must be in [0, 1].")
-        require(self.inner_grad_clip >= 0 and self.inner_weight_decay >= 0 and self.damping >= 0,
-                f"{where}: inner_grad_clip, inner_weight_decay and damping must be >= 0.")
-        require(self.partition in PARTITIONS,
-                f"{where}.partition must be one of {PARTITIONS}, got {self.partition!r}.")
-        require(self.block_mode in curvature.BLOCK_MODES,
-                f"{where}.block_mode must be one of {curvature.BLOCK_MODES}.")
-        require(self.ls_grid > 0 and self.ls_batches > 0 and self.ls_extend >= 0,
-                f"{where}: ls_grid and ls_batches must be positive and ls_extend >= 0.")
-        require(self.cg_iters > 0 and self.cg_tol > 0, f"{where}: cg_iters and cg_tol must be positive.")
-        require(self.probe_every >= 0, f"{where}.probe_every must be >= 0 (0 disables the CG probe).")
+    def unused_keys(self) -> tuple[str, ...]:
+        return INNER_LOOP_KEYS if self.inner_solver == "cg" else ()
+
+    def unused_reason(self) -> str:
+        return " with inner_solver: cg (a Hessian-free solve over the whole outer batch has no inner loop)"
+
+    def build(self, ctx: MethodContext, name: str) -> "GaussNewtonMethod":
+        return GaussNewtonMethod(name, self, ctx, kind=self.kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class GNFullConfig(GNConfig):
+    name: ClassVar[str] = "gn"
+    description: ClassVar[str] = ("Full Gauss-Newton: inner Muon loop on the GN quadratic model + line search "
+                                  "(Abreu et al. 2025)")
+
+
+@dataclasses.dataclass(frozen=True)
+class GNProxLinearConfig(GNConfig):
+    name: ClassVar[str] = "gn_prox_linear"
+    kind: ClassVar[str] = "prox_linear"
+    description: ClassVar[str] = ("GN-prox-linear: inner loop on the full loss of the linearised model + "
+                                  "line search")
+
+
+@dataclasses.dataclass(frozen=True)
+class GNLayerwiseConfig(GNConfig):
+    name: ClassVar[str] = "gn_layerwise"
+    description: ClassVar[str] = ("Layerwise GN: block-diagonal GN model (embedding, each block, norm+head), "
+                                  "all blocks in one compiled step")
+    partition: Optional[str] = opt("transformer_blocks", "block-diagonal model: per_tensor, top_level, "
+                                                         "transformer_blocks")
+    ls_grid: int = opt(10, "line-search grid α ∈ {2^(−i/2) : i < ls_grid}")
+    # "unrolled": each block's tangent starts and its transpose stops at that block; same numbers
+    # as "batched" (one vmapped pass), measured 30-35 % faster (docs/benchmarks.md).
+    block_mode: str = opt("unrolled", "batched, sequential or unrolled (same numbers)")
+
+
+CONFIGS = (GNFullConfig, GNProxLinearConfig, GNLayerwiseConfig)
 
 
 class GNState(NamedTuple):
@@ -118,13 +168,10 @@ def _flop_cost(num_blocks: int) -> float:
     return (2.0 + 8.0 * num_blocks) / 6.0
 
 
-class GaussNewtonMethod:
+class GaussNewtonMethod(MethodBase):
     """The GN outer step as a trainer method (see module docstring)."""
 
-    def __init__(self, name: str, hp: GNHParams, ctx: MethodContext, *, kind: str):
-        from gn.optim import registry
-        from gn.optim.first_order import build_transform
-
+    def __init__(self, name: str, hp: GNConfig, ctx: MethodContext, *, kind: str):
         n = hp.inner_steps
         if ctx.batch_size % n:
             raise ConfigError(f"Method '{name}': the batch size {ctx.batch_size} must be divisible by "
@@ -136,13 +183,14 @@ class GaussNewtonMethod:
         self.partition = hp.partition
         self.plan = BatchPlan(train=n, micro_batch=self.b_inner, aux=hp.ls_batches, aux_micro_batch=self.b_inner)
         self.updates_per_step = n if hp.inner_solver == "optax" else 1
-        inner_entry = registry.resolve_entry({"name": hp.inner_optimizer})
-        inner_hp = {**inner_entry.hparams, "learning_rate": hp.inner_learning_rate,
-                    "grad_clip": hp.inner_grad_clip, "weight_decay": hp.inner_weight_decay}
-        if "adam_learning_rate" in inner_hp:
-            inner_hp["adam_learning_rate"] = hp.inner_adam_learning_rate or None
+        inner_cls = OPTIMIZERS[hp.inner_optimizer]
+        inner = {"learning_rate": hp.inner_learning_rate, "grad_clip": hp.inner_grad_clip,
+                 "weight_decay": hp.inner_weight_decay}
+        if "adam_learning_rate" in {f.name for f in dataclasses.fields(inner_cls)}:
+            inner["adam_learning_rate"] = hp.inner_adam_learning_rate
         # The learning rate is applied outside the transformation from explicit step counters.
-        self.tx = build_transform(hp.inner_optimizer, inner_hp, lambda step: 1.0)
+        self.tx = inner_cls(**inner).transform(lambda step: 1.0)
+        self._edge_noted = False
         self._num_blocks = None
         ref = ctx.reference_batch_size or ctx.batch_size
         self._ref_scale = self.b_inner / ref
@@ -173,7 +221,8 @@ class GaussNewtonMethod:
         return float(self.hp.inner_learning_rate * f)
 
     # -- the pieces ----------------------------------------------------------
-    def _model(self, theta, batch):
+    def local_model(self, theta, batch):
+        """The local model of this method (Q, P or their layerwise versions) at θ_t = `theta` on `batch`."""
         inputs, targets = split_batch(batch)
         return curvature.quadratic_model(self._apply, theta, inputs, targets, kind=self.kind,
                                          partition=self.partition, damping=self.hp.damping,
@@ -187,7 +236,7 @@ class GaussNewtonMethod:
         def body(carry, xs):
             theta_hat, opt = carry
             i, batch = xs
-            q = self._model(theta, batch)
+            q = self.local_model(theta, batch)
             value, grads = q(theta_hat)
             updates, opt = self.tx.update(grads, opt, theta_hat)
             lr = hp.inner_learning_rate * inner_lr_factor(hp.inner_schedule, state.outer_step, i, hp.inner_steps,
@@ -232,7 +281,7 @@ class GaussNewtonMethod:
                          grid=hp.ls_grid, extend=hp.ls_extend, vectorize=hp.ls_vectorize)
         new = jax.tree.map(lambda p, d: p + ls.alpha.astype(p.dtype) * d, theta, delta)
         # Predicted decrease of the local model on the line-search data, at the chosen step.
-        pred = jax.lax.map(lambda b: (lambda q: q.loss0 - q(new)[0])(self._model(theta, b)), aux).mean()
+        pred = jax.lax.map(lambda b: (lambda q: q.loss0 - q(new)[0])(self.local_model(theta, b)), aux).mean()
         actual = ls.loss0 - ls.loss
         metrics = {"alpha": ls.alpha, "loss_before": ls.loss0, "loss_after": ls.loss,
                    "pred_decrease": pred, "actual_decrease": actual,
@@ -248,7 +297,7 @@ class GaussNewtonMethod:
         the fraction measures how well the small-batch inner loop minimises Q.
         """
         inputs, targets = split_batch(batch)
-        q = self._model(theta, batch)
+        q = self.local_model(theta, batch)
         d, _ = self._damped_solve(theta, inputs, targets, q(theta)[1])
         q0 = q.loss0
         cg_dec = q0 - q(jax.tree.map(jnp.add, theta, d))[0]
@@ -273,28 +322,21 @@ class GaussNewtonMethod:
             metrics.update(self._probe_fn(params, theta_hat, batches[0]))
         return new, state, metrics
 
+    def notes(self, step: int, metrics) -> list[str]:
+        """Once per run: the line search chose the smallest step of its grid."""
+        if metrics.get("ls_at_edge") and not self._edge_noted:
+            self._edge_noted = True
+            return [f"{self.name}: step {step} chose the smallest line-search step α={metrics['alpha']:.3g}; "
+                    "set ls_extend > 0 to extend the grid downward"]
+        return []
 
-def register_gauss_newton() -> None:
-    """Register gn, gn_prox_linear and gn_layerwise."""
-    from gn.optim.registry import MethodSpec, register
-
-    variants = {
-        "gn": ("gn", {}, "Full Gauss-Newton: inner Muon loop on the GN quadratic model + line search "
-                         "(Abreu et al. 2025)"),
-        "gn_prox_linear": ("prox_linear", {}, "GN-prox-linear: inner loop on the full loss of the "
-                                              "linearised model + line search"),
-        # block_mode "unrolled": each block's tangent starts and its transpose stops at that block;
-        # same numbers as "batched" (one vmapped pass), measured 30-35 % faster (docs/benchmarks.md).
-        "gn_layerwise": ("gn", {"partition": "transformer_blocks", "ls_grid": 10, "block_mode": "unrolled"},
-                         "Layerwise GN: block-diagonal GN model (embedding, each block, norm+head), "
-                         "all blocks in one compiled step"),
-    }
-    for name, (kind, defaults, desc) in variants.items():
-        def build(display, hparams, ctx, _kind=kind):
-            return GaussNewtonMethod(display, GNHParams(**hparams), ctx, kind=_kind)
-
-        register(MethodSpec(name=name, description=desc, hparams_cls=GNHParams, options={},
-                            defaults=defaults, build=build, family="gauss_newton"))
+    def summarize(self, rows: list[dict]) -> dict:
+        """Line-search statistics: steps whose α* sat at the grid's edge, and the mean α*."""
+        edge = [r for r in rows if "ls_at_edge" in r]
+        if not edge:
+            return {}
+        return {"ls_at_edge_steps": int(sum(r["ls_at_edge"] > 0 for r in edge)),
+                "mean_alpha": sum(r["alpha"] for r in edge) / len(edge)}
 
 
-__all__ = ["GNHParams", "GNState", "GaussNewtonMethod", "register_gauss_newton", "inner_lr_factor"]
+__all__ = ["GNConfig", "GNState", "GaussNewtonMethod", "CONFIGS", "inner_lr_factor"]

@@ -26,7 +26,8 @@ import optax
 from optax import contrib
 
 from gn import curvature
-from gn.optim.masks import is_hidden_matrix, map_with_path, path_str
+from gn.optim.transforms import muon_dimension_numbers
+from gn.paths import is_hidden_matrix, map_with_path, param_name, top_level
 
 
 def layerwise_gn_direction(apply_fn: Callable, params: Any, inputs: Any, targets: Any, grads: Any, *,
@@ -54,6 +55,16 @@ class ScaleByLayerwiseGNState(NamedTuple):
     count: jnp.ndarray
 
 
+def kernels_only(include_head: bool = False) -> Callable[[str, Any], bool]:
+    """`only=` rule selecting the hidden 2-D kernels (and lm_head if asked): the leaves
+    a Muon-composed optimizer preconditions; the rest keep their raw gradient."""
+    def only(path: str, leaf: Any) -> bool:
+        return getattr(leaf, "ndim", 0) == 2 and (
+            is_hidden_matrix(path, leaf) or (include_head and top_level(path) == "lm_head"))
+
+    return only
+
+
 def _restricted_partition(only: Callable[[str, Any], bool] | None, partition: Any) -> Any:
     """Per-tensor blocks for leaves `only` selects; all other leaves share one block."""
     if only is None:
@@ -62,7 +73,7 @@ def _restricted_partition(only: Callable[[str, Any], bool] | None, partition: An
         raise ValueError("restricting the layerwise GN solve to some leaves needs partition='per_tensor'")
 
     def label(path, leaf):
-        name = path_str(path)
+        name = param_name(path)
         return name if only(name, leaf) else "__rest__"
 
     return label
@@ -124,8 +135,6 @@ def fog_gn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, beta: f
     orthogonalisation and √max(1, out/in) scaling applied to the per-tensor layerwise
     GN direction of each hidden matrix; embeddings, head and norms take AdamW on
     their raw gradients."""
-    from gn.optim.first_order import muon_dimension_numbers
-
     return optax.chain(
         scale_by_layerwise_gn(apply_fn, partition="per_tensor", damping=damping, max_iters=max_iters, tol=tol,
                               only=is_hidden_matrix, block_mode=block_mode),

@@ -1,0 +1,170 @@
+"""K-FAC statistics from the gradient's own forward/backward pass, and `StatsMethod`.
+
+The FOG family (K-FAC, FOG, DiagFog, PI-Muon; `gn.optim._fog`) needs, besides the
+gradient, each dense layer's input and output-gradient statistics and the
+predictive entropy. They come from one forward pass of the LLaMA model with
+zero perturbations on every dense output (`gn.model.apply_with_layer_stats`):
+the pullback of ∂ℓ̄/∂z gives ∇θ ℓ̄ and ∂ℓ̄/∂y of every layer at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gn.curvature.losses import mean_loss
+from gn.curvature.objective import mean_entropy, split_batch
+from gn.errors import require
+from gn.methods.base import BatchPlan, MethodBase, MethodContext
+from gn.model.llama import apply_with_layer_stats, init_perturbations
+from gn.optim import _kfac as kfac_lib
+from gn.optim._fog import predictive_integrity
+from gn.optim._kfac import Path
+from gn.optim.newton_schulz import safe_increment
+from gn.optim.transforms import tree_norm
+
+
+def _ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return mean_loss(logits, labels)
+
+
+def loss_grads_and_stats(cfg: Any, params: Any, batch: jax.Array, *, layers: Sequence[Path],
+                         kind: Optional[str] = "kron", fisher: str = "empirical",
+                         rng: Optional[jax.Array] = None, compute_stats: Any = True):
+    """Loss, gradient, layer factors and predictive entropy from ONE forward pass.
+
+    The forward runs `apply_with_layer_stats` with zero perturbations under
+    `jax.vjp` (equivalent to `jax.value_and_grad(..., argnums=(0, 1), has_aux=True)`
+    over (params, perturbations), but the pullback can be reused): its pullback
+    of ∂ℓ̄/∂z gives both ∇θ ℓ̄ and ∂ℓ̄/∂y of every dense layer. With
+    fisher="true", a second pullback of the loss on labels sampled from
+    softmax(z) (with `rng`) gives the δ used for the statistics.
+
+    Args:
+      cfg: the gn.model ModelConfig; params: its parameters; batch: [B, T+1] tokens.
+      layers: kernel paths to gather statistics for (`stat_layers`).
+      kind: "kron" (A, G), "diag" (their diagonals) or None (no statistics).
+      compute_stats: bool or traced bool; when False (a T_cov off-step) the
+        statistics are skipped with `lax.cond` and zeros returned.
+
+    Returns:
+      (loss, grads, factors or None, entropy), loss the mean token cross-entropy.
+    """
+    if fisher not in kfac_lib.FISHER_TYPES:
+        raise ValueError(f"fisher must be one of {kfac_lib.FISHER_TYPES}, got {fisher!r}")
+    inputs, targets = split_batch(batch)
+    perts = init_perturbations(cfg, params, inputs)
+    logits, pullback, acts = jax.vjp(lambda p, e: apply_with_layer_stats(cfg, p, inputs, e),
+                                     params, perts, has_aux=True)
+    loss, dlogits = jax.value_and_grad(_ce)(logits, targets)
+    grads, dout = pullback(dlogits)
+    entropy = mean_entropy(jax.lax.stop_gradient(logits))
+    if kind is None:
+        return loss, grads, None, entropy
+
+    def stats():
+        d = dout
+        if fisher == "true":
+            if rng is None:
+                raise ValueError("fisher='true' needs an rng to sample labels")
+            z = jax.lax.stop_gradient(logits).astype(jnp.float32)
+            sampled = jax.random.categorical(rng, z, axis=-1)
+            _, d = pullback(jax.grad(_ce)(logits, sampled))
+        return kfac_lib.batch_factors(acts, d, layers, diagonal=(kind == "diag"))
+
+    if compute_stats is True:
+        factors = stats()
+    else:
+        shapes = jax.eval_shape(stats)
+        factors = jax.lax.cond(compute_stats, stats,
+                               lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+    return loss, grads, factors, entropy
+
+
+class StatsMethodState(NamedTuple):
+    """State of `StatsMethod`: its step count (for T_cov) and the transformation's state."""
+
+    count: jax.Array
+    opt: Any
+
+
+class StatsMethod(MethodBase):
+    """One update per step from the gradient AND layer statistics of one forward/backward pass.
+
+    Per micro-batch (`lax.scan` with grad_accum > 1), `loss_grads_and_stats`
+    returns the mean loss, its gradient, the batch factors of the selected
+    kernels (stats="kron" or "diag"; None for no statistics) and the predictive
+    entropy; all are averaged over micro-batches. The transformation is then
+    called as tx.update(grads, state, params, factors=..., entropy=H, grad_norm=‖g‖,
+    inputs=..., targets=...), ‖g‖ the global norm of the raw (pre-clip) gradient (also
+    reported as `grad_norm`), inputs/targets the whole step's batch.
+    On steps with count % T_cov ≠ 0 the statistics are skipped (`lax.cond`).
+    """
+
+    def __init__(self, name: str, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                 ctx: MethodContext, *, stats: Optional[str], layer_mask: Callable[[Any], Any],
+                 fisher: str = "empirical", T_cov: int = 1, pi: Optional[tuple[float, float]] = None):
+        require(ctx.model_cfg is not None,
+                f"method '{name}' needs the model config (MethodContext.model_cfg) to gather layer statistics.")
+        require(ctx.batch_size % ctx.grad_accum == 0,
+                f"batch_size {ctx.batch_size} is not divisible by grad_accum {ctx.grad_accum}.")
+        require(fisher in kfac_lib.FISHER_TYPES,
+                f"'{name}.fisher' must be one of {', '.join(kfac_lib.FISHER_TYPES)}, got {fisher!r}.")
+        require(T_cov >= 1, f"'{name}.T_cov' must be >= 1, got {T_cov}.")
+        self.name = name
+        self.tx = optax.with_extra_args_support(tx)
+        self.schedule = schedule
+        self.plan = BatchPlan(train=ctx.grad_accum, micro_batch=ctx.batch_size // ctx.grad_accum)
+        self.updates_per_step = 1
+        # Forward ≈ 1, backward ≈ 2 units; the sampled-label backward runs on refresh steps.
+        extra = 2.0 / (3.0 * T_cov) if (stats is not None and fisher == "true") else 0.0
+        self.grad_evals_per_step = (1.0 + extra) * ctx.batch_size / (ctx.reference_batch_size or ctx.batch_size)
+        self.traces = 0          # times `step` was traced (diagnostics: recompilation)
+        self._cfg = ctx.model_cfg
+        self._stats, self._mask, self._fisher, self._t_cov, self._pi = stats, layer_mask, fisher, T_cov, pi
+        self.step = jax.jit(self._step)
+
+    def init(self, params: Any) -> StatsMethodState:
+        return StatsMethodState(jnp.zeros([], jnp.int32), self.tx.init(params))
+
+    def lr(self, step: int) -> float:
+        return float(self.schedule(step))
+
+    def _one(self, params, batch, rng, refresh, layers):
+        return loss_grads_and_stats(self._cfg, params, batch, layers=layers, kind=self._stats,
+                                             fisher=self._fisher, rng=rng, compute_stats=refresh)
+
+    def _step(self, params, state, batches, aux, rng):
+        del aux
+        self.traces += 1
+        layers = kfac_lib.stat_layers(params, self._mask) if self._stats else ()
+        refresh = True if self._t_cov == 1 else (state.count % self._t_cov == 0)
+        n = batches.shape[0]
+        if n == 1:
+            loss, grads, factors, entropy = self._one(params, batches[0], rng, refresh, layers)
+        else:
+            def body(acc, xs):
+                out = self._one(params, xs[0], xs[1], refresh, layers)
+                return jax.tree.map(jnp.add, acc, out[1:]), out[0]
+
+            shapes = jax.eval_shape(lambda: self._one(params, batches[0], rng, refresh, layers)[1:])
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            acc, losses = jax.lax.scan(body, zeros, (batches, jax.random.split(rng, n)))
+            grads, factors, entropy = jax.tree.map(lambda x: x / n, acc)
+            loss = losses.mean()
+        gnorm = tree_norm(grads)
+        inputs, targets = split_batch(batches.reshape((-1,) + batches.shape[2:]))
+        # inputs/targets (the whole step's batch) feed Fisher sources that need the model (layerwise GN).
+        extra = {"entropy": entropy, "grad_norm": gnorm, "inputs": inputs, "targets": targets}
+        if factors is not None:
+            extra["factors"] = factors
+        updates, opt = self.tx.update(grads, state.opt, params, **extra)
+        params = optax.apply_updates(params, updates)
+        metrics = {"train_loss": loss, "grad_norm": gnorm, "update_norm": tree_norm(updates),
+                   "entropy": entropy}
+        if self._pi is not None:
+            metrics["pi"] = predictive_integrity(entropy, gnorm, *self._pi)
+        return params, StatsMethodState(safe_increment(state.count), opt), metrics

@@ -1,0 +1,85 @@
+"""Small optax building blocks shared by every optimizer of the toolkit.
+
+- `decoupled_weight_decay`: θ ← θ − lr_t · wd · θ on a path-based mask.
+- `clip_and_decay`: clip_by_global_norm -> core -> decoupled weight decay, the
+  chain every registered method is built from, so clipping and decay mean the
+  same thing for all of them.
+- `muon`: `optax.contrib.muon` with the toolkit's routing: hidden 2-D kernels
+  are orthogonalised, embeddings, head and norms go to its AdamW side.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import contrib
+
+from gn.optim.masks import decay_mask
+from gn.paths import is_hidden_matrix, map_with_path
+
+
+def tree_norm(tree: Any) -> jnp.ndarray:
+    """Global Euclidean norm of a pytree."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def decoupled_weight_decay(schedule: optax.Schedule, weight_decay: float,
+                           mask: Any | Callable[[Any], Any]) -> optax.GradientTransformation:
+    """θ ← θ − lr_t · wd · θ on masked leaves (Loshchilov & Hutter 2019).
+
+    Added after the optimizer's own (learning-rate scaled) update, so every
+    method gets the same decoupled decay, applied with the same schedule.
+    """
+    inner = optax.chain(optax.add_decayed_weights(weight_decay, mask),
+                        optax.scale_by_learning_rate(schedule))
+
+    def init(params):
+        return inner.init(params)
+
+    def update(updates, state, params=None):
+        decay, state = inner.update(jax.tree.map(jnp.zeros_like, updates), state, params)
+        return jax.tree.map(jnp.add, updates, decay), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def clip_and_decay(core: optax.GradientTransformation, schedule: optax.Schedule, *, grad_clip: float,
+                   weight_decay: float, weight_decay_mask: Any) -> optax.GradientTransformation:
+    """clip_by_global_norm(grad_clip) -> core -> decoupled weight decay (lr_t · wd · θ).
+
+    `grad_clip = 0` and `weight_decay = 0` leave those parts out; the mask is a
+    rule of `masks.decay_mask` ('matrices', 'hidden_matrices', 'all', 'none' or
+    path globs).
+    """
+    parts = []
+    if grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(grad_clip))
+    parts.append(core)
+    if weight_decay > 0:
+        parts.append(decoupled_weight_decay(schedule, weight_decay,
+                                            lambda p: decay_mask(p, weight_decay_mask)))
+    return optax.chain(*parts)
+
+
+def muon_dimension_numbers(params: Any) -> Any:
+    """Muon routing by path: hidden 2-D kernels (in, out) are orthogonalised;
+    embedding, head, norms and any other leaf go to Muon's AdamW side (as in the paper)."""
+    dims = contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
+    return map_with_path(lambda p, x: dims if is_hidden_matrix(p, x) else None, params)
+
+
+def muon(learning_rate: optax.ScalarOrSchedule, *, beta: float = 0.95, nesterov: bool = True,
+         ns_steps: int = 5, adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+         adam_b1: float = 0.9, adam_b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+    """Muon (Jordan et al. 2024) via `optax.contrib.muon`, routed by `muon_dimension_numbers`.
+
+    Hidden matrices: Nesterov momentum then Newton–Schulz orthogonalisation; other
+    leaves: Adam at `adam_learning_rate` (default: Muon's learning rate).
+    """
+    adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
+    return contrib.muon(learning_rate, beta=beta, nesterov=nesterov, ns_steps=ns_steps, eps=eps,
+                        adam_b1=adam_b1, adam_b2=adam_b2, adam_learning_rate=adam_lr,
+                        muon_weight_dimension_numbers=muon_dimension_numbers)
