@@ -217,3 +217,18 @@ def test_analyze_runs_on_fake_dirs(tmp_path):
     assert saved["methods"]["adamw"]["targets"]["3.5"]["best"][0]["learning_rate"] == 3e-3
     assert "B_crit" in (tmp_path / "out" / "report.md").read_text()
     assert any(f.suffix == ".png" for f in files)
+
+
+def test_plot_failure_warns_and_keeps_json_and_report(tmp_path, monkeypatch):
+    from gn.studies import cbs_plots
+
+    def boom(*args):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(cbs_plots, "plot_best_lr", boom)
+    res = analyze_table(_write_csv(tmp_path / "t.csv", _synthetic_rows(noise=0.0)), n_boot=20)
+    with pytest.warns(UserWarning, match="best_lr.png"):
+        write_outputs(res, tmp_path / "out")
+    assert (tmp_path / "out" / "analysis.json").is_file() and (tmp_path / "out" / "report.md").is_file()
+    assert not (tmp_path / "out" / "best_lr.png").exists()
+    assert (tmp_path / "out" / "steps_vs_batch_3.5.png").is_file()

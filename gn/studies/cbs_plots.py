@@ -132,9 +132,11 @@ def plot_loss_curves(result: dict, method: str, path: Path) -> None:
     for t in result["targets"]:
         ax.axhline(float(t), color="k", ls="--", lw=0.8)
     handles, labels = ax.get_legend_handles_labels()
-    uniq = dict(zip(labels, handles))
-    ax.legend(uniq.values(), uniq.keys(), fontsize=7)
+    # one legend entry per batch (seeds share a label), in batch order
+    uniq = sorted(dict(zip(labels, handles)).items(), key=lambda kv: float(kv[0].split(",")[0][2:]))
+    ax.legend([h for _, h in uniq], [k for k, _ in uniq], fontsize=7)
     ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(left=0)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss")
     ax.set_title(f"{method}: best lr per batch")

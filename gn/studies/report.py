@@ -83,7 +83,14 @@ def _fixed_section(result: dict) -> list[str]:
              _f(e["final_val_loss_mean"]) + (f" ± {_f(e['final_val_loss_se'], '.3g')}" if e["final_val_loss_se"] else ""),
              e["n_diverged"], _f(e["tokens_max"]), e["edge"] or ""]
             for m, es in result["fixed_tokens"].items() for e in es]
-    return lines + _table(["method", "batch", "best lr", "final val loss", "diverged", "tokens", "edge"], rows)
+    lines += _table(["method", "batch", "best lr", "final val loss", "diverged", "tokens", "edge"], rows)
+    for m, es in result["fixed_tokens"].items():
+        toks = [e["tokens_max"] for e in es if e["tokens_max"]]
+        # the comparison only means something at one budget; say so rather than silently mixing budgets
+        if toks and max(toks) > 1.05 * min(toks):
+            lines += [f"Warning: {m}'s runs end at different token counts ({min(toks):.4g} to {max(toks):.4g}); "
+                      "this is not a fixed-token comparison.", ""]
+    return lines
 
 
 def render_report(result: dict) -> str:
