@@ -232,3 +232,26 @@ def test_plot_failure_warns_and_keeps_json_and_report(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "analysis.json").is_file() and (tmp_path / "out" / "report.md").is_file()
     assert not (tmp_path / "out" / "best_lr.png").exists()
     assert (tmp_path / "out" / "steps_vs_batch_3.5.png").is_file()
+
+
+def test_sweep_run_json_takes_precedence_and_cli_json_on_runs(tmp_path):
+    from gn.cli import main
+
+    root = tmp_path / "runs"
+    for i, (batch, curve) in enumerate(((8, [5, 4, 3]), (32, [5, 3.4, 3]))):
+        d = root / f"r{i}"
+        _fake_run(d, method="gn", batch=batch, lr=0.5, seed=0, curve=curve, registered="gn")
+        # the sweep groups these under its own display name, lr and seed
+        (d / "sweep_run.json").write_text(json.dumps({"method": "gn-cg", "batch_size": batch,
+                                                      "learning_rate": 0.25, "seed": 7}))
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(["analyze", str(root), "--json", "--targets", "3.5"]) == 0
+    out = json.loads(buf.getvalue())
+    assert list(out["methods"]) == ["gn-cg"]
+    best = out["methods"]["gn-cg"]["targets"]["3.5"]["best"]
+    assert [e["learning_rate"] for e in best] == [0.25, 0.25] and best[0]["seeds"] == [7]
+    assert [e["steps_mean"] for e in best] == pytest.approx([15.0, 10 * 1.5 / 1.6])
+    assert set(out["methods"]["gn-cg"]["targets"]["3.5"]["fit"]) >= {"S_min", "E_min", "B_crit", "B_crit_ci"}
+    assert (root / "analysis.json").is_file()          # default --out: the first input directory
+    assert main(["analyze", str(root), "--targets", "3.5,abc"]) == 2
