@@ -61,7 +61,8 @@ def cmd_analyze(args) -> None:
     from gn.errors import require
     from gn.studies.analyze import analyze_runs, analyze_table, to_json, write_outputs
 
-    require(bool(args.dirs) != bool(args.table), "gn analyze takes run directories or --table FILE.csv (one of the two).")
+    require(bool(args.dirs) != bool(args.table),
+            "gn analyze takes run directories or --table FILE.csv (one of the two).")
     try:
         targets = [float(t) for t in args.targets.split(",") if t.strip()] if args.targets else None
     except ValueError:
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_methods)
     a = sub.add_parser("analyze", help="critical-batch-size analysis of finished runs or a steps-to-target table")
     a.add_argument("dirs", nargs="*", help="run directories, or folders searched recursively for them")
-    a.add_argument("--table", help="CSV: method,batch_size,learning_rate,seed,target,steps_to_target[,tokens_to_target]")
+    a.add_argument("--table",
+                   help="CSV: method,batch_size,learning_rate,seed,target,steps_to_target[,tokens_to_target]")
     a.add_argument("--out", help="output folder (default: the first directory, or the table's folder)")
     a.add_argument("--json", action="store_true", help="print the analysis as one JSON object on stdout")
     a.add_argument("--fixed-tokens", action="store_true", help="also compare final loss per batch at fixed tokens")

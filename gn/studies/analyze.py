@@ -73,7 +73,9 @@ def load_run(d: Path) -> dict:
     train = cfg.get("train") or {}
     hp = summary.get("hparams") or {}
     reg = summary.get("registered_method", summary.get("method"))
-    lr_keys = ("inner_learning_rate", "learning_rate") if reg in GN_METHODS else ("learning_rate", "inner_learning_rate")
+    lr_keys = ("learning_rate", "inner_learning_rate")
+    if reg in GN_METHODS:
+        lr_keys = lr_keys[::-1]
     lr = sweep.get("learning_rate", next((hp[k] for k in lr_keys if hp.get(k) is not None), None))
     require(lr is not None, f"run '{d}' names no learning rate (neither sweep_run.json nor summary.json hparams).")
     batch = sweep.get("batch_size", summary.get("batch_size", train.get("batch_size")))

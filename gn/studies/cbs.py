@@ -56,14 +56,7 @@ def crossing_x(x: Sequence[float], values: Sequence[float], target: float) -> fl
     at or below it. The first value counts (x* = x[0] if values[0] <= target);
     an exact hit returns that x; None if never reached.
     """
-    hit = crossing_fraction(values, target)
-    if hit is None:
-        return None
-    i, f = hit
-    if f == 0.0:
-        return float(x[i])
-    # the previous finite point is i-1: a non-finite one in between resets `prev`
-    return float(x[i - 1]) + (float(x[i]) - float(x[i - 1])) * f
+    return crossing_axes({"x": x}, values, target)["x"]
 
 
 def crossing(steps: Sequence[float], values: Sequence[float], target: float) -> float | None:

@@ -80,7 +80,8 @@ def _fixed_section(result: dict) -> list[str]:
              "Final validation loss per batch size at the best lr by mean final loss (diverged runs count as "
              "worst).", ""]
     rows = [[m, _f(e["batch_size"], "g"), _f(e["learning_rate"], ".3g"),
-             _f(e["final_val_loss_mean"]) + (f" ± {_f(e['final_val_loss_se'], '.3g')}" if e["final_val_loss_se"] else ""),
+             _f(e["final_val_loss_mean"]) + (f" ± {_f(e['final_val_loss_se'], '.3g')}"
+                                             if e["final_val_loss_se"] else ""),
              e["n_diverged"], _f(e["tokens_max"]), e["edge"] or ""]
             for m, es in result["fixed_tokens"].items() for e in es]
     lines += _table(["method", "batch", "best lr", "final val loss", "diverged", "tokens", "edge"], rows)
