@@ -208,8 +208,9 @@ def analyze_rows(rows: list[dict], targets: list[str], *, source: dict, n_boot: 
                        "bootstrap resampling seeds within each batch size (RNG seed 0).",
                 "zhang_cbs": "Zhang et al. 2024: batch where steps exceed linear scaling from the smallest batch by "
                              "20% (log-interpolated); a different quantity from B_crit.",
-                "steps": "interpolated linearly between the evaluations around the target crossing; unreached or "
-                         "diverged runs count as worst when choosing the lr and are left out of the fit."}}
+                "steps": "the method's own steps at its batch size (metrics `step`), interpolated linearly between "
+                         "the evaluations around the target crossing; unreached or diverged runs count as worst when "
+                         "choosing the lr and are left out of the fit. The bootstrap does not redo the lr choice."}}
 
 
 def _targets_for(runs: list[dict], targets: Sequence[float] | None) -> list[float]:
