@@ -57,6 +57,33 @@ def cmd_methods(args) -> None:
         print(f"{name:<{width}}  {desc}")
 
 
+def cmd_analyze(args) -> None:
+    # function-local import: keeps `gn --help` fast (no numpy/matplotlib/yaml at startup)
+    import json
+
+    from gn.errors import require
+    from gn.studies.analyze import analyze_runs, analyze_table, to_json, write_outputs
+
+    require(bool(args.dirs) != bool(args.table),
+            "gn analyze takes run directories or --table FILE.csv (one of the two).")
+    try:
+        targets = [float(t) for t in args.targets.split(",") if t.strip()] if args.targets else None
+    except ValueError:
+        raise ConfigError(f"--targets must be comma-separated numbers, got '{args.targets}'.") from None
+    if args.table:
+        require(not args.fixed_tokens, "--fixed-tokens needs run directories (their loss curves), not --table.")
+        result = analyze_table(args.table, targets=targets)
+        out = Path(args.out) if args.out else Path(args.table).parent
+    else:
+        result = analyze_runs(args.dirs, targets=targets, fixed_tokens=args.fixed_tokens)
+        out = Path(args.out) if args.out else Path(args.dirs[0])
+    files = write_outputs(result, out)
+    if args.json:
+        print(json.dumps(to_json(result)))
+    else:
+        print(f"wrote {', '.join(str(f) for f in files)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gn", description="Gauss-Newton and second-order optimization for LMs.")
     p.add_argument("--distributed", action="store_true",
@@ -80,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list registered methods, or one method's options")
     m.add_argument("name", nargs="?", help="a registered method: print its options with types and defaults")
     m.set_defaults(fn=cmd_methods)
+    a = sub.add_parser("analyze", help="critical-batch-size analysis of finished runs or a steps-to-target table")
+    a.add_argument("dirs", nargs="*", help="run directories, or folders searched recursively for them")
+    a.add_argument("--table",
+                   help="CSV: method,batch_size,learning_rate,seed,target,steps_to_target[,tokens_to_target]")
+    a.add_argument("--out", help="output folder (default: the first directory, or the table's folder)")
+    a.add_argument("--json", action="store_true", help="print the analysis as one JSON object on stdout")
+    a.add_argument("--fixed-tokens", action="store_true", help="also compare final loss per batch at fixed tokens")
+    a.add_argument("--targets", help="comma-separated target losses, e.g. 3.5,3.25 (default: the runs' config)")
+    a.set_defaults(fn=cmd_analyze)
     from gn.bench.cli import add_bench_parser
 
     add_bench_parser(sub)

@@ -1,0 +1,257 @@
+"""`gn analyze`: crossing interpolation, the McCandlish fit and its bootstrap,
+Zhang's CBS, best lr per batch, the table reader, the CLI's JSON and run-dir
+analysis on fake run directories (no training)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+import yaml
+
+from gn.errors import ConfigError
+from gn.studies import cbs
+from gn.studies.analyze import analyze_runs, analyze_table, read_table, write_outputs
+
+S_MIN, E_MIN = 200.0, 12800.0        # B_crit = 64
+BATCHES = [8, 16, 32, 64, 128, 256, 512]
+
+
+def _synthetic_rows(noise: float, seeds=(0, 1, 2), rng_seed: int = 1):
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for b in BATCHES:
+        for s in seeds:
+            steps = (S_MIN + E_MIN / b) * (math.exp(rng.normal(0, noise)) if noise else 1.0)
+            rows.append({"method": "adamw", "batch_size": b, "learning_rate": 1e-3, "seed": s, "target": "3.5",
+                         "steps_to_target": steps})
+    return rows
+
+
+def _write_csv(path, rows, fields=("method", "batch_size", "learning_rate", "seed", "target", "steps_to_target")):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+# ---------------------------------------------------------------- crossing
+
+def test_crossing_interpolates_between_evaluations():
+    # loss 4.0 at step 10, 3.0 at step 20: target 3.25 is 3/4 of the way -> step 17.5
+    assert cbs.crossing([0, 10, 20, 30], [5.0, 4.0, 3.0, 2.5], 3.25) == pytest.approx(17.5)
+    # any x-axis: tokens 1000 at loss 4.0, 2000 at 3.0 -> 1000 + 0.75*1000
+    assert cbs.crossing_x([0, 1000, 2000, 3000], [5.0, 4.0, 3.0, 2.5], 3.25) == pytest.approx(1750.0)
+
+
+def test_crossing_exact_hit_never_and_step_zero():
+    assert cbs.crossing([0, 10, 20], [5.0, 4.0, 3.0], 4.0) == 10.0
+    assert cbs.crossing([0, 10, 20], [5.0, 4.0, 3.5], 3.0) is None
+    assert cbs.crossing([0, 10, 20], [2.0, 1.5, 1.0], 3.0) == 0.0
+    # a non-finite evaluation is never a crossing and is not interpolated across
+    assert cbs.crossing([0, 10, 20], [5.0, float("nan"), 3.0], 4.0) == 20.0
+
+
+def test_crossing_axes_share_one_fraction():
+    axes = {"step": [0, 10, 20], "tokens": [0, 640, 1280], "wall_time_s": [0.0, 1.0, 3.0]}
+    hit = cbs.crossing_axes(axes, [5.0, 4.0, 2.0], 3.0)   # halfway between the 2nd and 3rd evaluation
+    assert hit == pytest.approx({"step": 15.0, "tokens": 960.0, "wall_time_s": 2.0})
+
+
+# ---------------------------------------------------------------- fit
+
+def test_fit_exact_without_noise():
+    b = np.array(BATCHES, dtype=float)
+    fit = cbs.fit_mccandlish(b, S_MIN + E_MIN / b)
+    assert fit["ok"]
+    assert fit["S_min"] == pytest.approx(S_MIN, rel=1e-9)
+    assert fit["E_min"] == pytest.approx(E_MIN, rel=1e-9)
+    assert fit["B_crit"] == pytest.approx(E_MIN / S_MIN, rel=1e-9)
+
+
+def test_fit_with_noise_recovers_truth_inside_bootstrap_interval():
+    rows = _synthetic_rows(noise=0.05)
+    b, s = [r["batch_size"] for r in rows], [r["steps_to_target"] for r in rows]
+    res = cbs.bootstrap_fit(b, s, n_boot=400)
+    assert res["S_min"] == pytest.approx(S_MIN, rel=0.15)
+    assert res["E_min"] == pytest.approx(E_MIN, rel=0.15)
+    assert res["B_crit"] == pytest.approx(E_MIN / S_MIN, rel=0.25)
+    assert cbs.bootstrap_fit(b, s, n_boot=400)["B_crit_ci"] == res["B_crit_ci"]   # fixed RNG seed
+    # coverage over independent noise draws: a nominal 95% interval from 3 seeds per batch should hold
+    # the truth most of the time (a broken resampler gives near-zero width and ~0 coverage)
+    truth = {"S_min": S_MIN, "E_min": E_MIN, "B_crit": E_MIN / S_MIN}
+    hits = dict.fromkeys(truth, 0)
+    draws = 30
+    for k in range(draws):
+        rows = _synthetic_rows(noise=0.05, rng_seed=1000 + k)
+        res = cbs.bootstrap_fit([r["batch_size"] for r in rows], [r["steps_to_target"] for r in rows], n_boot=200)
+        for key, t in truth.items():
+            lo, hi = res[f"{key}_ci"]
+            assert lo <= res[key] <= hi
+            hits[key] += lo < t < hi
+    assert all(h >= 0.7 * draws for h in hits.values()), hits
+
+
+def test_fit_guards_nonpositive_s_min():
+    b = np.array([8.0, 16.0, 32.0])
+    fit = cbs.fit_mccandlish(b, 1000.0 / b - 5.0)        # steps fall faster than 1/B: S_min < 0
+    assert not fit["ok"] and fit["B_crit"] is None and fit["S_min"] < 0 and "S_min" in fit["note"]
+    assert cbs.fit_mccandlish([8.0, 8.0], [10.0, 11.0])["B_crit"] is None   # one batch size only
+
+
+# ---------------------------------------------------------------- Zhang CBS
+
+def test_zhang_cbs_log_interpolated():
+    # reference B=4, S=100 -> linear scaling 400/B. Excess 27.5*16/400 - 1 = 0.1 at B=16 and
+    # 8.125*64/400 - 1 = 0.3 at B=64: 20% is halfway in log B between 16 and 64 -> B = 32.
+    z = cbs.zhang_cbs([4, 16, 64], [100.0, 27.5, 8.125])
+    assert z["excess"]["16"] == pytest.approx(0.1) and z["excess"]["64"] == pytest.approx(0.3)
+    assert z["cbs"] == pytest.approx(32.0)
+    assert cbs.zhang_cbs([4, 16], [100.0, 25.0])["above_grid"]          # perfect scaling: never exceeds
+
+
+# ---------------------------------------------------------------- best lr
+
+def test_best_per_batch_picks_lr_and_flags_edge():
+    rows = []
+    for lr, steps in ((1e-3, [100, 110]), (3e-3, [80, 90]), (1e-2, [None, 50])):
+        for seed, s in enumerate(steps):
+            rows.append({"method": "m", "batch_size": 32, "learning_rate": lr, "seed": seed, "steps": s})
+    for lr, steps in ((1e-3, [100]), (3e-3, [60])):
+        rows.append({"method": "m", "batch_size": 64, "learning_rate": lr, "seed": 0, "steps": steps[0]})
+    best = {b["batch_size"]: b for b in cbs.best_per_batch(rows)}
+    # 1e-2 has the fastest seed but missed on the other: an unreached seed counts as worst
+    assert best[32]["learning_rate"] == 3e-3 and not best[32]["lr_at_edge"]
+    assert best[32]["mean"] == pytest.approx(85.0) and best[32]["se"] == pytest.approx(5.0)
+    assert best[64]["learning_rate"] == 3e-3 and best[64]["lr_at_edge"] and best[64]["edge"] == "high"
+
+
+# ---------------------------------------------------------------- table
+
+def test_table_missing_column_and_empty_are_refused(tmp_path):
+    rows = _synthetic_rows(noise=0.0)
+    p = _write_csv(tmp_path / "t.csv", rows, ("method", "batch_size", "learning_rate", "seed", "target"))
+    with pytest.raises(ConfigError, match="steps_to_target"):
+        analyze_table(p)
+    p = _write_csv(tmp_path / "e.csv", [])
+    with pytest.raises(ConfigError, match="no rows"):
+        analyze_table(p)
+    bad = [dict(rows[0]), dict(rows[1], batch_size="sixteen")]
+    with pytest.raises(ConfigError, match="row 3.*batch_size"):
+        read_table(_write_csv(tmp_path / "b.csv", bad))
+
+
+def test_cli_table_json(tmp_path):
+    from gn.cli import main
+
+    rows = _synthetic_rows(noise=0.0)
+    rows.append(dict(rows[0], seed=9, steps_to_target=""))      # one unreached run
+    p = _write_csv(tmp_path / "t.csv", rows)
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(["analyze", "--table", str(p), "--json", "--out", str(tmp_path / "out")]) == 0
+    out = json.loads(buf.getvalue())
+    fit = out["methods"]["adamw"]["targets"]["3.5"]["fit"]
+    assert fit["S_min"] == pytest.approx(S_MIN, rel=1e-6) and fit["E_min"] == pytest.approx(E_MIN, rel=1e-6)
+    assert fit["B_crit"] == pytest.approx(64.0, rel=1e-6)
+    assert len(fit["B_crit_ci"]) == 2
+    assert (tmp_path / "out" / "analysis.json").is_file() and (tmp_path / "out" / "report.md").is_file()
+    assert main(["analyze", "--table", str(tmp_path / "missing.csv")]) == 2
+
+
+# ---------------------------------------------------------------- run directories
+
+def _fake_run(d, *, method, batch, lr, seed, curve, every=10, diverged=False, registered=None):
+    """A run directory as `gn train` writes it: config.yaml, metrics.jsonl, summary.json."""
+    d.mkdir(parents=True)
+    registered = registered or method
+    lr_key = "inner_learning_rate" if registered.startswith("gn") else "learning_rate"
+    (d / "config.yaml").write_text(yaml.safe_dump({
+        "train": {"batch_size": batch, "seed": seed, "target_losses": [3.5]},
+        "methods": [{"name": method, "learning_rate": lr}], "data": {"seq_len": 16}}))
+    lines = []
+    for i, loss in enumerate(curve):
+        step = i * every
+        lines.append({"step": step, "outer_step": float(step), "tokens": step * batch * 16, "aux_tokens": 0,
+                      "updates": step, "grad_evals": float(step), "wall_time_s": 0.1 * step, "train_loss": loss,
+                      "val_loss": loss})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (d / "summary.json").write_text(json.dumps({
+        "method": method, "registered_method": registered, "batch_size": batch, "seq_len": 16,
+        "hparams": {lr_key: lr}, "diverged": diverged, "family": "first_order"}))
+
+
+def test_analyze_runs_on_fake_dirs(tmp_path):
+    root = tmp_path / "sweep"
+    # batch 16: lr 1e-3 crosses 3.5 between 4.0 (step 10) and 3.0 (step 20) -> 15; lr 3e-3 crosses at 10
+    # exactly; lr 1e-2 diverged (its early curve would have been fastest)
+    for seed in (0, 1):
+        _fake_run(root / f"a16_lo_{seed}", method="adamw", batch=16, lr=1e-3, seed=seed, curve=[5, 4, 3, 2])
+        _fake_run(root / f"a16_mid_{seed}", method="adamw", batch=16, lr=3e-3, seed=seed, curve=[5, 3.5, 3, 2])
+        _fake_run(root / f"a16_hi_{seed}", method="adamw", batch=16, lr=1e-2, seed=seed, curve=[5, 3.0],
+                  diverged=True)
+        # batch 64: 3.75 at step 10, 3.25 at step 20 -> 3.5 halfway, step 15; a single lr is an edge
+        _fake_run(root / "b64" / f"s{seed}", method="adamw", batch=64, lr=3e-3, seed=seed, curve=[4.5, 3.75, 3.25])
+        _fake_run(root / f"g16_{seed}", method="gn", batch=16, lr=0.5, seed=seed, curve=[5, 3.4, 3], every=5)
+    res = analyze_runs([root], fixed_tokens=True, n_boot=50)
+    best = {e["batch_size"]: e for e in res["methods"]["adamw"]["targets"]["3.5"]["best"]}
+    assert best[16]["learning_rate"] == 3e-3 and best[16]["steps_mean"] == pytest.approx(10.0)
+    assert not best[16]["lr_at_edge"]
+    assert best[64]["steps_mean"] == pytest.approx(15.0) and best[64]["lr_at_edge"]
+    assert best[64]["tokens_mean"] == pytest.approx(15.0 * 64 * 16)
+    assert res["methods"]["adamw"]["n_diverged"] == 2 and res["counts"]["runs"] == 10
+    gn_best = res["methods"]["gn"]["targets"]["3.5"]["best"][0]
+    # 5 -> 3.4 over steps 0..5: 3.5 is reached 1.5/1.6 of the way
+    assert gn_best["steps_mean"] == pytest.approx(5 * 1.5 / 1.6)
+    assert res["ratios"]["3.5"]["adamw/gn"]["16"] == pytest.approx(10.0 / (5 * 1.5 / 1.6))
+    ft = {e["batch_size"]: e for e in res["fixed_tokens"]["adamw"]}
+    assert ft[16]["final_val_loss_mean"] == 2 and ft[16]["n_diverged"] == 0
+    files = write_outputs(res, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    assert saved["methods"]["adamw"]["targets"]["3.5"]["best"][0]["learning_rate"] == 3e-3
+    assert "B_crit" in (tmp_path / "out" / "report.md").read_text()
+    assert any(f.suffix == ".png" for f in files)
+
+
+def test_plot_failure_warns_and_keeps_json_and_report(tmp_path, monkeypatch):
+    from gn.studies import cbs_plots
+
+    def boom(*args):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(cbs_plots, "plot_best_lr", boom)
+    res = analyze_table(_write_csv(tmp_path / "t.csv", _synthetic_rows(noise=0.0)), n_boot=20)
+    with pytest.warns(UserWarning, match="best_lr.png"):
+        write_outputs(res, tmp_path / "out")
+    assert (tmp_path / "out" / "analysis.json").is_file() and (tmp_path / "out" / "report.md").is_file()
+    assert not (tmp_path / "out" / "best_lr.png").exists()
+    assert (tmp_path / "out" / "steps_vs_batch_3.5.png").is_file()
+
+
+def test_sweep_run_json_takes_precedence_and_cli_json_on_runs(tmp_path):
+    from gn.cli import main
+
+    root = tmp_path / "runs"
+    for i, (batch, curve) in enumerate(((8, [5, 4, 3]), (32, [5, 3.4, 3]))):
+        d = root / f"r{i}"
+        _fake_run(d, method="gn", batch=batch, lr=0.5, seed=0, curve=curve, registered="gn")
+        # the sweep groups these under its own display name, lr and seed
+        (d / "sweep_run.json").write_text(json.dumps({"method": "gn-cg", "batch_size": batch,
+                                                      "learning_rate": 0.25, "seed": 7}))
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(["analyze", str(root), "--json", "--targets", "3.5"]) == 0
+    out = json.loads(buf.getvalue())
+    assert list(out["methods"]) == ["gn-cg"]
+    best = out["methods"]["gn-cg"]["targets"]["3.5"]["best"]
+    assert [e["learning_rate"] for e in best] == [0.25, 0.25] and best[0]["seeds"] == [7]
+    assert [e["steps_mean"] for e in best] == pytest.approx([15.0, 10 * 1.5 / 1.6])
+    assert set(out["methods"]["gn-cg"]["targets"]["3.5"]["fit"]) >= {"S_min", "E_min", "B_crit", "B_crit_ci"}
+    assert (root / "analysis.json").is_file()          # default --out: the first input directory
+    assert main(["analyze", str(root), "--targets", "3.5,abc"]) == 2
