@@ -51,7 +51,10 @@ class TrainConfig:
     log_every: int = 1
     progress: bool = True
     init_from: str | None = None      # another run's workdir: start from its final parameters
-
+    # Early stops (used by `gn sweep`): a token budget (0 = none) and stopping
+    # after the evaluation at which every target loss has been reached.
+    max_tokens: int = 0
+    stop_at_target: bool = False
 
     def validate(self) -> None:
         """Raise ConfigError on invalid values."""
@@ -66,6 +69,9 @@ class TrainConfig:
                 f"train.ema_decay must be in [0, 1) (0 disables the EMA), got {self.ema_decay}.")
         for t in self.target_losses:
             require(math.isfinite(t) and t > 0, f"train.target_losses must be positive numbers, got {t}.")
+        require(self.max_tokens >= 0, f"train.max_tokens must be >= 0 (0 = no budget), got {self.max_tokens}.")
+        require(not self.stop_at_target or bool(self.target_losses),
+                "train.stop_at_target needs train.target_losses: there is no target to stop at.")
 
 
 @dataclasses.dataclass(frozen=True)

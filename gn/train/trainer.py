@@ -202,6 +202,7 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
     bar = _progress(run.steps, tcfg.progress, counters["step"], run.entry.name)
     last_val = next((r["val_loss"] for r in reversed(log.read()) if r.get("val_loss") is not None), float("nan"))
     diverged = False
+    stop_reason = "steps"
     edge_warned = False
     step_fn = method.step
     try:
@@ -235,6 +236,10 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
                 if ema_update is not None:
                     record["val_loss_ema"] = float(evaluate(state["ema"], val))
             log.append(record)
+            early = _early_stop(tcfg, record, log)      # train.max_tokens, train.stop_at_target
+            if early is not None:
+                stop_reason = early
+                break
             last_val = record.get("val_loss", last_val)
             if m.get("ls_at_edge") and not edge_warned:
                 edge_warned = True
@@ -260,6 +265,7 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
         **summarize(rows, tcfg.target_losses),
         "wall_time_s": counters["wall_time_s"],
         "diverged": diverged,
+        "stop_reason": "diverged" if diverged else stop_reason,
         "batch_size": run.batch_size,
         "seq_len": source.seq_len,
         "tokens_per_step": plan.train * tokens_per_batch,
@@ -278,6 +284,27 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
     except Exception as exc:  # a plot must never lose a finished run
         print(f"warning: could not write the loss plot: {exc}")
     return summary
+
+
+def _early_stop(tcfg, record: dict, log: MetricsLog) -> str | None:
+    """Why the run stops after this step's record, or None.
+
+    "max_tokens": the token budget is spent. "targets_reached": at an evaluation,
+    every target loss has been reached by every evaluated loss (raw and, with an
+    EMA, averaged), so no to-target number is lost. No checkpoint is written at an
+    early stop: a rerun recomputes the same steps from the last checkpoint and
+    stops at the same step.
+    """
+    if tcfg.max_tokens and record["tokens"] >= tcfg.max_tokens:
+        return "max_tokens"
+    if tcfg.stop_at_target and "val_loss" in record:
+        rows = log.read()
+        for key in ("val_loss", "val_loss_ema"):
+            seen = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+            if key in record and not all(seen and min(seen) <= t for t in tcfg.target_losses):
+                return None
+        return "targets_reached"
+    return None
 
 
 def _note(bar, text: str) -> None:
