@@ -247,7 +247,7 @@ def _lr_override(raw: Any) -> dict:
     """A method's `lr:` merged over the spec's: stating `values` or `center` replaces the other form."""
     out = _lr_base(raw)
     if "values" in out:
-        out = {"center": None, "base_batch": out.get("base_batch"), **out}
+        out = {"center": None, **out}      # base_batch stays: scale_b2 uses it
     elif "center" in out:
         out = {"values": None, **out}
     return out
