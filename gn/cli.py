@@ -45,6 +45,15 @@ def cmd_compare(args) -> None:
     print(f"wrote {workdir}/comparison.json, comparison.md, comparison.png")
 
 
+def cmd_sweep(args) -> None:
+    # Imported here, not at the top: keeps `gn --help` fast (no JAX import).
+    from gn.studies.sweep import main as sweep_main
+
+    only = [int(i) for i in args.only.split(",") if i.strip()] if args.only else None
+    sweep_main(args.spec, args.workdir, dry_run=args.dry_run, emit=args.emit, retry_failed=args.retry_failed,
+               only=only, max_runs=args.max_runs)
+
+
 def cmd_methods(args) -> None:
     from gn.methods import registry
 
@@ -104,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(c)
     c.add_argument("--methods", help="comma-separated subset of the config's methods")
     c.set_defaults(fn=cmd_compare)
+    sw = sub.add_parser("sweep", help="batch-size x learning-rate sweep from a spec (critical batch size)")
+    sw.add_argument("spec", help="sweep spec YAML (see gn/studies/spec.py)")
+    sw.add_argument("--workdir", help="sweep directory (default runs/<spec name>)")
+    sw.add_argument("--dry-run", action="store_true", help="print the table of runs and totals; run nothing")
+    sw.add_argument("--emit", choices=["slurm"], help="write SWEEP_DIR/sweep.sbatch (a job array) and the manifest")
+    sw.add_argument("--retry-failed", action="store_true", help="rerun failed and diverged runs")
+    sw.add_argument("--only", metavar="I,J", help="comma-separated manifest ids to run")
+    sw.add_argument("--max-runs", type=int, help="train at most this many runs, then stop")
+    sw.set_defaults(fn=cmd_sweep)
     m = sub.add_parser("methods", help="list registered methods, or one method's options")
     m.add_argument("name", nargs="?", help="a registered method: print its options with types and defaults")
     m.set_defaults(fn=cmd_methods)

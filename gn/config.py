@@ -52,7 +52,10 @@ class TrainConfig:
     log_every: int = 1
     progress: bool = True
     init_from: str | None = None      # another run's workdir: start from its final parameters
-
+    # Early stops (used by `gn sweep`): a token budget (0 = none) and stopping
+    # after the evaluation at which every target loss has been reached.
+    max_tokens: int = 0
+    stop_at_target: bool = False
 
     def validate(self) -> None:
         """Raise ConfigError on invalid values."""
@@ -67,6 +70,9 @@ class TrainConfig:
                 f"train.ema_decay must be in [0, 1) (0 disables the EMA), got {self.ema_decay}.")
         for t in self.target_losses:
             require(math.isfinite(t) and t > 0, f"train.target_losses must be positive numbers, got {t}.")
+        require(self.max_tokens >= 0, f"train.max_tokens must be >= 0 (0 = no budget), got {self.max_tokens}.")
+        require(not self.stop_at_target or bool(self.target_losses),
+                "train.stop_at_target needs train.target_losses: there is no target to stop at.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,14 +114,14 @@ class Config:
 def load_config(path: str | Path | None = None, *, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML config (deltas from the defaults), apply `key.path=value`
     overrides, validate, and return the resolved `Config`."""
-    raw = _read_yaml(Path(path)) if path is not None else {}
+    raw = read_config_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         apply_override(raw, item)
     return config_from_dict(raw)
 
 
-def _read_yaml(p: Path, seen: tuple = ()) -> dict:
-    """Read a config file; a top-level `base: other.yaml` (relative to this file)
+def read_config_yaml(p: Path, seen: tuple = ()) -> dict:
+    """Read a config file (raw, unvalidated); a top-level `base: other.yaml` (relative to this file)
     is read first and this file's keys are merged over it (lists replace)."""
     require(p.is_file(), f"Config file '{p}' does not exist.")
     require(p.resolve() not in seen, f"Config file '{p}' includes itself through 'base'.")
@@ -127,7 +133,7 @@ def _read_yaml(p: Path, seen: tuple = ()) -> dict:
     base = raw.pop("base", None)
     if base is None:
         return raw
-    return _merge(_read_yaml(p.parent / str(base), seen + (p.resolve(),)), raw)
+    return _merge(read_config_yaml(p.parent / str(base), seen + (p.resolve(),)), raw)
 
 
 def _merge(base: dict, delta: dict) -> dict:

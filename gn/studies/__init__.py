@@ -1,6 +1,10 @@
-"""Studies over finished runs: analyses that read run directories or tables and
-never train. `gn.studies.cbs` holds the numerics of the critical-batch-size
-analysis (pure numpy), `gn.studies.analyze` the `gn analyze` driver.
+"""Studies: batch-size sweeps that train (`gn sweep`) and analyses that read finished runs or
+tables and never train (`gn analyze`).
+
+- `spec`, `sweep`, `runner`: the sweep spec, its expansion into runs, the manifest, the
+  resumable local runner and the SLURM job array.
+- `cbs`: the numerics of the critical-batch-size analysis (pure numpy); `analyze`,
+  `report`, `cbs_plots`: the `gn analyze` driver, its markdown report and plots.
 
 Nothing is imported here so that `import gn.studies.cbs` stays light.
 """

@@ -174,6 +174,7 @@ class Session:
     ema_update: Any
     val: Any
     diverged: bool = False
+    stop_reason: str = "steps"
 
 
 def setup(run: Run, workdir: Path) -> Session:
@@ -267,6 +268,10 @@ def loop(sess: Session) -> None:
                 if sess.ema_update is not None:
                     record["val_loss_ema"] = float(sess.evaluate(sess.state["ema"], sess.val))
             sess.log.append(record)
+            early = _early_stop(tcfg, record, sess.log)      # train.max_tokens, train.stop_at_target
+            if early is not None:
+                sess.stop_reason = early
+                break
             last_val = record.get("val_loss", last_val)
             for note in method.notes(step, m):
                 _note(bar, note)
@@ -296,6 +301,7 @@ def finish(sess: Session) -> dict:
         **method.summarize(rows),
         "wall_time_s": c["wall_time_s"],
         "diverged": sess.diverged,
+        "stop_reason": "diverged" if sess.diverged else sess.stop_reason,
         "batch_size": run.batch_size,
         "seq_len": run.source.seq_len,
         "tokens_per_step": plan.train * plan.micro_batch * run.source.seq_len,
@@ -314,6 +320,25 @@ def finish(sess: Session) -> dict:
     except Exception as exc:  # a plot must never lose a finished run
         print(f"warning: could not write the loss plot: {exc}")
     return summary
+
+
+def _early_stop(tcfg, record: dict, log: MetricsLog) -> str | None:
+    """Why the run stops after this step's record, or None.
+
+    "max_tokens": the token budget is spent. "targets_reached": at an evaluation,
+    every target loss has been reached by every evaluated loss (raw and, with an
+    EMA, averaged), so no to-target number is lost.
+    """
+    if tcfg.max_tokens and record["tokens"] >= tcfg.max_tokens:
+        return "max_tokens"
+    if tcfg.stop_at_target and "val_loss" in record:
+        rows = log.read()
+        for key in ("val_loss", "val_loss_ema"):
+            seen = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+            if key in record and not all(seen and min(seen) <= t for t in tcfg.target_losses):
+                return None
+        return "targets_reached"
+    return None
 
 
 def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None = None) -> dict:

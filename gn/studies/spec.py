@@ -1,0 +1,333 @@
+"""The sweep spec: a frozen, validated description of a batch-size × learning-rate study.
+
+A spec YAML (unknown keys are errors, with the nearest valid key suggested):
+
+    base: ../configs/synthetic.yaml   # a config path relative to the spec, or
+    config: {...}                     # an inline config mapping (exactly one of the two)
+    tokens: 2000000                   # training-token budget per run: train.steps = ceil(tokens / (B·seq_len))
+    batch_sizes: [64, 128, 256]       # sequences per outer step
+    seeds: [0, 1]
+    lr: {center: 3.0e-3, base_batch: 64, points: 3, factor: 2}   # or {values: [...]}; power from the method
+    warmup_tokens: 65536              # fixed warmup in tokens, converted to warmup_steps per batch size
+    scale_b2: false                   # true: b2' = b2^(B/B0), the half-life of the second moment constant in tokens
+    schedule: constant                # constant lr after warmup (no horizon), or cosine / wsd (tied to the horizon)
+    ema_halflife_updates: 20          # weight averaging, evaluated at every evaluation (train.ema_decay)
+    eval_every_tokens: 0              # > 0: evaluate every this many tokens at every batch size
+    targets: [2.0, 1.5]               # train.target_losses
+    stop_at_target: true              # stop a run after the evaluation that reaches every target
+    vary: {train.grad_accum: [1, 2], methods.adamw.weight_decay: [0.0, 0.1]}
+    slurm: {time: "02:00:00", gpus: 1}  # extra `#SBATCH --key=value` lines for --emit slurm
+    methods:
+      - name: adamw                   # display name; `method:` the registered name (default: name)
+        weight_decay: 0.1             # any other key is a fixed hyperparameter of the method
+        lr: {center: 1.0e-3}          # merged over the spec-level rule
+      - name: gn
+        b_inner: 32                   # GN: inner_steps = B / b_inner; the lr grid is inner_learning_rate
+        batch_sizes: [256, 512]       # per-method grid overrides: batch_sizes, seeds, lr, vary
+        vary: {ls_grid: [5, 10]}
+
+The lr centre at batch B is lr0·(B/B0)^p: p = 0.5 for Adam-like and Muon-like
+methods, 1.0 for SGD-like ones (sgd, lars), 0.0 for Gauss-Newton (its inner
+batch b_inner is fixed; the batch grows through the number of inner steps), unless
+the rule states `power`. The base config's own `methods:` list is replaced by
+the sweep's.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from gn.errors import ConfigError, require, suggest
+
+SPEC_KEYS = ("base", "config", "methods", "batch_sizes", "seeds", "tokens", "lr", "warmup_tokens", "scale_b2",
+             "schedule", "ema_halflife_updates", "eval_every_tokens", "targets", "stop_at_target", "vary", "slurm")
+ENTRY_KEYS = ("name", "method", "lr", "b_inner", "batch_sizes", "seeds", "vary")
+LR_KEYS = ("center", "base_batch", "power", "points", "factor", "values")
+SECTIONS = ("model", "data", "train")
+GN_FAMILY = "gauss_newton"
+SGD_LIKE = ("sgd", "lars")          # lr ∝ B (linear scaling); every other non-GN method: lr ∝ √B
+HORIZON_SCHEDULES = ("cosine", "wsd", "global_cosine", "global_inner_cosine")
+
+
+def default_power(registered: str, family: str) -> float:
+    """The exponent p of the lr rule lr0·(B/B0)^p for a registered method."""
+    if family == GN_FAMILY:
+        return 0.0
+    return 1.0 if registered in SGD_LIKE else 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class LrRule:
+    """Learning rates per batch size: an explicit list, or `points` values spaced
+    by `factor` around the centre lr0·(B/B0)^p."""
+
+    values: tuple[float, ...] = ()
+    center: float | None = None
+    base_batch: int | None = None
+    power: float = 0.5
+    points: int = 1
+    factor: float = 2.0
+
+    def grid(self, batch_size: int) -> tuple[float, ...]:
+        """The learning rates tried at `batch_size` (rounded to 6 significant digits)."""
+        if self.values:
+            return tuple(self.values)
+        mid = self.center * (batch_size / self.base_batch) ** self.power
+        return tuple(_round(mid * self.factor ** (i - (self.points - 1) / 2)) for i in range(self.points))
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepMethod:
+    """One method of the sweep with its own grids."""
+
+    name: str
+    registered: str
+    family: str
+    options: Mapping[str, Any]               # fixed hyperparameters, set directly in the run's entry
+    lr: LrRule
+    batch_sizes: tuple[int, ...]
+    seeds: tuple[int, ...]
+    vary: tuple[tuple[str, tuple], ...]      # (option name or section.key, values)
+    b_inner: int | None = None
+
+    @property
+    def is_gn(self) -> bool:
+        return self.family == GN_FAMILY
+
+    @property
+    def lr_key(self) -> str:
+        """The hyperparameter the lr grid sets."""
+        return "inner_learning_rate" if self.is_gn else "learning_rate"
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """A whole sweep: the base config (raw, without methods) and the methods' grids."""
+
+    name: str
+    base: Mapping[str, Any]
+    seq_len: int
+    methods: tuple[SweepMethod, ...]
+    tokens: int
+    warmup_tokens: int = 0
+    scale_b2: bool = False
+    schedule: str = "constant"
+    ema_halflife_updates: float = 0.0
+    eval_every_tokens: int = 0
+    targets: tuple[float, ...] = ()
+    stop_at_target: bool = False
+    slurm: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a sweep spec YAML."""
+    p = Path(path)
+    require(p.is_file(), f"Sweep spec '{p}' does not exist.")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Sweep spec '{p}' is not valid YAML: {exc}") from None
+    require(isinstance(raw, dict), f"Sweep spec '{p}' must hold a mapping at the top level.")
+    return spec_from_dict(raw, root=p.parent, name=p.stem)
+
+
+def spec_from_dict(raw: Mapping[str, Any], *, root: Path = Path("."), name: str = "sweep") -> SweepSpec:
+    """Build a SweepSpec from a raw mapping; `root` resolves a relative `base:` path."""
+    from gn.config import config_from_dict
+
+    _check(raw, SPEC_KEYS, "sweep spec")
+    base = _base_config(raw, root)
+    seq_len = config_from_dict(base).data.seq_len       # the base itself must be a valid config
+    tokens = _int(raw.get("tokens"), "tokens", minimum=1)
+    schedule = raw.get("schedule", "constant")
+    require(isinstance(schedule, str), f"'schedule' must be a schedule name, got {schedule!r}.")
+    targets = tuple(_num(t, "targets") for t in _list(raw.get("targets", []), "targets", allow_empty=True))
+    stop = raw.get("stop_at_target", False)
+    require(isinstance(stop, bool), f"'stop_at_target' must be true or false, got {stop!r}.")
+    require(not stop or targets or base.get("train", {}).get("target_losses"),
+            "'stop_at_target: true' needs 'targets' (or train.target_losses in the base config).")
+    scale_b2 = raw.get("scale_b2", False)
+    require(isinstance(scale_b2, bool), f"'scale_b2' must be true or false, got {scale_b2!r}.")
+    slurm = raw.get("slurm") or {}
+    require(isinstance(slurm, Mapping), "'slurm' must be a mapping of sbatch options.")
+    entries = _list(raw.get("methods"), "methods")
+    vary = _vary(raw.get("vary") or {}, "vary", allow_sections=True)
+    methods = tuple(_method(e, i, raw, vary) for i, e in enumerate(entries))
+    names = [m.name for m in methods]
+    require(len(set(names)) == len(names), f"Method names in the sweep must be unique, got {names}.")
+    for key, _ in vary:
+        if key.startswith("methods."):
+            target = key.split(".")[1]
+            require(target in names, f"vary key '{key}' names no sweep method.{suggest(target, names)} "
+                                     f"Methods: {', '.join(names)}.")
+    return SweepSpec(
+        name=name, base=base, seq_len=seq_len, methods=methods, tokens=tokens,
+        warmup_tokens=_int(raw.get("warmup_tokens", 0), "warmup_tokens", minimum=0), scale_b2=scale_b2,
+        schedule=schedule, ema_halflife_updates=_num(raw.get("ema_halflife_updates", 0), "ema_halflife_updates",
+                                                     minimum=0.0),
+        eval_every_tokens=_int(raw.get("eval_every_tokens", 0), "eval_every_tokens", minimum=0),
+        targets=targets, stop_at_target=stop, slurm={str(k): str(v) for k, v in slurm.items()})
+
+
+def _base_config(raw: Mapping, root: Path) -> dict:
+    from gn.config import read_config_yaml   # follows a config's own `base:` chain
+
+    require(("base" in raw) != ("config" in raw),
+            "A sweep spec needs exactly one of 'base' (a config path relative to the spec) or 'config' "
+            "(an inline config mapping).")
+    if "base" in raw:
+        path = root / str(raw["base"])
+        require(path.is_file(), f"Sweep base config '{path}' does not exist ('base' is relative to the spec file).")
+        base = read_config_yaml(path)
+    else:
+        require(isinstance(raw["config"], Mapping), "'config' must be a config mapping.")
+        base = copy.deepcopy(dict(raw["config"]))
+    base.pop("methods", None)          # replaced by the sweep's methods
+    return base
+
+
+def _method(entry: Any, i: int, spec: Mapping, global_vary: tuple) -> SweepMethod:
+    from gn.methods import registry
+
+    where = f"methods[{i}]"
+    require(isinstance(entry, Mapping) and isinstance(entry.get("name"), str) and entry["name"],
+            f"'{where}' must be a mapping with a non-empty 'name', got {entry!r}.")
+    name = entry["name"]
+    where = f"methods.{name}"
+    reg = registry.get(entry.get("method", name))
+    require("batch_size" not in entry, f"{where}: 'batch_size' is set by the sweep; use 'batch_sizes: [...]'.")
+    options = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+    base_entry = registry.resolve_entry({"name": name, "method": reg.name, **options}, where=where)
+    known = base_entry.hparams.to_dict()
+    gn = reg.family == GN_FAMILY
+    managed = ("inner_learning_rate", "inner_steps") if gn else ("learning_rate",)
+    for key in managed:
+        require(key not in options, f"{where}: '{key}' is set by the sweep (the lr grid, or B / b_inner); remove it.")
+    require("warmup_steps" not in options or not spec.get("warmup_tokens"),
+            f"{where}: 'warmup_steps' conflicts with the spec's 'warmup_tokens'.")
+    b_inner = entry.get("b_inner")
+    if gn:
+        b_inner = _int(b_inner, f"{where}.b_inner", minimum=1)
+    else:
+        require(b_inner is None, f"{where}: 'b_inner' applies to Gauss-Newton methods only ('{reg.name}' is "
+                                 f"{reg.family}).")
+    lr = _lr_rule({**_lr_base(spec.get("lr")), **_lr_override(entry.get("lr"))}, where, reg.name, reg.family)
+    vary = _vary(entry.get("vary") or {}, f"{where}.vary", allow_sections=False)
+    vary += tuple((k.split(".", 2)[2], v) for k, v in global_vary if k.startswith(f"methods.{name}."))
+    vary += tuple((k, v) for k, v in global_vary if not k.startswith("methods."))
+    for key, _ in vary:
+        if "." not in key:
+            require(key in known, f"{where}.vary: unknown hyperparameter '{key}' for method "
+                                               f"'{reg.name}'.{suggest(key, known)}")
+            require(key not in ("learning_rate", "inner_learning_rate", "inner_steps", "batch_size"),
+                    f"{where}.vary: '{key}' is set by the sweep's own grids.")
+    batch_sizes = tuple(_int(b, f"{where}.batch_sizes", minimum=1)
+                        for b in _list(entry.get("batch_sizes", spec.get("batch_sizes")), f"{where}.batch_sizes"))
+    if gn:
+        bad = [b for b in batch_sizes if b % b_inner]
+        require(not bad, f"{where}: batch sizes {bad} are not divisible by b_inner ({b_inner}); "
+                         f"a GN outer step reads B / b_inner inner batches.")
+    seeds = tuple(_int(s, f"{where}.seeds", minimum=0)
+                  for s in _list(entry.get("seeds", spec.get("seeds", [0])), f"{where}.seeds"))
+    return SweepMethod(name=name, registered=reg.name, family=reg.family, options=options, lr=lr,
+                       batch_sizes=batch_sizes, seeds=seeds, vary=vary, b_inner=b_inner)
+
+
+def _lr_base(raw: Any) -> dict:
+    require(raw is None or isinstance(raw, Mapping), f"'lr' must be a mapping ({', '.join(LR_KEYS)}), got {raw!r}.")
+    return dict(raw or {})
+
+
+def _lr_override(raw: Any) -> dict:
+    """A method's `lr:` merged over the spec's: stating `values` or `center` replaces the other form."""
+    out = _lr_base(raw)
+    if "values" in out:
+        out = {"center": None, **out}      # base_batch stays: scale_b2 uses it
+    elif "center" in out:
+        out = {"values": None, **out}
+    return out
+
+
+def _lr_rule(raw: dict, where: str, registered: str, family: str) -> LrRule:
+    _check(raw, LR_KEYS, f"{where}.lr")
+    raw = {k: v for k, v in raw.items() if v is not None}
+    require(("values" in raw) != ("center" in raw),
+            f"{where}.lr needs exactly one of 'values' (a list) or 'center' (with base_batch), got {raw}.")
+    power = _num(raw.get("power", default_power(registered, family)), f"{where}.lr.power")
+    base_batch = raw.get("base_batch")
+    base_batch = None if base_batch is None else _int(base_batch, f"{where}.lr.base_batch", minimum=1)
+    if "values" in raw:
+        values = tuple(_num(v, f"{where}.lr.values", minimum=0.0, strict=True)
+                       for v in _list(raw["values"], f"{where}.lr.values"))
+        return LrRule(values=values, base_batch=base_batch, power=power)
+    require(base_batch is not None, f"{where}.lr: 'center' needs 'base_batch' (the batch B0 at which lr0 holds).")
+    points = _int(raw.get("points", 1), f"{where}.lr.points", minimum=1)
+    factor = _num(raw.get("factor", 2.0), f"{where}.lr.factor")
+    require(factor > 1.0, f"{where}.lr.factor must be > 1, got {factor}.")
+    return LrRule(center=_num(raw["center"], f"{where}.lr.center", minimum=0.0, strict=True), base_batch=base_batch,
+                  power=power, points=points, factor=factor)
+
+
+def _vary(raw: Any, where: str, *, allow_sections: bool) -> tuple[tuple[str, tuple], ...]:
+    require(isinstance(raw, Mapping), f"'{where}' must be a mapping of key -> list of values.")
+    out = []
+    for key, values in raw.items():
+        key = str(key)
+        head = key.split(".")[0]
+        if allow_sections:
+            require(head in SECTIONS + ("methods",) and key.count(".") >= (2 if head == "methods" else 1),
+                    f"{where}: key '{key}' must look like train.<key>, model.<key>, data.<key> or "
+                    f"methods.<name>.<key>.")
+            require(key not in ("train.batch_size", "train.steps", "train.seed", "train.target_losses",
+                                "train.stop_at_target", "train.ema_decay", "train.eval_every"),
+                    f"{where}: '{key}' is set by the sweep itself (batch_sizes, tokens, seeds, targets, ...).")
+        else:
+            require("." not in key, f"{where}: key '{key}' must be a hyperparameter name of the method.")
+        out.append((key, tuple(_list(values, f"{where}.{key}"))))
+    return tuple(out)
+
+
+def _check(raw: Mapping, valid: tuple, where: str) -> None:
+    for key in raw:
+        require(key in valid, f"Unknown key '{key}' in {where}.{suggest(str(key), valid)} "
+                              f"Valid keys: {', '.join(valid)}.")
+
+
+def _list(value: Any, where: str, *, allow_empty: bool = False) -> list:
+    require(value is not None, f"'{where}' is required (a list).")
+    require(isinstance(value, (list, tuple)), f"'{where}' must be a list, got {value!r}.")
+    require(allow_empty or len(value) > 0, f"'{where}' is an empty grid: give at least one value.")
+    return list(value)
+
+
+def _int(value: Any, where: str, *, minimum: int) -> int:
+    require(value is not None, f"'{where}' is required.")
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(value, float) and value.is_integer():
+        value, ok = int(value), True
+    require(ok and value >= minimum, f"'{where}' must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def _num(value: Any, where: str, *, minimum: float | None = None, strict: bool = False) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)   # YAML reads 3e-3 (no dot) as a string
+        except ValueError:
+            pass
+    require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+            f"'{where}' must be a number, got {value!r}.")
+    if minimum is not None:
+        require(value > minimum if strict else value >= minimum,
+                f"'{where}' must be {'>' if strict else '>='} {minimum}, got {value}.")
+    return float(value)
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.6g}")

@@ -1,0 +1,286 @@
+"""`gn sweep`: critical-batch-size sweeps and large-batch studies from one spec.
+
+A spec (see `gn.studies.spec` for every key) expands into runs: methods ×
+batch sizes × learning rates (a grid around lr0·(B/B0)^p per batch size) ×
+seeds × `vary` values. Each run is a fully resolved single-method config,
+validated before anything runs, in its own directory named readably plus a
+hash of the config (`adamw_B16_lr3e-3_s0_1a2b3c4d`), so the same spec always
+maps to the same directories and reruns skip what is finished:
+
+    SWEEP_DIR/manifest.jsonl          one line per run: id, workdir, method, batch_size, learning_rate,
+                                      seed, tokens, est_cost and its `gn train ...` command
+    SWEEP_DIR/sweep.sbatch            (--emit slurm) a requeueable job array over the manifest
+    SWEEP_DIR/RUN/config_in.yaml      the resolved input config
+    SWEEP_DIR/RUN/status.json         pending / running / finished / diverged / failed
+    SWEEP_DIR/RUN/sweep_run.json      at the end: method, batch_size, learning_rate, seed, status, reason, ...
+    SWEEP_DIR/RUN/...                 the trainer's outputs (metrics.jsonl, summary.json, checkpoints/)
+
+Sweeps default to a constant learning rate after a warmup fixed in tokens, so
+one run serves every horizon (a `schedule: cosine` spec ties the schedule to the
+token budget, and the run record says `schedule_tied_to_horizon: true`). For
+Gauss-Newton methods the lr grid is the inner learning rate and the batch grows
+through inner_steps = B / b_inner at a fixed b_inner.
+
+Example (about 1-2 minutes on a CPU; 2 methods × 2 batch sizes × 2 lrs):
+
+    gn sweep experiments/cbs_small.yaml --dry-run          # the table of runs and totals
+    gn sweep experiments/cbs_small.yaml                    # run locally -> runs/cbs_small/
+    gn sweep experiments/cbs_small.yaml --emit slurm       # runs/cbs_small/sweep.sbatch; sbatch it
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import re
+import shlex
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from gn.errors import ConfigError, require
+from gn.studies.spec import HORIZON_SCHEDULES, SweepMethod, SweepSpec, load_spec
+
+MANIFEST = "manifest.jsonl"
+SBATCH = "sweep.sbatch"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """One resolved run of a sweep."""
+
+    id: int
+    name: str                       # directory name: readable + hash of the resolved config
+    method: str                     # display name (the config's single methods entry)
+    registered_method: str
+    family: str
+    batch_size: int
+    learning_rate: float            # for GN methods: inner_learning_rate
+    seed: int
+    steps: int
+    tokens: int
+    est_cost: float                 # gradient-token equivalents (line-search forwards count 1/3)
+    vary: Mapping[str, Any]
+    config: Mapping[str, Any]       # the fully resolved raw config (Config.to_dict())
+    schedule_tied_to_horizon: bool
+    warmup_steps: int | None        # None: the method has no warmup_steps
+
+    def command(self, sweep_dir: Path) -> str:
+        """The `gn train` command line that runs (or resumes) this run."""
+        d = sweep_dir / self.name
+        return shlex.join(["gn", "train", str(d / "config_in.yaml"), "--method", self.method, "--workdir", str(d)])
+
+
+def expand(spec: SweepSpec) -> list[RunPlan]:
+    """Every run of the spec, each validated through `config_from_dict` (ConfigError on a bad spec)."""
+    runs: list[RunPlan] = []
+    for m in spec.methods:
+        keys = [k for k, _ in m.vary]
+        for B, seed in itertools.product(m.batch_sizes, m.seeds):
+            for lr, combo in itertools.product(m.lr.grid(B), itertools.product(*(v for _, v in m.vary))):
+                runs.append(_resolve(spec, m, B, lr, seed, dict(zip(keys, combo)), len(runs)))
+    names = [r.name for r in runs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    require(not dup, f"The sweep lists identical runs twice: {', '.join(dup)}.")
+    return runs
+
+
+def _resolve(spec: SweepSpec, m: SweepMethod, B: int, lr: float, seed: int, vary: dict, index: int) -> RunPlan:
+    from gn.config import config_from_dict
+    from gn.methods import registry
+
+    tokens_per_step = B * spec.seq_len
+    steps = math.ceil(spec.tokens / tokens_per_step)
+    raw = copy.deepcopy(dict(spec.base))
+    train = raw.setdefault("train", {})
+    train.update(batch_size=B, steps=steps, seed=seed, progress=False)   # the runner prints its own progress
+    if spec.targets:
+        train["target_losses"] = list(spec.targets)
+    if spec.stop_at_target:
+        train["stop_at_target"] = True
+    if spec.ema_halflife_updates > 0:
+        train["ema_decay"] = 0.5 ** (1.0 / spec.ema_halflife_updates)
+    if spec.eval_every_tokens > 0:
+        train["eval_every"] = max(1, round(spec.eval_every_tokens / tokens_per_step))
+    defaults = registry.resolve_entry({"name": m.name, "method": m.registered}).hparams.to_dict()
+    entry = {"name": m.name, "method": m.registered, **m.options}
+    for key, value in vary.items():
+        if "." in key:
+            section, _, rest = key.partition(".")
+            raw.setdefault(section, {})[rest] = value
+        else:
+            entry[key] = value
+    entry[m.lr_key] = lr
+    if m.is_gn:
+        entry["inner_steps"] = B // m.b_inner
+    if "schedule" in defaults and "schedule" not in entry:
+        entry["schedule"] = spec.schedule
+    warmup = None
+    if "warmup_steps" in defaults:
+        warmup = round(spec.warmup_tokens / tokens_per_step) if spec.warmup_tokens else entry.get(
+            "warmup_steps", defaults["warmup_steps"])
+        entry["warmup_steps"] = warmup
+    if spec.scale_b2:
+        _scale_b2(entry, defaults, B, m)
+    raw["methods"] = [entry]
+    label = f"{m.name}_B{B}_lr{_fmt(lr)}_s{seed}" + "".join(f"_{_slug(k)}{_fmt(v)}" for k, v in vary.items())
+    try:
+        cfg = config_from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"Sweep run {label}: {exc}") from None
+    resolved = cfg.to_dict()
+    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    hp = cfg.methods[0].hparams.to_dict()
+    sched = hp.get("inner_schedule") if m.is_gn else hp.get("schedule")
+    return RunPlan(id=index, name=f"{label}_{digest}", method=m.name, registered_method=m.registered,
+                   family=m.family, batch_size=B, learning_rate=lr, seed=seed, steps=steps,
+                   tokens=steps * tokens_per_step, est_cost=_cost(steps * tokens_per_step, hp, m),
+                   vary=vary, config=resolved, schedule_tied_to_horizon=sched in HORIZON_SCHEDULES,
+                   warmup_steps=warmup)
+
+
+def _scale_b2(entry: dict, defaults: Mapping, B: int, m: SweepMethod) -> None:
+    """b2' = b2^(B/B0): the second moment's half-life stays constant in tokens."""
+    keys = [k for k in ("b2", "adam_b2") if k in defaults]
+    if not keys:
+        return
+    require(m.lr.base_batch is not None,
+            f"methods.{m.name}: scale_b2 needs lr.base_batch (the batch B0 at which b2 holds).")
+    for key in keys:
+        entry[key] = float(f"{entry.get(key, defaults[key]) ** (B / m.lr.base_batch):.8g}")
+
+
+def _cost(tokens: int, hp: Mapping, m: SweepMethod) -> float:
+    """Rough cost in gradient-token equivalents: GN adds its line search
+    (ls_batches batches of b_inner, ls_grid forward passes each, a forward ≈ 1/3 of a gradient)."""
+    if not m.is_gn:
+        return float(tokens)
+    inner = hp["inner_steps"]
+    return float(tokens * (1.0 + hp["ls_batches"] * hp["ls_grid"] / (3.0 * inner)))
+
+
+def _fmt(v: Any) -> str:
+    """Short, filename-safe value text: 0.003 -> 3e-3, 0.0125 -> 1.25e-2, 512 -> 512."""
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 0.1 or abs(v) >= 1e4):
+            mant, exp = f"{v:.3e}".split("e")
+            return f"{mant.rstrip('0').rstrip('.')}e{int(exp)}"
+        return f"{v:g}"
+    return re.sub(r"[^A-Za-z0-9.+-]", "-", str(v))
+
+
+def _slug(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", key.split(".")[-1])
+
+
+# ---------------------------------------------------------------------------
+# Manifest, dry-run table, SLURM
+
+
+def manifest_rows(runs: list[RunPlan], sweep_dir: Path) -> list[dict]:
+    """The manifest's lines (the local runner and the SLURM array read the same file)."""
+    return [{"id": r.id, "name": r.name, "workdir": str(sweep_dir / r.name), "method": r.method,
+             "registered_method": r.registered_method, "batch_size": r.batch_size,
+             "learning_rate": r.learning_rate, "seed": r.seed, "steps": r.steps, "tokens": r.tokens,
+             "est_cost": r.est_cost, "vary": dict(r.vary), "schedule_tied_to_horizon": r.schedule_tied_to_horizon,
+             "warmup_steps": r.warmup_steps, "command": r.command(sweep_dir)} for r in runs]
+
+
+def write_sweep(runs: list[RunPlan], sweep_dir: Path) -> list[dict]:
+    """Write the manifest and every run's config_in.yaml (and a pending status.json for new runs)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    rows = manifest_rows(runs, sweep_dir)
+    for r in runs:
+        d = sweep_dir / r.name
+        d.mkdir(exist_ok=True)
+        (d / "config_in.yaml").write_text(yaml.safe_dump(dict(r.config), sort_keys=False))
+        if not (d / "status.json").exists():
+            (d / "status.json").write_text(json.dumps({"status": "pending"}))
+    tmp = sweep_dir / (MANIFEST + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.replace(sweep_dir / MANIFEST)
+    return rows
+
+
+def read_manifest(sweep_dir: Path) -> list[dict]:
+    """The manifest's rows, in order."""
+    path = Path(sweep_dir) / MANIFEST
+    require(path.is_file(), f"No sweep manifest at '{path}'.")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def format_table(runs: list[RunPlan]) -> str:
+    """The dry-run table: one line per run, then totals."""
+    head = f"{'id':>4}  {'method':<14} {'B':>6} {'lr':>9} {'seed':>4} {'steps':>7} {'tokens':>12} {'cost':>12}  run"
+    lines = [head, "-" * len(head)]
+    for r in runs:
+        lines.append(f"{r.id:>4}  {r.method:<14} {r.batch_size:>6} {r.learning_rate:>9.3g} {r.seed:>4} "
+                     f"{r.steps:>7} {r.tokens:>12,} {r.est_cost:>12,.0f}  {r.name}")
+    lines.append(f"{len(runs)} runs, {sum(r.steps for r in runs):,} steps, {sum(r.tokens for r in runs):,} "
+                 f"training tokens, est. cost {sum(r.est_cost for r in runs):,.0f} gradient-token equivalents")
+    return "\n".join(lines)
+
+
+def sbatch_script(spec: SweepSpec, sweep_dir: Path, n: int, cwd: Path) -> str:
+    """A requeueable SLURM job array: index i runs manifest line i's `gn train` command.
+
+    `gn train` resumes from the run's checkpoints, so a requeued task continues;
+    a task whose run already wrote summary.json (finished, stopped early or
+    diverged) exits at once.
+    """
+    extra = "".join(f"#SBATCH --{k}={v}\n" for k, v in spec.slurm.items())
+    manifest = shlex.quote(str(sweep_dir / MANIFEST))
+    logs = sweep_dir / "slurm"
+    return f"""#!/bin/bash
+#SBATCH --job-name=gn-{spec.name}
+#SBATCH --array=0-{n - 1}
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output={logs}/%A_%a.out
+{extra}# Generated by `gn sweep --emit slurm`; the local runner reads the same manifest.
+# Set GN_PLATFORMS (e.g. cuda) in the submitting environment for accelerators.
+set -euo pipefail
+cd {shlex.quote(str(cwd))}
+LINE=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {manifest})
+RUN=$(printf '%s' "$LINE" | python -c 'import json,sys; print(json.load(sys.stdin)["workdir"])')
+CMD=$(printf '%s' "$LINE" | python -c 'import json,sys; print(json.load(sys.stdin)["command"])')
+if [ -f "$RUN/summary.json" ]; then echo "$RUN is finished"; exit 0; fi
+echo "$CMD"
+eval "$CMD"
+"""
+
+
+def emit_slurm(spec: SweepSpec, runs: list[RunPlan], sweep_dir: Path) -> Path:
+    """Write the manifest, the run configs and SWEEP_DIR/sweep.sbatch."""
+    require(bool(runs), "The sweep has no runs to emit.")
+    write_sweep(runs, sweep_dir)
+    (sweep_dir / "slurm").mkdir(exist_ok=True)
+    path = sweep_dir / SBATCH
+    path.write_text(sbatch_script(spec, sweep_dir, len(runs), Path.cwd()))
+    path.chmod(0o755)
+    return path
+
+
+def main(spec_path: str, workdir: str | None = None, *, dry_run: bool = False, emit: str | None = None,
+         retry_failed: bool = False, only: list[int] | None = None, max_runs: int | None = None) -> list:
+    """The `gn sweep` command: expand, then dry-run, emit or run locally."""
+    spec = load_spec(spec_path)
+    sweep_dir = Path(workdir) if workdir else Path("runs") / spec.name
+    runs = expand(spec)
+    if dry_run:
+        print(format_table(runs))
+        return runs
+    if emit is not None:
+        require(emit == "slurm", f"--emit supports 'slurm' only, got '{emit}'.")
+        path = emit_slurm(spec, runs, sweep_dir)
+        print(f"wrote {sweep_dir / MANIFEST} ({len(runs)} runs) and {path}; submit with: sbatch {path}")
+        return runs
+    from gn.studies.runner import run_manifest
+
+    write_sweep(runs, sweep_dir)
+    return run_manifest(sweep_dir, retry_failed=retry_failed, only=only, max_runs=max_runs)

@@ -1,0 +1,269 @@
+"""`gn sweep`: lr rules, expansion, bad specs, manifest/SLURM, resume, and the trainer's early stops."""
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gn.config import config_from_dict
+from gn.errors import ConfigError
+from gn.studies import runner as runner_mod
+from gn.studies import sweep as sweep_mod
+from gn.studies.spec import LrRule, default_power, spec_from_dict
+from gn.train.trainer import train
+
+BASE = {
+    "model": {"preset": "nano", "hidden": 32, "layers": 1, "heads": 2, "ffn": 64, "max_seq_len": 64},
+    "data": {"source": "synthetic", "seq_len": 16, "val_sequences": 8,
+             "synthetic": {"vocab_size": 16, "order": 1, "support": 3}},
+    "train": {"eval_every": 1, "eval_batch_size": 4, "checkpoint_every": 1},
+}
+
+
+def _spec(**over):
+    raw = {"config": BASE, "tokens": 128, "batch_sizes": [4, 8], "seeds": [0],
+           "lr": {"center": 1e-2, "base_batch": 4, "points": 2, "factor": 2},
+           "methods": [{"name": "adamw"}]}
+    raw.update(over)
+    return raw
+
+
+def _expand(**over):
+    return sweep_mod.expand(spec_from_dict(_spec(**over)))
+
+
+# --- lr rule -----------------------------------------------------------------
+
+def test_lr_rule_centre_points_and_list():
+    rule = LrRule(center=1e-2, base_batch=4, power=0.5, points=3, factor=2.0)
+    assert rule.grid(16) == pytest.approx((1e-2, 2e-2, 4e-2))            # centre 1e-2·(16/4)^0.5 = 2e-2
+    assert LrRule(center=1e-2, base_batch=4, power=1.0, points=1).grid(16) == pytest.approx((4e-2,))
+    assert LrRule(values=(1e-3, 3e-3)).grid(512) == (1e-3, 3e-3)
+    two = LrRule(center=1.0, base_batch=1, power=0.0, points=2, factor=4.0).grid(7)
+    assert two == pytest.approx((0.5, 2.0))
+
+
+def test_lr_power_by_family():
+    assert default_power("adamw", "first_order") == 0.5
+    assert default_power("muon", "first_order") == 0.5
+    assert default_power("sgd", "first_order") == 1.0 and default_power("lars", "first_order") == 1.0
+    assert default_power("gn", "gauss_newton") == 0.0
+    spec = spec_from_dict(_spec(methods=[{"name": "sgd"}, {"name": "adamw"}, {"name": "muon", "lr": {"power": 0.25}}]))
+    assert [m.lr.power for m in spec.methods] == [1.0, 0.5, 0.25]
+
+
+def test_method_lr_overrides_spec_rule():
+    spec = spec_from_dict(_spec(methods=[{"name": "adamw", "lr": {"values": [0.1, 0.2]}},
+                                         {"name": "muon", "lr": {"center": 0.02}}]))
+    assert spec.methods[0].lr.grid(8) == (0.1, 0.2)
+    assert spec.methods[1].lr.grid(4) == pytest.approx((0.02 / 2 ** 0.5, 0.02 * 2 ** 0.5), rel=1e-5)
+
+
+# --- expansion ---------------------------------------------------------------
+
+def test_expansion_count_and_resolved_configs():
+    runs = _expand(seeds=[0, 1], methods=[{"name": "adamw", "vary": {"weight_decay": [0.0, 0.1, 0.2]}},
+                                          {"name": "muon"}], vary={"train.grad_accum": [1, 2]})
+    # adamw: 2 B × 2 lr × 2 seeds × 3 wd × 2 grad_accum; muon: 2 × 2 × 2 × 2
+    assert len(runs) == 2 * 2 * 2 * 3 * 2 + 2 * 2 * 2 * 2
+    r = runs[0]
+    cfg = config_from_dict(r.config)
+    assert len(cfg.methods) == 1 and cfg.methods[0].name == "adamw"
+    assert cfg.train.batch_size == 4 and cfg.train.steps == 2 == r.steps       # ceil(128 / (4·16))
+    assert cfg.methods[0].hparams.learning_rate == r.learning_rate
+    assert cfg.methods[0].hparams.schedule == "constant" and not r.schedule_tied_to_horizon
+    assert {x.config["train"]["grad_accum"] for x in runs} == {1, 2}
+    assert {x.config["methods"][0].get("weight_decay") for x in runs if x.method == "adamw"} == {0.0, 0.1, 0.2}
+    assert _expand(tokens=200)[2].steps == 2                                  # B=8: ceil(200 / 128)
+
+
+def test_gn_batch_grows_through_inner_steps():
+    runs = _expand(batch_sizes=[8, 16], methods=[{"name": "gn", "b_inner": 4, "lr": {"values": [0.01, 0.03]}}])
+    assert [(r.batch_size, r.config["methods"][0]["inner_steps"]) for r in runs] == [(8, 2), (8, 2), (16, 4), (16, 4)]
+    assert [r.config["methods"][0]["inner_learning_rate"] for r in runs] == [0.01, 0.03, 0.01, 0.03]
+    assert all(r.config["train"]["batch_size"] == r.batch_size for r in runs)
+
+
+def test_warmup_tokens_b2_scaling_ema_and_horizon():
+    runs = _expand(warmup_tokens=256, scale_b2=True, ema_halflife_updates=2, schedule="cosine",
+                   lr={"values": [1e-2]}, methods=[{"name": "adamw", "lr": {"base_batch": 4}}])
+    by_b = {r.batch_size: r for r in runs}
+    assert by_b[4].config["methods"][0]["warmup_steps"] == 4 and by_b[8].config["methods"][0]["warmup_steps"] == 2
+    assert by_b[4].config["methods"][0]["b2"] == pytest.approx(0.95)
+    assert by_b[8].config["methods"][0]["b2"] == pytest.approx(0.95 ** 2)
+    assert by_b[4].config["train"]["ema_decay"] == pytest.approx(0.5 ** 0.5)
+    assert all(r.schedule_tied_to_horizon for r in runs)
+
+
+def test_workdir_names_unique_and_stable():
+    a, b = _expand(seeds=[0, 1]), _expand(seeds=[0, 1])
+    assert [r.name for r in a] == [r.name for r in b]
+    assert len({r.name for r in a}) == len(a)
+    assert a[0].name.startswith("adamw_B4_lr7.071e-3_s0_") and len(a[0].name.rsplit("_", 1)[1]) == 8
+    assert _expand(tokens=256)[0].name != a[0].name                           # another config, another hash
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"methods": [{"name": "adamx"}]}, "adamw"),                                   # unknown method, suggested
+    ({"methods": [{"name": "adamw", "learning_rat": 0.1}]}, "learning_rat"),       # unknown key in an entry
+    ({"batch_sizes": []}, "empty grid"),
+    ({"methods": [{"name": "adamw", "vary": {"weight_decay": []}}]}, "empty grid"),
+    ({"lr": {"values": []}}, "empty grid"),
+    ({"methods": [{"name": "gn", "b_inner": 3}]}, "not divisible by b_inner"),
+    ({"methods": [{"name": "gn"}]}, "b_inner"),
+    ({"base": "nowhere.yaml"}, "nowhere.yaml"),
+    ({"batch_size": [4]}, "batch_sizes"),                                          # unknown spec key, suggested
+    ({"methods": [{"name": "adamw", "learning_rate": 0.1}]}, "set by the sweep"),
+    ({"vary": {"train.steps": [1, 2]}}, "set by the sweep"),
+    ({"vary": {"methods.muon.b2": [0.9]}}, "names no sweep method"),
+    ({"lr": {"center": 0.01}}, "base_batch"),
+])
+def test_bad_specs_are_refused(over, needle, tmp_path):
+    raw = _spec(**over)
+    if "base" in raw:
+        raw.pop("config")
+    with pytest.raises(ConfigError, match=needle):
+        sweep_mod.expand(spec_from_dict(raw, root=tmp_path))
+
+
+def test_base_path_is_relative_to_the_spec(tmp_path):
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "base.yaml").write_text(yaml.safe_dump({**BASE, "methods": [{"name": "lion"}]}))
+    raw = _spec(base="cfgs/base.yaml")
+    raw.pop("config")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    runs = sweep_mod.expand(sweep_mod.load_spec(tmp_path / "s.yaml"))
+    assert len(runs) == 4 and all(r.config["methods"][0]["name"] == "adamw" for r in runs)
+
+
+def test_example_spec_expands():
+    root = Path(__file__).parent.parent
+    runs = sweep_mod.expand(sweep_mod.load_spec(root / "experiments" / "cbs_small.yaml"))
+    assert len(runs) == 8 and {r.method for r in runs} == {"adamw", "muon"}
+
+
+# --- dry run, manifest, SLURM ------------------------------------------------
+
+def _write_spec(tmp_path, **over):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_spec(**over)))
+    return path
+
+
+def test_dry_run_runs_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner_mod, "run_manifest", lambda *a, **k: pytest.fail("dry run trained"))
+    runs = sweep_mod.main(str(_write_spec(tmp_path)), str(tmp_path / "out"), dry_run=True)
+    out = capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+    assert "4 runs" in out and all(r.name in out for r in runs)
+
+
+def test_slurm_array_matches_manifest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sweep_mod.main(str(_write_spec(tmp_path)), "out", emit="slurm")
+    script = (tmp_path / "out" / "sweep.sbatch").read_text()
+    rows = sweep_mod.read_manifest(tmp_path / "out")
+    assert len(rows) == 4 and "#SBATCH --array=0-3" in script and "#SBATCH --requeue" in script
+    for r in rows:
+        assert (tmp_path / r["workdir"] / "config_in.yaml").is_file()
+        assert r["command"] == f"gn train {r['workdir']}/config_in.yaml --method adamw --workdir {r['workdir']}"
+    # Execute the script with a fake `gn` that echoes its arguments: index i runs line i's command.
+    fake = tmp_path / "bin" / "gn"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "gn $*"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    for i in (0, 3):
+        out = subprocess.run(["bash", "out/sweep.sbatch"], env={**env, "SLURM_ARRAY_TASK_ID": str(i)},
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+        assert out[-1] == rows[i]["command"]
+    (tmp_path / rows[1]["workdir"] / "summary.json").write_text("{}")            # a finished run exits at once
+    out = subprocess.run(["bash", "out/sweep.sbatch"], env={**env, "SLURM_ARRAY_TASK_ID": "1"},
+                         capture_output=True, text=True, check=True).stdout
+    assert "is finished" in out and "gn train" not in out
+
+
+# --- local runner: resume, failures ------------------------------------------
+
+def _fake_train(calls, fail=()):
+    def fake(cfg, name, workdir):
+        calls.append(Path(workdir).name)
+        if cfg.methods[0].hparams.learning_rate in fail:
+            raise RuntimeError("boom")
+        summary = {"steps": cfg.train.steps, "tokens": 1, "diverged": False, "stop_reason": "steps",
+                   "final_val_loss": 2.0, "best_val_loss": 2.0, "wall_time_s": 0.1}
+        (Path(workdir) / "summary.json").write_text(json.dumps(summary))
+        return summary
+    return fake
+
+
+def test_runner_skips_finished_records_failures_and_retries(tmp_path):
+    spec = spec_from_dict(_spec())
+    runs = sweep_mod.expand(spec)
+    sweep_mod.write_sweep(runs, tmp_path)
+    calls = []
+    bad_lr = runs[1].learning_rate
+    recs = runner_mod.run_manifest(tmp_path, train_fn=_fake_train(calls, fail=(bad_lr,)), max_runs=2)
+    assert len(calls) == 2 and [r["status"] for r in recs] == ["finished", "failed"]   # "killed" after 2 runs
+    assert "boom" in recs[1]["reason"]
+    recs = runner_mod.run_manifest(tmp_path, train_fn=_fake_train(calls, fail=(bad_lr,)))
+    assert calls[2:] == [runs[2].name, runs[3].name]                 # finished and failed runs not repeated
+    rec = json.loads((tmp_path / runs[0].name / "sweep_run.json").read_text())
+    assert {k: rec[k] for k in ("method", "batch_size", "learning_rate", "seed", "status")} == {
+        "method": "adamw", "batch_size": 4, "learning_rate": runs[0].learning_rate, "seed": 0, "status": "finished"}
+    runner_mod.run_manifest(tmp_path, train_fn=_fake_train(calls), retry_failed=True)
+    assert calls[4:] == [runs[1].name]
+    assert json.loads((tmp_path / runs[1].name / "status.json").read_text())["status"] == "finished"
+
+
+def test_runner_collects_runs_trained_elsewhere(tmp_path):
+    runs = sweep_mod.expand(spec_from_dict(_spec()))
+    sweep_mod.write_sweep(runs, tmp_path)
+    (tmp_path / runs[0].name / "summary.json").write_text(json.dumps({"diverged": True, "steps": 1}))
+    calls = []
+    recs = runner_mod.run_manifest(tmp_path, train_fn=_fake_train(calls), only=[0, 1])
+    assert calls == [runs[1].name] and recs[0]["status"] == "diverged"
+
+
+def test_real_sweep_resumes_without_repeating(tmp_path, monkeypatch):
+    import gn.train.trainer as trainer
+
+    calls = []
+    real = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    spec = _write_spec(tmp_path, tokens=32, batch_sizes=[2], lr={"values": [1e-2, 2e-2]})
+    sweep_mod.main(str(spec), str(tmp_path / "out"), max_runs=1)          # interrupted after the first run
+    first = sorted((tmp_path / "out").glob("*/summary.json"))
+    assert len(calls) == 1 and len(first) == 1
+    mtime = first[0].stat().st_mtime_ns
+    recs = sweep_mod.main(str(spec), str(tmp_path / "out"))
+    assert len(calls) == 2 and first[0].stat().st_mtime_ns == mtime
+    assert [r["status"] for r in recs] == ["finished", "finished"] and recs[1]["steps"] == 1
+
+
+# --- trainer early stops -------------------------------------------------------
+
+def _tiny(**train):
+    return config_from_dict({**BASE, "train": {**BASE["train"], "steps": 6, "batch_size": 4, "progress": False,
+                                               **train}, "methods": [{"name": "adamw", "learning_rate": 0.01}]})
+
+
+def test_max_tokens_stops_a_run(tmp_path):
+    summary = train(_tiny(max_tokens=3 * 4 * 16), "adamw", tmp_path)
+    assert summary["steps"] == 3 and summary["stop_reason"] == "max_tokens"
+    assert train(_tiny(), "adamw", tmp_path / "full")["stop_reason"] == "steps"
+
+
+def test_stop_at_target_stops_after_reaching_every_target(tmp_path):
+    summary = train(_tiny(target_losses=[100.0, 50.0], stop_at_target=True), "adamw", tmp_path)
+    assert summary["steps"] == 1 and summary["stop_reason"] == "targets_reached"
+    unreachable = train(_tiny(steps=2, target_losses=[100.0, 0.01], stop_at_target=True), "adamw", tmp_path / "b")
+    assert unreachable["steps"] == 2 and unreachable["stop_reason"] == "steps"
+    with pytest.raises(ConfigError, match="target_losses"):
+        _tiny(stop_at_target=True)
+    with pytest.raises(ConfigError, match="max_tokens"):
+        _tiny(max_tokens=-1)
