@@ -48,7 +48,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     seed: int = 0
     target_losses: tuple[float, ...] = ()
-    ema_decay: float = 0.0
+    ema_decay: float = 0.0            # per sequential update: a GN outer step of N updates applies decay^N
+    noise_scale_every: int = 0        # >0: log the gradient noise scale B_simple every k steps
     log_every: int = 1
     progress: bool = True
     init_from: str | None = None      # another run's workdir: start from its final parameters
@@ -66,6 +67,8 @@ class TrainConfig:
         require(self.batch_size % self.grad_accum == 0,
                 f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum "
                 f"({self.grad_accum}): each step is split into equal micro-batches.")
+        require(self.noise_scale_every >= 0,
+                f"train.noise_scale_every must be >= 0 (0 disables), got {self.noise_scale_every}.")
         require(0.0 <= self.ema_decay < 1.0,
                 f"train.ema_decay must be in [0, 1) (0 disables the EMA), got {self.ema_decay}.")
         for t in self.target_losses:
@@ -133,13 +136,14 @@ def read_config_yaml(p: Path, seen: tuple = ()) -> dict:
     base = raw.pop("base", None)
     if base is None:
         return raw
-    return _merge(read_config_yaml(p.parent / str(base), seen + (p.resolve(),)), raw)
+    return merge_raw(read_config_yaml(p.parent / str(base), seen + (p.resolve(),)), raw)
 
 
-def _merge(base: dict, delta: dict) -> dict:
+def merge_raw(base: dict, delta: dict) -> dict:
+    """`delta` merged over `base`, recursively for mappings (lists replace)."""
     out = dict(base)
     for k, v in delta.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_raw(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

@@ -176,18 +176,21 @@ def spec_from_dict(raw: Mapping[str, Any], *, root: Path = Path("."), name: str 
 
 
 def _base_config(raw: Mapping, root: Path) -> dict:
-    from gn.config import read_config_yaml   # follows a config's own `base:` chain
+    """The base config: `base:` (a config file, its own `base:` chain followed) and/or an
+    inline `config:` mapping merged over it."""
+    from gn.config import merge_raw, read_config_yaml   # follows a config's own `base:` chain
 
-    require(("base" in raw) != ("config" in raw),
-            "A sweep spec needs exactly one of 'base' (a config path relative to the spec) or 'config' "
-            "(an inline config mapping).")
+    require("base" in raw or "config" in raw,
+            "A sweep spec needs 'base' (a config path relative to the spec), an inline 'config' mapping, "
+            "or both (the inline mapping is merged over the base).")
+    base: dict = {}
     if "base" in raw:
         path = root / str(raw["base"])
         require(path.is_file(), f"Sweep base config '{path}' does not exist ('base' is relative to the spec file).")
         base = read_config_yaml(path)
-    else:
+    if "config" in raw:
         require(isinstance(raw["config"], Mapping), "'config' must be a config mapping.")
-        base = copy.deepcopy(dict(raw["config"]))
+        base = merge_raw(base, copy.deepcopy(dict(raw["config"])))
     base.pop("methods", None)          # replaced by the sweep's methods
     return base
 

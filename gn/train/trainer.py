@@ -38,6 +38,7 @@ from gn.model import count_params, init_params, make_apply
 from gn.train import mesh as meshlib
 from gn.train.checkpoint import Checkpointer
 from gn.train.metrics import MetricsLog, summarize
+from gn.train.noise import NoiseScaleTracker, chunked, estimate, make_measure
 
 
 @dataclasses.dataclass
@@ -173,6 +174,7 @@ class Session:
     evaluate: Any
     ema_update: Any
     val: Any
+    noise: Any = None      # (measure fn, NoiseScaleTracker) when train.noise_scale_every > 0
     diverged: bool = False
     stop_reason: str = "steps"
 
@@ -186,7 +188,9 @@ def setup(run: Run, workdir: Path) -> Session:
     resolved = dataclasses.replace(cfg, model=run.model_cfg, methods=(run.entry,))
     dump_config(resolved, workdir / "config.yaml")
     evaluate = _eval_fn(run.apply_fn)
-    ema_update = _ema_fn(tcfg.ema_decay) if tcfg.ema_decay > 0 else None
+    # The decay counts sequential updates, so a GN outer step of N inner updates decays N times.
+    ema_update = _ema_fn(tcfg.ema_decay ** method.updates_per_step) if tcfg.ema_decay > 0 else None
+    noise = (make_measure(run.apply_fn), NoiseScaleTracker()) if tcfg.noise_scale_every else None
     val = meshlib.put_batches(run.source.validation(tcfg.eval_batch_size), mesh)
 
     params = meshlib.put_replicated(init_params(run.model_cfg, jax.random.PRNGKey(tcfg.seed)), mesh)
@@ -205,16 +209,18 @@ def setup(run: Run, workdir: Path) -> Session:
         _, state, meta = restored
         counters.update(meta["counters"])
         run.source.load_state_dict(meta["data"])
+        if noise is not None and "noise" in meta:
+            noise[1].load_state_dict(meta["noise"])
         log.truncate_after(counters["step"])
     else:
         log.truncate_after(-1)
         loss0 = float(evaluate(state["params"], val))
         log.append({"step": 0, "outer_step": 0.0, **{k: v for k, v in counters.items() if k != "step"},
                     "val_loss": loss0})
-    return Session(run, workdir, state, counters, log, ckpt, evaluate, ema_update, val)
+    return Session(run, workdir, state, counters, log, ckpt, evaluate, ema_update, val, noise)
 
 
-def _one_step(sess: Session) -> tuple[dict, dict]:
+def _one_step(sess: Session, step: int) -> tuple[dict, dict]:
     """Read the step's batches and run the method; (new state, metrics)."""
     run, plan = sess.run, sess.run.method.plan
     host = run.source.next(plan.train + plan.aux, plan.micro_batch)
@@ -223,7 +229,18 @@ def _one_step(sess: Session) -> tuple[dict, dict]:
     rng, sub = jax.random.split(sess.state["rng"])
     params, opt_state, m = run.method.step(sess.state["params"], sess.state["opt_state"], train_b, aux_b, sub)
     m = {k: float(v) for k, v in jax.device_get(m).items()}   # one transfer, not one per metric
+    if sess.noise is not None and step % run.cfg.train.noise_scale_every == 0:
+        m.update(_noise_scale(sess, train_b))
     return {**sess.state, "params": params, "opt_state": opt_state, "rng": rng}, m
+
+
+def _noise_scale(sess: Session, train_b) -> dict:
+    """B_simple from the step's training batches at θ_t (before the update)."""
+    measure, tracker = sess.noise
+    chunks = chunked(train_b)
+    small_sq, big_sq = (float(x) for x in measure(sess.state["params"], chunks))
+    b = chunks.shape[1]
+    return tracker.update(estimate(small_sq, big_sq, b, b * chunks.shape[0]))
 
 
 def _advance(sess: Session, step: int, m: dict, dt: float) -> dict:
@@ -254,7 +271,7 @@ def loop(sess: Session) -> None:
         while c["step"] < run.steps:
             step = c["step"] + 1
             t0 = time.perf_counter()
-            state, m = _one_step(sess)
+            state, m = _one_step(sess, step)
             if not math.isfinite(m["train_loss"]) or not _all_finite(state["params"]):
                 sess.diverged = True
                 sess.log.append({"step": step, "diverged": True, **m})
@@ -276,7 +293,10 @@ def loop(sess: Session) -> None:
             for note in method.notes(step, m):
                 _note(bar, note)
             if step % (tcfg.checkpoint_every * run.every) == 0 or step == run.steps:
-                sess.ckpt.save(step, sess.state, {"counters": c, "data": run.source.state_dict()})
+                meta = {"counters": c, "data": run.source.state_dict()}
+                if sess.noise is not None:
+                    meta["noise"] = sess.noise[1].state_dict()
+                sess.ckpt.save(step, sess.state, meta)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['train_loss']:.3f}", val=f"{last_val:.3f}",
