@@ -24,12 +24,20 @@ def _load(args):
     return load_config(args.config, overrides=args.set or [])
 
 
-def cmd_train(args) -> None:
+DIVERGED = 3     # exit status of a run that diverged (bad input: 2, interrupted: 130)
+
+
+def cmd_train(args) -> int | None:
     from gn.train.trainer import train
 
     cfg = _load(args)
     workdir = Path(args.workdir) if args.workdir else _default_workdir(args.config, args.method)
     summary = train(cfg, args.method, workdir)
+    if summary["diverged"]:
+        print(f"error: {summary['method']} diverged: {summary['divergence']}; {summary['steps']} steps, "
+              f"{summary['tokens']:,} tokens ran; nothing of the diverged step was saved -> {workdir}",
+              file=sys.stderr)
+        return DIVERGED
     print(f"{summary['method']}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
           f"final val loss {summary['final_val_loss']:.4f} (best {summary['best_val_loss']:.4f}), "
           f"{summary['wall_time_s']:.1f} s -> {workdir}")
@@ -152,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             import jax
 
             jax.distributed.initialize()
-        args.fn(args)
+        status = args.fn(args)
+        if status:
+            return status
     except ConfigError as exc:
         msg = " ".join(str(exc).split())
         print("error: " + textwrap.fill(msg, width=100, subsequent_indent="  "), file=sys.stderr)

@@ -50,6 +50,7 @@ class TrainConfig:
     target_losses: tuple[float, ...] = ()
     ema_decay: float = 0.0            # per sequential update: a GN outer step of N updates applies decay^N
     noise_scale_every: int = 0        # >0: log the gradient noise scale B_simple every k steps
+    divergence_margin: float = 1.0    # diverged when val loss > initial + margin (nats); 0 = only non-finite
     log_every: int = 1
     progress: bool = True
     init_from: str | None = None      # another run's workdir: start from its final parameters
@@ -67,6 +68,8 @@ class TrainConfig:
         require(self.batch_size % self.grad_accum == 0,
                 f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum "
                 f"({self.grad_accum}): each step is split into equal micro-batches.")
+        require(self.divergence_margin >= 0,
+                f"train.divergence_margin must be >= 0 (0 = only non-finite values), got {self.divergence_margin}.")
         require(self.noise_scale_every >= 0,
                 f"train.noise_scale_every must be >= 0 (0 disables), got {self.noise_scale_every}.")
         require(0.0 <= self.ema_decay < 1.0,

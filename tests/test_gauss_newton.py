@@ -114,13 +114,21 @@ def _dense(theta, batch, damping):
     return G + damping * jnp.eye(G.shape[0]), g, unravel
 
 
-def test_cg_inner_solver_is_the_damped_gauss_newton_step():
+@pytest.mark.parametrize("wd", [0.0, 0.05])
+def test_cg_inner_solver_is_the_damped_gauss_newton_step(wd):
+    """(G + λI + wd·M) d = −(g + wd·M θ_t): the inner loop's decay (on its mask M) is part of the model."""
+    from gn.optim.masks import decay_mask
+
     theta = init_params(CFG, jax.random.PRNGKey(5))
     batches = _batches(6, 2)
-    m = _method("gn", inner_steps=2, inner_solver="cg", damping=1e-2, cg_iters=400, cg_tol=1e-10)
+    m = _method("gn", inner_steps=2, inner_solver="cg", damping=1e-2, cg_iters=400, cg_tol=1e-10,
+                inner_weight_decay=wd)
     hat, _, _ = m._inner(theta, m.init(theta), batches)
     A, g, unravel = _dense(theta, batches.reshape(1, 4, -1)[0], 1e-2)
-    d = jnp.linalg.solve(A, -g)
+    mask = ravel_pytree(jax.tree.map(lambda b, x: jnp.full(x.shape, float(b)), decay_mask(theta, "adam_side"),
+                                     theta))[0]
+    assert 0 < float(mask.sum()) < mask.size
+    d = jnp.linalg.solve(A + jnp.diag(wd * mask), -(g + wd * mask * ravel_pytree(theta)[0]))
     got = ravel_pytree(jax.tree.map(jnp.subtract, hat, theta))[0]
     np.testing.assert_allclose(got, d, rtol=2e-2, atol=2e-4 * float(jnp.abs(d).max()))
 
@@ -154,7 +162,8 @@ def test_gn_rejects_bad_settings():
 
 def test_cg_probe_reports_the_decrease_of_q_on_the_probe_batch():
     theta = init_params(CFG, jax.random.PRNGKey(3))
-    m = _method("gn", inner_steps=2, probe_every=1, damping=1e-2, cg_iters=200, cg_tol=1e-10)
+    m = _method("gn", inner_steps=2, probe_every=1, damping=1e-2, cg_iters=200, cg_tol=1e-10,
+                inner_weight_decay=0.0)
     batches, aux = _batches(10, 2), _batches(11, 2)
     state = m.init(theta)
     hat, _, _ = m._inner(theta, state, batches)

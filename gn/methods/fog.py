@@ -21,8 +21,9 @@ from gn.optim._lwgn import kernels_only, scale_by_layerwise_gn
 from gn.optim.transforms import clip_and_decay
 
 # Not arguments of the optax alias: they choose how the StatsMethod gathers statistics.
-_METHOD_KEYS = ("fisher", "fisher_source", "lwgn_iters")
+_METHOD_KEYS = ("fisher", "fisher_source", "lwgn_iters", "statistics")
 _KFAC_ONLY = ("stat_decay", "damping_mode", "T_cov", "T_inv", "kl_clip", "fisher")
+_STATS_KEYS = ("stat_decay", "T_cov", "fisher")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +70,18 @@ class _StatsConfig(OptimizerConfig):
         schedule = self.schedule_fn(ctx.total_steps)
         o = self.alias_options(ctx)
         o["adam_learning_rate"] = self.adam_side_lr(schedule, self.adam_learning_rate)
-        core = type(self).alias(schedule, **o)
+        if getattr(self, "statistics", True):
+            core = type(self).alias(schedule, **o)
+        else:   # the control: the same chain with the statistical operator replaced by the identity
+            core = fog_lib.with_adamw_side(
+                fog_lib.scale_by_muon(self.beta, nesterov=self.nesterov, ns_steps=self.ns_steps), schedule,
+                include_head=self.include_head, adam_learning_rate=o["adam_learning_rate"],
+                adam_b1=self.adam_b1, adam_b2=self.adam_b2, adam_eps=self.adam_eps)
         tx = clip_and_decay(core, schedule, grad_clip=self.grad_clip, weight_decay=self.weight_decay,
                             weight_decay_mask=self.weight_decay_mask)
         pi = (self.alpha, self.gamma) if hasattr(self, "alpha") else None
-        return StatsMethod(name, tx, schedule, ctx, stats=self.stats_kind(),
+        return StatsMethod(name, tx, schedule, ctx,
+                           stats=self.stats_kind() if getattr(self, "statistics", True) else None,
                            layer_mask=fog_lib.matrix_mask_fn(self.include_head), fisher=self.fisher,
                            T_cov=self.T_cov, pi=pi)
 
@@ -106,6 +114,13 @@ class FOGConfig(_StatsConfig):
     beta: float = opt(0.95, "Muon momentum decay")
     nesterov: bool = opt(True, "Nesterov momentum")
     ns_steps: int = opt(5, "Newton-Schulz iterations")
+    statistics: bool = opt(True, "false: the same chain without its statistical operator (the control)")
+
+    def unused_keys(self) -> tuple[str, ...]:
+        return () if self.statistics else _STATS_KEYS + ("damping", "damping_mode", "T_inv", "kl_clip")
+
+    def unused_reason(self) -> str:
+        return " with statistics: false (no statistical operator)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,10 +133,17 @@ class DiagFogConfig(_StatsConfig):
     beta: float = opt(0.95, "Muon momentum decay")
     nesterov: bool = opt(True, "Nesterov momentum")
     ns_steps: int = opt(5, "Newton-Schulz iterations")
+    statistics: bool = opt(True, "false: the same chain without its statistical operator (the control)")
 
     def validate(self, where: str) -> None:
         super().validate(where)
         check_choice(self.diag, fog_lib.DIAG_MODES, where, "diag")
+
+    def unused_keys(self) -> tuple[str, ...]:
+        return () if self.statistics else _STATS_KEYS + ("diag", "eps")
+
+    def unused_reason(self) -> str:
+        return " with statistics: false (no statistical operator)"
 
     def stats_kind(self) -> Optional[str]:
         return "diag" if self.diag == "kron" else None

@@ -36,6 +36,7 @@ from gn.errors import ConfigError
 from gn.methods.base import BatchPlan, MethodBase, MethodConfig, MethodContext, check_choice, check_range, opt
 from gn.methods.linesearch import line_search
 from gn.methods.optimizers import OPTIMIZERS
+from gn.optim.masks import decay_mask, validate_decay_rule
 from gn.optim.transforms import tree_norm
 
 INNER_SCHEDULES = ("constant", "constant_inner_cosine", "global_cosine", "global_inner_cosine")
@@ -44,7 +45,7 @@ PARTITIONS = (None, *curvature.PARTITIONS)
 
 
 INNER_LOOP_KEYS = ("inner_optimizer", "inner_learning_rate", "inner_adam_learning_rate", "inner_schedule",
-                   "inner_min_lr_ratio", "inner_grad_clip", "inner_weight_decay", "warm_start")
+                   "inner_min_lr_ratio", "inner_grad_clip", "warm_start")
 CG_KEYS = ("cg_iters", "cg_tol")
 
 
@@ -65,7 +66,9 @@ class GNConfig(MethodConfig):
                                                        "global_inner_cosine")
     inner_min_lr_ratio: float = opt(0.0, "floor of the inner cosine, as a fraction of the peak")
     inner_grad_clip: float = opt(1.0, "inner global-norm clipping (0 = off)")
-    inner_weight_decay: float = opt(0.001, "inner decoupled weight decay")
+    inner_weight_decay: float = opt(0.001, "inner decoupled weight decay (also in the CG solve: + wd·M)")
+    inner_weight_decay_mask: Any = opt("adam_side", "inner decayed leaves: adam_side (the paper: embedding, head, "
+                                                    "norms), matrices, hidden_matrices, all, none or path globs")
     warm_start: bool = opt(True, "continue the previous inner solution and optimizer state")
     damping: float = opt(0.0, "λ in (λ/2)‖θ − θ_t‖² added to the model")
     partition: Optional[str] = opt(None, "block-diagonal model: per_tensor, top_level, transformer_blocks")
@@ -93,6 +96,7 @@ class GNConfig(MethodConfig):
                     self.inner_min_lr_ratio)
         for key in ("inner_grad_clip", "inner_weight_decay", "damping"):
             check_range(getattr(self, key) >= 0, where, key, ">= 0", getattr(self, key))
+        validate_decay_rule(self.inner_weight_decay_mask, f"{where}.inner_weight_decay_mask")
         check_choice(self.partition, PARTITIONS, where, "partition")
         check_choice(self.block_mode, curvature.BLOCK_MODES, where, "block_mode")
         for key in ("ls_grid", "ls_batches", "cg_iters"):
@@ -185,7 +189,7 @@ class GaussNewtonMethod(MethodBase):
         self.updates_per_step = n if hp.inner_solver == "optax" else 1
         inner_cls = OPTIMIZERS[hp.inner_optimizer]
         inner = {"learning_rate": hp.inner_learning_rate, "grad_clip": hp.inner_grad_clip,
-                 "weight_decay": hp.inner_weight_decay}
+                 "weight_decay": hp.inner_weight_decay, "weight_decay_mask": hp.inner_weight_decay_mask}
         if "adam_learning_rate" in {f.name for f in dataclasses.fields(inner_cls)}:
             inner["adam_learning_rate"] = hp.inner_adam_learning_rate
         # The learning rate is applied outside the transformation from explicit step counters.
@@ -201,14 +205,21 @@ class GaussNewtonMethod(MethodBase):
     # -- cost accounting ---------------------------------------------------
     @property
     def grad_evals_per_step(self) -> float:
-        """value_and_grad equivalents at the reference batch (FLOP estimate)."""
+        """value_and_grad equivalents at the reference batch (FLOP estimate), with the line
+        search's grid evaluated once (`ls_extend` chunks are counted per step, in `grad_evals`)."""
+        return self._cost(self.hp.ls_grid + 1)
+
+    def _cost(self, ls_evals) -> Any:
+        """FLOP estimate of one outer step whose line search evaluated `ls_evals` points (α = 0
+        included): forward passes cost 2N of a gradient's 6N; the predicted decrease one
+        model evaluation per line-search batch."""
         nb = self._num_blocks or 1
         hp = self.hp
         if hp.inner_solver == "optax":
             inner = hp.inner_steps * _flop_cost(nb)
-        else:   # one primal + cg_iters tangent/transpose pairs over the whole outer batch (upper bound)
-            inner = hp.inner_steps * (2.0 + 8.0 * nb * hp.cg_iters) / 6.0
-        search = hp.ls_batches * ((hp.ls_grid + 1) / 3.0 + _flop_cost(nb))
+        else:   # the full-batch gradient, then one primal + cg_iters tangent/transpose pairs (upper bound)
+            inner = hp.inner_steps * (1.0 + (2.0 + 8.0 * nb * hp.cg_iters) / 6.0)
+        search = hp.ls_batches * (ls_evals / 3.0 + _flop_cost(nb))
         return (inner + search) * self._ref_scale
 
     def init(self, params: Any) -> GNState:
@@ -249,15 +260,32 @@ class GaussNewtonMethod(MethodBase):
                    "inner_q_last": qvals[-1] - loss0[-1]}
         return theta_hat, opt, metrics
 
+    def _decay(self, theta):
+        """M ⊙ θ · wd: the inner loop's decoupled decay as the gradient of (wd/2)‖M θ‖²."""
+        mask = decay_mask(theta, self.hp.inner_weight_decay_mask)
+        return jax.tree.map(lambda m, x: jnp.where(m, self.hp.inner_weight_decay, 0.0).astype(x.dtype) * x,
+                            mask, theta)
+
+    def regularizer(self, theta_hat):
+        """(wd/2)‖M θ̂‖², the inner weight decay as a term of the local model (0 when wd = 0)."""
+        if not self.hp.inner_weight_decay:
+            return jnp.zeros(())
+        return 0.5 * sum(jnp.vdot(d, x) for d, x in zip(jax.tree.leaves(self._decay(theta_hat)),
+                                                         jax.tree.leaves(theta_hat)))
+
     def _damped_solve(self, theta, inputs, targets, grads):
-        """d = −(G + λI)⁻¹ g by CG (block CG, one recursion per block, with a partition)."""
+        """The minimiser of the same local model as the inner loop by CG (block CG with a partition):
+        (G + λI + wd·M) d = −(g + wd·M θ_t), M the inner weight-decay mask."""
         hp = self.hp
         matvec0 = curvature.ggn_operator(self._apply, theta, inputs, targets, partition=self.partition,
                                          block_mode=hp.block_mode)
 
         def matvec(v):
-            return jax.tree.map(lambda gv, x: gv + hp.damping * x, matvec0(v), v)
+            out = jax.tree.map(lambda gv, x: gv + hp.damping * x, matvec0(v), v)
+            return jax.tree.map(jnp.add, out, self._decay(v)) if hp.inner_weight_decay else out
 
+        if hp.inner_weight_decay:
+            grads = jax.tree.map(jnp.add, grads, self._decay(theta))
         rhs = jax.tree.map(jnp.negative, grads)
         if self.partition is None:
             return curvature.conjugate_gradient(matvec, rhs, max_iters=hp.cg_iters, tol=hp.cg_tol)
@@ -279,29 +307,37 @@ class GaussNewtonMethod(MethodBase):
         delta = jax.tree.map(jnp.subtract, theta_hat, theta)
         ls = line_search(lambda p, b: lm_loss(self._apply, p, b), theta, delta, aux,
                          grid=hp.ls_grid, extend=hp.ls_extend, vectorize=hp.ls_vectorize)
-        new = jax.tree.map(lambda p, d: p + ls.alpha.astype(p.dtype) * d, theta, delta)
+        moved = jax.tree.map(lambda p, d: p + ls.alpha.astype(p.dtype) * d, theta, delta)
         # Predicted decrease of the local model on the line-search data, at the chosen step.
-        pred = jax.lax.map(lambda b: (lambda q: q.loss0 - q(new)[0])(self.local_model(theta, b)), aux).mean()
-        actual = ls.loss0 - ls.loss
-        metrics = {"alpha": ls.alpha, "loss_before": ls.loss0, "loss_after": ls.loss,
+        pred = jax.lax.map(lambda b: (lambda q: q.loss0 - q(moved)[0])(self.local_model(theta, b)), aux).mean()
+        # A step the local model does not predict to decrease the loss is not trusted (a diverged inner
+        # loop can still find a lucky α on the line-search batches): θ stays at θ_t.
+        rejected = ~(jnp.isfinite(pred) & (pred > 0))
+        new = jax.tree.map(lambda m, p: jnp.where(rejected, p, m), moved, theta)
+        alpha = jnp.where(rejected, 0.0, ls.alpha)
+        actual = jnp.where(rejected, 0.0, ls.loss0 - ls.loss)
+        metrics = {"alpha": alpha, "loss_before": ls.loss0, "loss_after": jnp.where(rejected, ls.loss0, ls.loss),
                    "pred_decrease": pred, "actual_decrease": actual,
                    "rho": actual / jnp.where(pred == 0, jnp.nan, pred), "delta_norm": tree_norm(delta),
-                   "ls_at_edge": ls.at_edge.astype(jnp.float32), "ls_evals": ls.num_evals}
-        return new, metrics
+                   "ls_at_edge": ls.at_edge.astype(jnp.float32), "ls_evals": ls.num_evals,
+                   "step_rejected": rejected.astype(jnp.float32)}
+        return new, rejected, metrics
 
     def _probe(self, theta, theta_hat, batch):
         """Fraction of the CG decrease of Q (on one fixed batch) that θ̂ achieves.
 
-        CG solves (G + λI) d = −∇ℓ on `batch` (the near-exact minimiser of that
-        batch's Q); the inner loop's θ̂ was fitted to N different batches, so
-        the fraction measures how well the small-batch inner loop minimises Q.
+        Both minimise the same model, Q plus the inner weight decay (wd/2)‖M θ‖²:
+        CG solves it on `batch` (the near-exact minimiser of that batch's model);
+        the inner loop's θ̂ was fitted to N different batches, so the fraction
+        measures how well the small-batch inner loop minimises it.
         """
         inputs, targets = split_batch(batch)
         q = self.local_model(theta, batch)
         d, _ = self._damped_solve(theta, inputs, targets, q(theta)[1])
-        q0 = q.loss0
-        cg_dec = q0 - q(jax.tree.map(jnp.add, theta, d))[0]
-        inner_dec = q0 - q(theta_hat)[0]
+        model = lambda th: q(th)[0] + self.regularizer(th)
+        q0 = q.loss0 + self.regularizer(theta)
+        cg_dec = q0 - model(jax.tree.map(jnp.add, theta, d))
+        inner_dec = q0 - model(theta_hat)
         return {"probe_cg_decrease": cg_dec, "probe_inner_decrease": inner_dec,
                 "probe_fraction": inner_dec / cg_dec}
 
@@ -312,9 +348,13 @@ class GaussNewtonMethod(MethodBase):
         theta_hat, opt, m_inner = self._inner(params, state, batches)
         jax.block_until_ready(theta_hat)
         t1 = time.perf_counter()
-        new, m_ls = self._search(params, theta_hat, aux)
+        new, rejected, m_ls = self._search(params, theta_hat, aux)
         jax.block_until_ready(new)
         t2 = time.perf_counter()
+        m_ls["grad_evals"] = self._cost(int(m_ls["ls_evals"]))    # host float: exact accounting
+        if bool(rejected):
+            # The next inner loop restarts at θ_t instead of continuing a solution the model rejected.
+            theta_hat, opt = params, self.tx.init(params)
         state = GNState(inner_params=theta_hat, inner_opt=opt, outer_step=state.outer_step + 1)
         metrics = {**m_inner, **m_ls, "inner_time_s": t1 - t0, "linesearch_time_s": t2 - t1}
         k = self.hp.probe_every

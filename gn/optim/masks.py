@@ -21,14 +21,16 @@ def matrix_mask(params: Any) -> Any:
     return map_with_path(is_hidden_matrix, params)
 
 
-DECAY_RULES = ("matrices", "hidden_matrices", "all", "none")
+DECAY_RULES = ("matrices", "hidden_matrices", "adam_side", "all", "none")
 
 
 def decay_mask(params: Any, rule: str | Sequence[str]) -> Any:
     """Weight-decay mask by rule.
 
     'matrices': every leaf with ndim >= 2 (embedding and head included, norms
-    excluded); 'hidden_matrices': 2-D weights in the body only; 'all'; 'none';
+    excluded); 'hidden_matrices': 2-D weights in the body only; 'adam_side': every
+    leaf that is not a hidden matrix (embedding, head, norms, biases: what Muon hands
+    to its AdamW side, the paper's inner weight-decay set); 'all'; 'none';
     or a list of glob patterns matched against paths ('block_*/mlp/*').
     """
     if isinstance(rule, str):
@@ -36,6 +38,8 @@ def decay_mask(params: Any, rule: str | Sequence[str]) -> Any:
             return map_with_path(lambda p, x: getattr(x, "ndim", 0) >= 2, params)
         if rule == "hidden_matrices":
             return matrix_mask(params)
+        if rule == "adam_side":
+            return jax.tree.map(lambda m: not m, matrix_mask(params))
         if rule == "all":
             return jax.tree.map(lambda _: True, params)
         if rule == "none":

@@ -175,8 +175,12 @@ class Session:
     ema_update: Any
     val: Any
     noise: Any = None      # (measure fn, NoiseScaleTracker) when train.noise_scale_every > 0
-    diverged: bool = False
+    divergence: str = ""   # why the run diverged ("" while it has not)
     stop_reason: str = "steps"
+
+    @property
+    def diverged(self) -> bool:
+        return bool(self.divergence)
 
 
 def setup(run: Run, workdir: Path) -> Session:
@@ -250,7 +254,7 @@ def _advance(sess: Session, step: int, m: dict, dt: float) -> dict:
     c.update(step=step, tokens=c["tokens"] + plan.train * plan.micro_batch * run.source.seq_len,
              aux_tokens=c["aux_tokens"] + plan.aux * plan.aux_micro_batch * run.source.seq_len,
              updates=c["updates"] + method.updates_per_step,
-             grad_evals=c["grad_evals"] + method.grad_evals_per_step,
+             grad_evals=c["grad_evals"] + m.pop("grad_evals", method.grad_evals_per_step),
              wall_time_s=c["wall_time_s"] + dt)
     return {"step": step, "outer_step": step / run.every, "tokens": c["tokens"], "aux_tokens": c["aux_tokens"],
             "updates": c["updates"], "grad_evals": c["grad_evals"], "lr": method.lr(step - 1),
@@ -259,7 +263,8 @@ def _advance(sess: Session, step: int, m: dict, dt: float) -> dict:
 
 def loop(sess: Session) -> None:
     """Train from the session's step to the run's last step, logging every step,
-    evaluating and checkpointing on their cadences; stop at the first non-finite step."""
+    evaluating and checkpointing on their cadences; stop at the first non-finite step, at a
+    diverged evaluation, or early (train.max_tokens, train.stop_at_target)."""
     run, method, tcfg = sess.run, sess.run.method, sess.run.cfg.train
     plan = method.plan
     tokens_per_step = plan.train * plan.micro_batch * run.source.seq_len
@@ -267,14 +272,17 @@ def loop(sess: Session) -> None:
     bar = _progress(run.steps, tcfg.progress, c["step"], run.entry.name)
     last_val = next((r["val_loss"] for r in reversed(sess.log.read()) if r.get("val_loss") is not None),
                     float("nan"))
+    initial = next((r["val_loss"] for r in sess.log.read() if r.get("val_loss") is not None), float("nan"))
     try:
         while c["step"] < run.steps:
             step = c["step"] + 1
             t0 = time.perf_counter()
             state, m = _one_step(sess, step)
             if not math.isfinite(m["train_loss"]) or not _all_finite(state["params"]):
-                sess.diverged = True
-                sess.log.append({"step": step, "diverged": True, **m})
+                # The step's parameters are dropped; its tokens were read, so they are counted.
+                what = "training loss" if not math.isfinite(m["train_loss"]) else "parameters"
+                sess.divergence = f"non-finite {what} at step {step}"
+                sess.log.append({**_advance(sess, step, m, time.perf_counter() - t0), "diverged": True})
                 break
             if sess.ema_update is not None:
                 state["ema"] = sess.ema_update(state["ema"], state["params"])
@@ -284,19 +292,24 @@ def loop(sess: Session) -> None:
                 record["val_loss"] = float(sess.evaluate(sess.state["params"], sess.val))
                 if sess.ema_update is not None:
                     record["val_loss_ema"] = float(sess.evaluate(sess.state["ema"], sess.val))
+                sess.divergence = _check_divergence(record["val_loss"], initial, tcfg.divergence_margin, step)
+                if sess.divergence:
+                    record["diverged"] = True
             sess.log.append(record)
-            early = _early_stop(tcfg, record, sess.log)      # train.max_tokens, train.stop_at_target
-            if early is not None:
-                sess.stop_reason = early
+            if sess.divergence:
                 break
+            early = _early_stop(tcfg, record, sess.log)      # train.max_tokens, train.stop_at_target
             last_val = record.get("val_loss", last_val)
             for note in method.notes(step, m):
                 _note(bar, note)
-            if step % (tcfg.checkpoint_every * run.every) == 0 or step == run.steps:
+            if step % (tcfg.checkpoint_every * run.every) == 0 or step == run.steps or early is not None:
                 meta = {"counters": c, "data": run.source.state_dict()}
                 if sess.noise is not None:
                     meta["noise"] = sess.noise[1].state_dict()
                 sess.ckpt.save(step, sess.state, meta)
+            if early is not None:
+                sess.stop_reason = early
+                break
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['train_loss']:.3f}", val=f"{last_val:.3f}",
@@ -322,6 +335,7 @@ def finish(sess: Session) -> dict:
         "wall_time_s": c["wall_time_s"],
         "diverged": sess.diverged,
         "stop_reason": "diverged" if sess.diverged else sess.stop_reason,
+        "divergence": sess.divergence or None,
         "batch_size": run.batch_size,
         "seq_len": run.source.seq_len,
         "tokens_per_step": plan.train * plan.micro_batch * run.source.seq_len,
@@ -340,6 +354,17 @@ def finish(sess: Session) -> dict:
     except Exception as exc:  # a plot must never lose a finished run
         print(f"warning: could not write the loss plot: {exc}")
     return summary
+
+
+def _check_divergence(val: float, initial: float, margin: float, step: int) -> str:
+    """Why the run diverged at this evaluation, or "": a non-finite validation loss, or one
+    above the initial by more than `train.divergence_margin` nats (0 disables that check)."""
+    if not math.isfinite(val):
+        return f"non-finite validation loss at step {step}"
+    if margin > 0 and math.isfinite(initial) and val > initial + margin:
+        return (f"validation loss {val:.4g} at step {step} is above the initial {initial:.4g} by more than "
+                f"train.divergence_margin = {margin:g}")
+    return ""
 
 
 def _early_stop(tcfg, record: dict, log: MetricsLog) -> str | None:
