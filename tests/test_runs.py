@@ -245,24 +245,29 @@ def test_disk_full_appending_metrics(tmp_path, capsys, monkeypatch):
     assert [r["step"] for r in _rows(w / "metrics.jsonl")] == [0, 1, 2]
 
 
-def _as_other_user(cmd, env, cwd):
-    """Run `cmd` as nobody when root (root ignores file modes), else as is."""
-    pre = None
+def _without_root_powers(cmd, env, cwd):
+    """Run `cmd` so that file modes apply: root ignores them unless it drops CAP_DAC_OVERRIDE."""
     if os.geteuid() == 0:
-        def pre():
-            os.setgid(65534)
-            os.setuid(65534)
-    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300, preexec_fn=pre)
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: file modes cannot be enforced")
+        cmd = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--"] + cmd
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("what", ["workdir", "cache"])
+@pytest.mark.parametrize("what", ["workdir", "cache", "data_cache"])
 def test_read_only_workdir_or_cache_dir(what):
     base = Path(tempfile.mkdtemp(prefix="gn-ro-"))
     try:
         os.chmod(base, 0o755)
-        cfg = _config(base)
-        os.chmod(cfg, 0o644)
         writable, readonly = base / "rw", base / "ro"
+        raw = TINY
+        if what == "data_cache":
+            docs = "".join(json.dumps({"text": f"document {i} " * 8}) + "\n" for i in range(200))
+            (base / "c4.json.gz").write_bytes(gzip.compress(docs.encode()))
+            raw = {**TINY, "data": {"source": "c4", "path": str(base / "c4.json.gz"), "tokenizer": "byte",
+                                    "seq_len": 16, "val_sequences": 4, "cache_dir": str(readonly)}}
+        cfg = _config(base, raw)
         writable.mkdir(mode=0o777)
         os.chmod(writable, 0o777)
         readonly.mkdir()
@@ -272,12 +277,12 @@ def test_read_only_workdir_or_cache_dir(what):
                    PYTHONPATH=str(Path(__file__).parent.parent),
                    GN_CACHE_DIR=str(readonly if what == "cache" else writable))
         workdir = readonly / "w" if what == "workdir" else writable / "w"
-        out = _as_other_user([sys.executable, "-m", "gn.cli", "train", str(cfg), "--method", "adamw",
+        out = _without_root_powers([sys.executable, "-m", "gn.cli", "train", str(cfg), "--method", "adamw",
                               "--workdir", str(workdir)], env, str(writable))
         err = " ".join(out.stderr.split())
         assert out.returncode == 2, out.stderr[-2000:]
         assert err.startswith("error: ") and "Permission denied" in err and "Traceback" not in err
-        assert ("compilation cache" in err) if what == "cache" else ("workdir" in err)
+        assert {"cache": "compilation cache", "workdir": "workdir", "data_cache": "data cache"}[what] in err
     finally:
         os.chmod(base / "ro", 0o755)
         shutil.rmtree(base, ignore_errors=True)
