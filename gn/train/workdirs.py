@@ -190,7 +190,8 @@ def config_diff(old: dict, new: dict) -> dict[str, tuple]:
     """{dotted key: (old, new)} for every key whose value differs."""
     a, b = flatten(old), flatten(new)
     missing = "<absent>"
-    return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)}
+    pairs = {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))}
+    return {k: (o, n) for k, (o, n) in pairs.items() if o != n}
 
 
 def _fmt(diff: dict[str, tuple]) -> str:
