@@ -1,6 +1,8 @@
 """The `gn` command line: a thin layer that parses arguments, loads the config
-and calls `train` / `compare`. Bad input exits with status 2 and a
-one-paragraph message, never a traceback."""
+and calls `train` / `compare`. Bad input, and an operating-system error (read-only or
+full disk, a damaged data file), exits with status 2 and a one-paragraph
+message, never a traceback. SIGTERM exits with 143 and Ctrl-C with 130, both
+after checkpointing the current step. Warnings print as one line each."""
 
 from __future__ import annotations
 
@@ -8,9 +10,10 @@ import argparse
 import os
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
-from gn.errors import ConfigError
+from gn.errors import ConfigError, RunError, Stopped
 
 
 def _default_workdir(config: str, method: str | None = None) -> Path:
@@ -32,7 +35,8 @@ def cmd_train(args) -> int | None:
 
     cfg = _load(args)
     workdir = Path(args.workdir) if args.workdir else _default_workdir(args.config, args.method)
-    summary = train(cfg, args.method, workdir)
+    summary = train(cfg, args.method, workdir, branch=args.branch)
+    workdir = Path(args.branch) if args.branch else workdir
     if summary["diverged"]:
         print(f"error: {summary['method']} diverged: {summary['divergence']}; {summary['steps']} steps, "
               f"{summary['tokens']:,} tokens ran; nothing of the diverged step was saved -> {workdir}",
@@ -103,6 +107,7 @@ def cmd_analyze(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gn", description="Gauss-Newton and second-order optimization for LMs.")
+    p.add_argument("--version", action="version", version=f"gn {version()}")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host runs)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -116,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one method")
     add_common(t)
     t.add_argument("--method", required=True, help="a name from the config's methods list or any registered method")
+    t.add_argument("--branch", metavar="NEW_WORKDIR",
+                   help="continue the run of --workdir in NEW_WORKDIR with this (changed) config, starting from "
+                        "its latest checkpoint; the source workdir is left untouched")
     t.set_defaults(fn=cmd_train)
     c = sub.add_parser("compare", help="train every method of the config and compare them")
     add_common(c)
@@ -148,7 +156,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def version() -> str:
+    """The installed package's version (importlib.metadata), else gn.__version__."""
+    try:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as _v
+
+        return _v("gn")
+    except PackageNotFoundError:
+        import gn
+
+        return gn.__version__
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {' '.join(str(message).split())}\n"
+
+
+def _paragraph(text: str) -> str:
+    return textwrap.fill(" ".join(str(text).split()), width=100, subsequent_indent="  ")
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", os.environ.get("GN_PLATFORMS", "cpu"))
     # Reruns (resume after a crash, repeated comparisons) reuse compiled steps from disk.
@@ -156,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(cache, "xla"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     try:
+        if args.command in ("train", "compare", "sweep"):
+            from gn.train.workdirs import check_writable_dir
+
+            check_writable_dir(Path(os.environ["JAX_COMPILATION_CACHE_DIR"]),
+                               "the compilation cache (GN_CACHE_DIR or JAX_COMPILATION_CACHE_DIR)")
         if args.distributed:
             import jax
 
@@ -163,10 +198,16 @@ def main(argv: list[str] | None = None) -> int:
         status = args.fn(args)
         if status:
             return status
-    except ConfigError as exc:
-        msg = " ".join(str(exc).split())
-        print("error: " + textwrap.fill(msg, width=100, subsequent_indent="  "), file=sys.stderr)
+    except (ConfigError, RunError) as exc:
+        print("error: " + _paragraph(exc), file=sys.stderr)
         return 2
+    except OSError as exc:   # an OS refusal not converted where it happened: still one paragraph
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print("error: " + _paragraph(f"{exc.strerror or exc}{where}."), file=sys.stderr)
+        return 2
+    except Stopped as exc:
+        print(_paragraph(exc.message), file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from gn.data.config import DataConfig
-from gn.errors import ConfigError, require, suggest
+from gn.errors import ConfigError, os_error, require, suggest
 from gn.methods import registry
 from gn.methods.registry import MethodEntry
 from gn.model.config import PRESETS as MODEL_PRESETS
@@ -132,14 +132,47 @@ def read_config_yaml(p: Path, seen: tuple = ()) -> dict:
     require(p.is_file(), f"Config file '{p}' does not exist.")
     require(p.resolve() not in seen, f"Config file '{p}' includes itself through 'base'.")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.load(p.read_text(), Loader=UniqueKeyLoader)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"Config file '{p}' repeats the key '{exc.key}' on line {exc.line} "
+                          f"(first given on line {exc.first}); state each key once.") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"Config file '{p}' is not valid YAML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"Config file '{p}' cannot be read: {exc.strerror or exc}.") from None
+    require(raw is not None, f"Config file '{p}' is empty; state at least the keys that differ from the defaults.")
     require(isinstance(raw, dict), f"Config file '{p}' must hold a mapping at the top level.")
     base = raw.pop("base", None)
     if base is None:
         return raw
     return merge_raw(read_config_yaml(p.parent / str(base), seen + (p.resolve(),)), raw)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(f"duplicate key {key!r} on line {line} (first on line {first})")
+        self.key, self.line, self.first = key, line, first
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, refusing a key repeated within one mapping at any level
+    (plain YAML keeps the last value silently). Keys merged in with `<<` may be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise DuplicateKeyError(key, line, seen[key])
+                except TypeError:         # unhashable key: SafeLoader reports it itself
+                    continue
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def merge_raw(base: dict, delta: dict) -> dict:
@@ -232,5 +265,12 @@ def validate(cfg: Config) -> None:
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    """Write the fully resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the fully resolved config as YAML (RunError when the OS refuses)."""
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")      # never a half-written config.yaml
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as exc:
+        raise os_error(exc, f"writing the resolved config {path}") from None

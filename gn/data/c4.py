@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import glob
 import gzip
+import zlib
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ from gn.data.base import TokenWindows, cache_root, check_counts, check_state, sp
 from gn.data.config import DataConfig
 from gn.data.shards import build_cached_shards, open_shards, shards_source
 from gn.data.tokenizer import check_tokenizer, load_tokenizer
-from gn.errors import ConfigError
+from gn.errors import ConfigError, os_error
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _is_jsonl(path: Path) -> bool:
     try:
         with _open_text(path) as f:
             return isinstance(json.loads(f.readline()), dict)
-    except (OSError, EOFError, UnicodeDecodeError, ValueError):
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, zlib.error):
         return False
 
 
@@ -109,8 +110,11 @@ def iter_documents(files: Iterable[Path], text_field: str, what: str = "data.pat
                 for lineno, line in enumerate(f, 1):
                     if line.strip():
                         yield _parse(line, path, lineno, text_field, what)
-        except (OSError, EOFError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{what}: cannot read {str(path)!r} ({exc.__class__.__name__}: {exc}).") from None
+        except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
+            # gzip.BadGzipFile (an OSError), zlib.error and EOFError: a damaged or truncated file.
+            damaged = "" if type(exc) in (OSError, PermissionError, FileNotFoundError) else (
+                " The file looks damaged or truncated; download it again.")
+            raise ConfigError(f"{what}: cannot read {str(path)!r} ({exc.__class__.__name__}: {exc}).{damaged}") from None
 
 
 def check_files(path: str, text_field: str, what: str = "data.path") -> list[Path]:
@@ -150,8 +154,11 @@ def _local_shards(cfg: DataConfig, path: str, tokenizer, what: str) -> Path:
     key_dir = cache_root(cfg.cache_dir) / "c4" / _cache_key(files, tokenizer, cfg.text_field)
     if not (key_dir / "meta.json").is_file():
         log.info("tokenising %d local file(s) from %s into %s (once; cached)", len(files), path, key_dir)
-    build_cached_shards(key_dir, lambda: iter_documents(files, cfg.text_field, what), tokenizer,
-                        text_field=cfg.text_field, input_desc=path)
+    try:
+        build_cached_shards(key_dir, lambda: iter_documents(files, cfg.text_field, what), tokenizer,
+                            text_field=cfg.text_field, input_desc=path)
+    except OSError as exc:
+        raise os_error(exc, f"writing the tokenised data cache {key_dir} (data.cache_dir or GN_CACHE_DIR)") from None
     return key_dir
 
 

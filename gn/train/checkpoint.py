@@ -279,8 +279,8 @@ class Checkpointer:
 
         final = self._step_dir(step)
         tmp = f"{final}.partial-{uuid.uuid4().hex[:12]}"
-        os.makedirs(tmp)
         try:
+            os.makedirs(tmp)
             ocp = _ocp()
             with _quiet_orbax():
                 ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
@@ -314,6 +314,12 @@ class Checkpointer:
             else:
                 os.rename(tmp, final)
             _fsync_path(self.directory)
+        except OSError as exc:
+            # Disk full, read-only, ...: the earlier checkpoints stay as they are.
+            shutil.rmtree(tmp, ignore_errors=True)
+            from gn.errors import os_error
+
+            raise os_error(exc, f"saving the checkpoint of step {step} in {self.directory}") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

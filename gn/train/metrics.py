@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Iterable
 
+from gn.errors import os_error
+
 
 class MetricsLog:
     """Append-only `metrics.jsonl`, one JSON object per step.
@@ -22,13 +24,20 @@ class MetricsLog:
         """Keep only records with record['step'] <= step (all records dropped if step < 0)."""
         rows = [r for r in self.read() if r["step"] <= step]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(self.path)
+        try:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tmp.replace(self.path)
+        except OSError as exc:       # the old log stays as it was
+            raise os_error(exc, f"rewriting the metrics log {self.path}") from None
 
     def append(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        line = json.dumps(record) + "\n"
+        try:
+            with self.path.open("a") as f:
+                f.write(line)
+                f.flush()
+        except OSError as exc:       # at worst a torn last line, which read() ignores
+            raise os_error(exc, f"appending to the metrics log {self.path}") from None
 
     def read(self) -> list[dict]:
         """All complete records (a torn last line from a kill is ignored)."""

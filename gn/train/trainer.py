@@ -35,6 +35,7 @@ from gn.errors import ConfigError, require
 from gn.curvature.objective import lm_loss
 from gn.methods.base import MethodContext
 from gn.model import count_params, init_params, make_apply
+from gn.train import interrupts, workdirs
 from gn.train import mesh as meshlib
 from gn.train.checkpoint import Checkpointer
 from gn.train.metrics import MetricsLog, summarize
@@ -208,7 +209,7 @@ def setup(run: Run, workdir: Path) -> Session:
     ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
     log = MetricsLog(workdir / "metrics.jsonl")
     counters = {"step": 0, "tokens": 0, "aux_tokens": 0, "updates": 0, "grad_evals": 0.0, "wall_time_s": 0.0}
-    restored = ckpt.restore_latest(_abstract(state))
+    restored = workdirs.restore(ckpt, _abstract(state), workdir)   # a mismatch: ConfigError
     if restored is not None:
         _, state, meta = restored
         counters.update(meta["counters"])
@@ -275,6 +276,8 @@ def loop(sess: Session) -> None:
     initial = next((r["val_loss"] for r in sess.log.read() if r.get("val_loss") is not None), float("nan"))
     try:
         while c["step"] < run.steps:
+            if interrupts.pending():     # SIGTERM/Ctrl-C: stop at this step boundary (train() checkpoints)
+                break
             step = c["step"] + 1
             t0 = time.perf_counter()
             state, m = _one_step(sess, step)
@@ -303,10 +306,7 @@ def loop(sess: Session) -> None:
             for note in method.notes(step, m):
                 _note(bar, note)
             if step % (tcfg.checkpoint_every * run.every) == 0 or step == run.steps or early is not None:
-                meta = {"counters": c, "data": run.source.state_dict()}
-                if sess.noise is not None:
-                    meta["noise"] = sess.noise[1].state_dict()
-                sess.ckpt.save(step, sess.state, meta)
+                save_checkpoint(sess)
             if early is not None:
                 sess.stop_reason = early
                 break
@@ -386,12 +386,36 @@ def _early_stop(tcfg, record: dict, log: MetricsLog) -> str | None:
     return None
 
 
-def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None = None) -> dict:
-    """Train one method of `cfg` in `workdir` (resuming if it holds checkpoints); return the summary."""
+def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None = None,
+          branch: str | Path | None = None) -> dict:
+    """Train one method of `cfg` in `workdir` (resuming if it holds checkpoints); return the summary.
+
+    Before any compute the workdir is locked and its stored config compared with
+    this one (gn/train/workdirs.py); a finished run returns its stored summary.
+    `branch`: continue the run of `workdir` in this new directory with `cfg`.
+    SIGTERM/Ctrl-C stop at a step boundary with a checkpoint (gn.errors.Stopped).
+    """
     run = run or prepare(cfg, method_name)
-    sess = setup(run, Path(workdir))
-    loop(sess)
-    return finish(sess)
+    with workdirs.claim(run, Path(workdir), branch=branch) as claim:
+        if claim.finished is not None:
+            print(f"finished: {claim.workdir} holds a finished run (summary.json); nothing to do", flush=True)
+            return claim.finished
+        with interrupts.handled():
+            sess = setup(run, claim.workdir)
+            if sess.counters["step"] > 0:
+                print(f"resumed from step {sess.counters['step']} in {claim.workdir}", flush=True)
+            loop(sess)
+            interrupts.stop_if_requested(sess, save_checkpoint)
+            return finish(sess)
+
+
+def save_checkpoint(sess: Session) -> None:
+    """Checkpoint the session's current step (the same contents as the loop's cadence saves)."""
+    run, c = sess.run, sess.counters
+    meta = {"counters": c, "data": run.source.state_dict()}
+    if sess.noise is not None:
+        meta["noise"] = sess.noise[1].state_dict()
+    sess.ckpt.save(c["step"], sess.state, meta)
 
 
 def _note(bar, text: str) -> None:
