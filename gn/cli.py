@@ -5,12 +5,12 @@ one-paragraph message, never a traceback."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import textwrap
 from pathlib import Path
 
 from gn.errors import ConfigError
+from gn.runtime import configure_jax_env
 
 
 def _default_workdir(config: str, method: str | None = None) -> Path:
@@ -141,12 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First, before anything imports jax: the platform and the persistent compilation
+    # cache, so reruns (resume after a crash, repeated comparisons) reuse compiled steps.
+    configure_jax_env()
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", os.environ.get("GN_PLATFORMS", "cpu"))
-    # Reruns (resume after a crash, repeated comparisons) reuse compiled steps from disk.
-    cache = os.environ.get("GN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "gn"))
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(cache, "xla"))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     try:
         if args.distributed:
             import jax

@@ -25,7 +25,7 @@ TINY = {
               "progress": False, "target_losses": [2.5, 0.1]},
     "methods": [{"name": "adamw", "learning_rate": 0.01}, {"name": "muon", "learning_rate": 0.02}],
 }
-TIMING = {"step_time_s", "wall_time_s", "inner_time_s", "linesearch_time_s"}
+TIMING = {"step_time_s", "compile_time_s", "wall_time_s", "inner_time_s", "linesearch_time_s"}
 
 
 def _strip(rows):

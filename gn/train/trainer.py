@@ -39,6 +39,7 @@ from gn.train import mesh as meshlib
 from gn.train.checkpoint import Checkpointer
 from gn.train.metrics import MetricsLog, summarize
 from gn.train.noise import NoiseScaleTracker, chunked, estimate, make_measure
+from gn.train.timing import compile_clock
 
 
 @dataclasses.dataclass
@@ -177,6 +178,7 @@ class Session:
     noise: Any = None      # (measure fn, NoiseScaleTracker) when train.noise_scale_every > 0
     diverged: bool = False
     stop_reason: str = "steps"
+    compile_mark: float = 0.0   # compile_clock() reading at the start of the current step
 
 
 def setup(run: Run, workdir: Path) -> Session:
@@ -223,6 +225,7 @@ def setup(run: Run, workdir: Path) -> Session:
 def _one_step(sess: Session, step: int) -> tuple[dict, dict]:
     """Read the step's batches and run the method; (new state, metrics)."""
     run, plan = sess.run, sess.run.method.plan
+    sess.compile_mark = compile_clock().mark()
     host = run.source.next(plan.train + plan.aux, plan.micro_batch)
     train_b = meshlib.put_batches(host[:plan.train], run.mesh)
     aux_b = meshlib.put_batches(host[plan.train:], run.mesh) if plan.aux else None
@@ -244,17 +247,22 @@ def _noise_scale(sess: Session, train_b) -> dict:
 
 
 def _advance(sess: Session, step: int, m: dict, dt: float) -> dict:
-    """Count the step's tokens, updates and cost; the step's metrics record."""
+    """Count the step's tokens, updates and cost; the step's metrics record.
+
+    `step_time_s` is the whole step, `compile_time_s` the part of it spent tracing
+    and compiling (gn.train.timing); `wall_time_s` sums the rest over the run."""
     run, method, c = sess.run, sess.run.method, sess.counters
     plan = method.plan
+    compile_s = min(dt, compile_clock().since(sess.compile_mark))
     c.update(step=step, tokens=c["tokens"] + plan.train * plan.micro_batch * run.source.seq_len,
              aux_tokens=c["aux_tokens"] + plan.aux * plan.aux_micro_batch * run.source.seq_len,
              updates=c["updates"] + method.updates_per_step,
              grad_evals=c["grad_evals"] + method.grad_evals_per_step,
-             wall_time_s=c["wall_time_s"] + dt)
+             wall_time_s=c["wall_time_s"] + (dt - compile_s),
+             compile_time_s=c.get("compile_time_s", 0.0) + compile_s)
     return {"step": step, "outer_step": step / run.every, "tokens": c["tokens"], "aux_tokens": c["aux_tokens"],
             "updates": c["updates"], "grad_evals": c["grad_evals"], "lr": method.lr(step - 1),
-            "step_time_s": dt, "wall_time_s": c["wall_time_s"], **m}
+            "step_time_s": dt, "compile_time_s": compile_s, "wall_time_s": c["wall_time_s"], **m}
 
 
 def loop(sess: Session) -> None:
@@ -320,6 +328,7 @@ def finish(sess: Session) -> dict:
         **summarize(rows, run.cfg.train.target_losses),
         **method.summarize(rows),
         "wall_time_s": c["wall_time_s"],
+        "compile_time_s": c.get("compile_time_s", 0.0),
         "diverged": sess.diverged,
         "stop_reason": "diverged" if sess.diverged else sess.stop_reason,
         "batch_size": run.batch_size,
