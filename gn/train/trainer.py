@@ -37,6 +37,7 @@ from gn.methods.base import MethodContext
 from gn.model import count_params, init_params, make_apply
 from gn.train import mesh as meshlib
 from gn.train.checkpoint import Checkpointer
+from gn.train.loggers import close_metrics_log, open_metrics_log
 from gn.train.metrics import MetricsLog, summarize
 from gn.train.noise import NoiseScaleTracker, chunked, estimate, make_measure
 from gn.train.timing import compile_clock
@@ -204,7 +205,7 @@ def setup(run: Run, workdir: Path) -> Session:
         state["ema"] = params
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
-    log = MetricsLog(workdir / "metrics.jsonl")
+    log = open_metrics_log(workdir, tcfg.loggers, run_name=f"{workdir.name}", config=resolved.to_dict())
     counters = {"step": 0, "tokens": 0, "aux_tokens": 0, "updates": 0, "grad_evals": 0.0, "wall_time_s": 0.0}
     restored = ckpt.restore_latest(_abstract(state))
     if restored is not None:
@@ -321,6 +322,7 @@ def finish(sess: Session) -> dict:
     if not sess.diverged:
         Checkpointer(workdir / FINAL_PARAMS, keep=1).save(c["step"], {"params": sess.state["params"]},
                                                           {"counters": c})
+    close_metrics_log(sess.log)   # TensorBoard / W&B (train.loggers); metrics.jsonl needs no closing
     rows = sess.log.read()
     summary = {
         "method": run.entry.name,
