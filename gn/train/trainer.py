@@ -6,7 +6,7 @@
     workdir/metrics.jsonl   one JSON object per step (+ a step-0 evaluation)
     workdir/summary.json    final/best losses, steps/tokens/updates to each target, wall time
     workdir/checkpoints/    orbax checkpoints (params, method state, EMA, RNG, data position)
-    workdir/loss.png        train and validation loss against steps
+    workdir/loss.png        train and validation loss against outer steps, updates, grad evals, wall time
 
 Steps and tokens are accounted the same way for every method: a step reads
 `method.plan.train` batches of training data (counted in `tokens`) and
@@ -347,7 +347,8 @@ def finish(sess: Session) -> dict:
     try:
         from gn.train.plots import plot_run  # matplotlib: imported only when a run finishes
 
-        plot_run(rows, workdir / "loss.png", title=run.entry.name, floor=run.source.loss_floor)
+        plot_run(rows, workdir / "loss.png", title=run.entry.name, floor=run.source.loss_floor,
+                 targets=run.cfg.train.target_losses)
     except Exception as exc:  # a plot must never lose a finished run
         print(f"warning: could not write the loss plot: {exc}")
     return summary
