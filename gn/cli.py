@@ -32,7 +32,7 @@ def cmd_train(args) -> None:
     summary = train(cfg, args.method, workdir)
     print(f"{summary['method']}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
           f"final val loss {summary['final_val_loss']:.4f} (best {summary['best_val_loss']:.4f}), "
-          f"{summary['wall_time_s']:.1f} s -> {workdir}")
+          f"{summary['wall_time_s']:.1f} s (+ {summary.get('compile_time_s', 0.0):.1f} s compiling) -> {workdir}")
 
 
 def cmd_compare(args) -> None:
