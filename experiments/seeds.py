@@ -15,9 +15,13 @@ import math
 import sys
 from pathlib import Path
 
-from gn.config import load_config
-from gn.train.compare import compare
-from gn.train.metrics import target_key
+from gn.runtime import configure_jax_env
+
+configure_jax_env()   # before jax is imported (by gn.config): platform, persistent compile cache
+
+from gn.config import load_config  # noqa: E402
+from gn.train.compare import compare  # noqa: E402
+from gn.train.metrics import target_key  # noqa: E402
 
 
 def _mean_se(xs: list[float]) -> str:

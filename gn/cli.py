@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from gn.errors import ConfigError, RunError, Stopped
+from gn.runtime import configure_jax_env
 
 
 def _default_workdir(config: str, method: str | None = None) -> Path:
@@ -44,7 +45,7 @@ def cmd_train(args) -> int | None:
         return DIVERGED
     print(f"{summary['method']}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
           f"final val loss {summary['final_val_loss']:.4f} (best {summary['best_val_loss']:.4f}), "
-          f"{summary['wall_time_s']:.1f} s -> {workdir}")
+          f"{summary['wall_time_s']:.1f} s (+ {summary.get('compile_time_s', 0.0):.1f} s compiling) -> {workdir}")
 
 
 def cmd_compare(args) -> None:
@@ -179,12 +180,10 @@ def _paragraph(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
+    # First, before anything imports jax: the platform and the persistent compilation
+    # cache, so reruns (resume after a crash, repeated comparisons) reuse compiled steps.
+    configure_jax_env(warn=False)      # an unwritable cache is refused below, with exit status 2
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", os.environ.get("GN_PLATFORMS", "cpu"))
-    # Reruns (resume after a crash, repeated comparisons) reuse compiled steps from disk.
-    cache = os.environ.get("GN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "gn"))
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(cache, "xla"))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     try:
         if args.command in ("train", "compare", "sweep"):
             from gn.train.workdirs import check_writable_dir

@@ -29,6 +29,25 @@ from gn.model.config import ModelConfig
 from gn.structs import build_dataclass, check_keys, plain
 
 
+# train.loggers: each logger, the package it needs and how to install it (gn/train/loggers.py).
+LOGGERS = {"tensorboard": ("tensorboardX", 'pip install -e ".[tb]" (or pip install tensorboardX)'),
+           "wandb": ("wandb", "pip install wandb")}
+
+
+def check_loggers(names) -> None:
+    """ConfigError for an unknown logger or one whose package is not installed (before any compute)."""
+    import importlib.util
+
+    for name in names:
+        require(name in LOGGERS,
+                f"train.loggers: unknown logger '{name}'.{suggest(name, sorted(LOGGERS))} Valid loggers are "
+                f"{', '.join(sorted(LOGGERS))}.")
+        module, how = LOGGERS[name]
+        require(importlib.util.find_spec(module) is not None,
+                f"train.loggers asks for '{name}', but the package '{module}' is not installed: {how}, "
+                f"or remove '{name}' from train.loggers.")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The training loop, shared by every method.
@@ -58,6 +77,8 @@ class TrainConfig:
     # after the evaluation at which every target loss has been reached.
     max_tokens: int = 0
     stop_at_target: bool = False
+    # Metric destinations beside metrics.jsonl: "tensorboard" (WORKDIR/tb), "wandb" (gn/train/loggers.py).
+    loggers: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Raise ConfigError on invalid values."""
@@ -79,6 +100,8 @@ class TrainConfig:
         require(self.max_tokens >= 0, f"train.max_tokens must be >= 0 (0 = no budget), got {self.max_tokens}.")
         require(not self.stop_at_target or bool(self.target_losses),
                 "train.stop_at_target needs train.target_losses: there is no target to stop at.")
+        require(len(set(self.loggers)) == len(self.loggers), f"train.loggers lists a logger twice: {self.loggers}.")
+        check_loggers(self.loggers)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ TINY = {
               "progress": False},
     "methods": [{"name": "adamw", "learning_rate": 0.01}],
 }
-TIMING = {"step_time_s", "wall_time_s", "inner_time_s", "linesearch_time_s"}
+TIMING = {"step_time_s", "wall_time_s", "compile_time_s", "inner_time_s", "linesearch_time_s"}
 
 
 def _strip(rows):

@@ -9,10 +9,20 @@
 All times are medians of wall-clock repeats taken after compilation, interleaved
 round-robin in one process so that machine noise hits every candidate alike.
 The command line is `gn bench [optimizers]` (`gn.bench.cli`).
+
+The names below are imported on first use: importing `gn.bench` (as `gn`'s
+argument parser does) must not import jax before the CLI has configured it.
 """
 
-from gn.bench.gn_step import GNBenchConfig, machine_info, peak_memory, run_gn_bench
-from gn.bench.optimizers import OptimizerBenchConfig, run_optimizer_bench
+from importlib import import_module
 
-__all__ = ["GNBenchConfig", "OptimizerBenchConfig", "machine_info", "peak_memory", "run_gn_bench",
-           "run_optimizer_bench"]
+_LAZY = {"GNBenchConfig": "gn_step", "machine_info": "gn_step", "peak_memory": "gn_step",
+         "run_gn_bench": "gn_step", "OptimizerBenchConfig": "optimizers", "run_optimizer_bench": "optimizers"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f"gn.bench.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'gn.bench' has no attribute '{name}'")

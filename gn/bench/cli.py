@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import textwrap
 
 from gn.errors import ConfigError
+from gn.runtime import configure_jax_env
 
 TARGETS = ("optimizers",)
 
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "bench":
         argv = ["bench"] + argv
+    configure_jax_env()   # before jax is imported: platform and persistent compilation cache
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", os.environ.get("GN_PLATFORMS", "cpu"))
     try:
         args.fn(args)
     except ConfigError as exc:

@@ -6,7 +6,7 @@
     workdir/metrics.jsonl   one JSON object per step (+ a step-0 evaluation)
     workdir/summary.json    final/best losses, steps/tokens/updates to each target, wall time
     workdir/checkpoints/    orbax checkpoints (params, method state, EMA, RNG, data position)
-    workdir/loss.png        train and validation loss against steps
+    workdir/loss.png        train and validation loss against outer steps, updates, grad evals, wall time
 
 Steps and tokens are accounted the same way for every method: a step reads
 `method.plan.train` batches of training data (counted in `tokens`) and
@@ -38,8 +38,10 @@ from gn.model import count_params, init_params, make_apply
 from gn.train import interrupts, workdirs
 from gn.train import mesh as meshlib
 from gn.train.checkpoint import Checkpointer
+from gn.train.loggers import close_metrics_log, open_metrics_log
 from gn.train.metrics import MetricsLog, summarize
 from gn.train.noise import NoiseScaleTracker, chunked, estimate, make_measure
+from gn.train.timing import compile_clock
 
 
 @dataclasses.dataclass
@@ -178,6 +180,7 @@ class Session:
     noise: Any = None      # (measure fn, NoiseScaleTracker) when train.noise_scale_every > 0
     divergence: str = ""   # why the run diverged ("" while it has not)
     stop_reason: str = "steps"
+    compile_mark: float = 0.0   # compile_clock() reading at the start of the current step
 
     @property
     def diverged(self) -> bool:
@@ -207,7 +210,7 @@ def setup(run: Run, workdir: Path) -> Session:
         state["ema"] = params
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
-    log = MetricsLog(workdir / "metrics.jsonl")
+    log = open_metrics_log(workdir, tcfg.loggers, run_name=f"{workdir.name}", config=resolved.to_dict())
     counters = {"step": 0, "tokens": 0, "aux_tokens": 0, "updates": 0, "grad_evals": 0.0, "wall_time_s": 0.0}
     restored = workdirs.restore(ckpt, _abstract(state), workdir)   # a mismatch: ConfigError
     if restored is not None:
@@ -228,6 +231,7 @@ def setup(run: Run, workdir: Path) -> Session:
 def _one_step(sess: Session, step: int) -> tuple[dict, dict]:
     """Read the step's batches and run the method; (new state, metrics)."""
     run, plan = sess.run, sess.run.method.plan
+    sess.compile_mark = compile_clock().mark()
     host = run.source.next(plan.train + plan.aux, plan.micro_batch)
     train_b = meshlib.put_batches(host[:plan.train], run.mesh)
     aux_b = meshlib.put_batches(host[plan.train:], run.mesh) if plan.aux else None
@@ -249,17 +253,22 @@ def _noise_scale(sess: Session, train_b) -> dict:
 
 
 def _advance(sess: Session, step: int, m: dict, dt: float) -> dict:
-    """Count the step's tokens, updates and cost; the step's metrics record."""
+    """Count the step's tokens, updates and cost; the step's metrics record.
+
+    `step_time_s` is the whole step, `compile_time_s` the part of it spent tracing
+    and compiling (gn.train.timing); `wall_time_s` sums the rest over the run."""
     run, method, c = sess.run, sess.run.method, sess.counters
     plan = method.plan
+    compile_s = min(dt, compile_clock().since(sess.compile_mark))
     c.update(step=step, tokens=c["tokens"] + plan.train * plan.micro_batch * run.source.seq_len,
              aux_tokens=c["aux_tokens"] + plan.aux * plan.aux_micro_batch * run.source.seq_len,
              updates=c["updates"] + method.updates_per_step,
              grad_evals=c["grad_evals"] + m.pop("grad_evals", method.grad_evals_per_step),
-             wall_time_s=c["wall_time_s"] + dt)
+             wall_time_s=c["wall_time_s"] + (dt - compile_s),
+             compile_time_s=c.get("compile_time_s", 0.0) + compile_s)
     return {"step": step, "outer_step": step / run.every, "tokens": c["tokens"], "aux_tokens": c["aux_tokens"],
             "updates": c["updates"], "grad_evals": c["grad_evals"], "lr": method.lr(step - 1),
-            "step_time_s": dt, "wall_time_s": c["wall_time_s"], **m}
+            "step_time_s": dt, "compile_time_s": compile_s, "wall_time_s": c["wall_time_s"], **m}
 
 
 def loop(sess: Session) -> None:
@@ -326,6 +335,7 @@ def finish(sess: Session) -> dict:
     if not sess.diverged:
         Checkpointer(workdir / FINAL_PARAMS, keep=1).save(c["step"], {"params": sess.state["params"]},
                                                           {"counters": c})
+    close_metrics_log(sess.log)   # TensorBoard / W&B (train.loggers); metrics.jsonl needs no closing
     rows = sess.log.read()
     summary = {
         "method": run.entry.name,
@@ -333,6 +343,7 @@ def finish(sess: Session) -> dict:
         **summarize(rows, run.cfg.train.target_losses),
         **method.summarize(rows),
         "wall_time_s": c["wall_time_s"],
+        "compile_time_s": c.get("compile_time_s", 0.0),
         "diverged": sess.diverged,
         "stop_reason": "diverged" if sess.diverged else sess.stop_reason,
         "divergence": sess.divergence or None,
@@ -350,7 +361,8 @@ def finish(sess: Session) -> dict:
     try:
         from gn.train.plots import plot_run  # matplotlib: imported only when a run finishes
 
-        plot_run(rows, workdir / "loss.png", title=run.entry.name, floor=run.source.loss_floor)
+        plot_run(rows, workdir / "loss.png", title=run.entry.name, floor=run.source.loss_floor,
+                 targets=run.cfg.train.target_losses)
     except Exception as exc:  # a plot must never lose a finished run
         print(f"warning: could not write the loss plot: {exc}")
     return summary
