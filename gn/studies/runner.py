@@ -100,7 +100,7 @@ def _write(rundir: Path, row: dict, summary: dict | None, error: str | None) -> 
     if error is not None:
         status, reason = "failed", error
     elif summary.get("diverged"):
-        status, reason = "diverged", f"non-finite loss or parameters at step {summary.get('steps')}"
+        status, reason = "diverged", summary.get("divergence") or f"diverged at step {summary.get('steps')}"
     else:
         status, reason = "finished", summary.get("stop_reason", "steps")
     record = {**{k: row.get(k) for k in RECORD_KEYS}, "status": status, "reason": reason,

@@ -23,6 +23,7 @@ A spec YAML (unknown keys are errors, with the nearest valid key suggested):
         lr: {center: 1.0e-3}          # merged over the spec-level rule
       - name: gn
         b_inner: 32                   # GN: inner_steps = B / b_inner; the lr grid is inner_learning_rate
+                                      # (first-order: the small-batch control, B / b_inner updates per step)
         batch_sizes: [256, 512]       # per-method grid overrides: batch_sizes, seeds, lr, vary
         vary: {ls_grid: [5, 10]}
 
@@ -215,11 +216,10 @@ def _method(entry: Any, i: int, spec: Mapping, global_vary: tuple) -> SweepMetho
     require("warmup_steps" not in options or not spec.get("warmup_tokens"),
             f"{where}: 'warmup_steps' conflicts with the spec's 'warmup_tokens'.")
     b_inner = entry.get("b_inner")
-    if gn:
+    if gn or b_inner is not None:
+        # GN: the inner batch. A first-order method: the small-batch control, B / b_inner updates of
+        # b_inner sequences per outer step (the trainer's per-method batch_size).
         b_inner = _int(b_inner, f"{where}.b_inner", minimum=1)
-    else:
-        require(b_inner is None, f"{where}: 'b_inner' applies to Gauss-Newton methods only ('{reg.name}' is "
-                                 f"{reg.family}).")
     lr = _lr_rule({**_lr_base(spec.get("lr")), **_lr_override(entry.get("lr"))}, where, reg.name, reg.family)
     vary = _vary(entry.get("vary") or {}, f"{where}.vary", allow_sections=False)
     vary += tuple((k.split(".", 2)[2], v) for k, v in global_vary if k.startswith(f"methods.{name}."))
@@ -232,7 +232,7 @@ def _method(entry: Any, i: int, spec: Mapping, global_vary: tuple) -> SweepMetho
                     f"{where}.vary: '{key}' is set by the sweep's own grids.")
     batch_sizes = tuple(_int(b, f"{where}.batch_sizes", minimum=1)
                         for b in _list(entry.get("batch_sizes", spec.get("batch_sizes")), f"{where}.batch_sizes"))
-    if gn:
+    if b_inner is not None:
         bad = [b for b in batch_sizes if b % b_inner]
         require(not bad, f"{where}: batch sizes {bad} are not divisible by b_inner ({b_inner}); "
                          f"a GN outer step reads B / b_inner inner batches.")

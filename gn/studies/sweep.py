@@ -115,9 +115,17 @@ def _resolve(spec: SweepSpec, m: SweepMethod, B: int, lr: float, seed: int, vary
             raw.setdefault(section, {})[rest] = value
         else:
             entry[key] = value
-    entry[m.lr_key] = lr
+    if m.is_gn and m.options.get("inner_solver") == "cg":
+        # Hessian-free CG has no inner learning rate (its step is the damped GN solve; the line
+        # search scales it): one lr value, recorded for the run's name only.
+        require(len(m.lr.grid(B)) == 1, f"methods.{m.name}: inner_solver: cg has no learning rate; give "
+                                        "one lr value (it is not used) and vary damping instead.")
+    else:
+        entry[m.lr_key] = lr
     if m.is_gn:
         entry["inner_steps"] = B // m.b_inner
+    elif m.b_inner:
+        entry["batch_size"] = m.b_inner       # the control: B / b_inner sequential updates per outer step
     if "schedule" in defaults and "schedule" not in entry:
         entry["schedule"] = spec.schedule
     warmup = None
