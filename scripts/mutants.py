@@ -1,0 +1,151 @@
+"""Plant one-line bugs and check that the test suite catches each (run by hand, not in CI).
+
+    python scripts/mutants.py [--only NAME,...] [--list]
+
+For every mutant: copy the package and tests to a scratch directory, replace one
+line, run the named test files there (pytest -x), and report whether the suite
+failed ("caught") or passed ("SURVIVED"). Exit status 1 if any mutant survives.
+A mutant whose target line is not found is an error: the list must follow the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name: (file, exact old text, new text, test files)
+MUTANTS = {
+    "gn_ignores_line_search_alpha": (
+        "gn/methods/gauss_newton.py",
+        "moved = jax.tree.map(lambda p, d: p + ls.alpha.astype(p.dtype) * d, theta, delta)",
+        "moved = jax.tree.map(lambda p, d: p + d, theta, delta)",
+        ["tests/test_gn_trust.py"]),
+    "inner_weight_decay_forced_to_zero": (
+        "gn/methods/gauss_newton.py",
+        '"weight_decay": hp.inner_weight_decay, "weight_decay_mask": hp.inner_weight_decay_mask}',
+        '"weight_decay": 0.0, "weight_decay_mask": hp.inner_weight_decay_mask}',
+        ["tests/test_gn_trust.py"]),
+    "inner_weight_decay_on_every_matrix": (
+        "gn/methods/gauss_newton.py",
+        'inner_weight_decay_mask: Any = opt("adam_side",',
+        'inner_weight_decay_mask: Any = opt("matrices",',
+        ["tests/test_gn_trust.py"]),
+    "line_search_tokens_counted_as_training": (
+        "gn/train/trainer.py",
+        'c.update(step=step, tokens=c["tokens"] + plan.train * plan.micro_batch * run.source.seq_len,',
+        'c.update(step=step, tokens=c["tokens"] + (plan.train + plan.aux) * plan.micro_batch * run.source.seq_len,',
+        ["tests/test_gn_trust.py"]),
+    "ema_once_per_outer_step": (
+        "gn/train/trainer.py",
+        "ema_update = _ema_fn(tcfg.ema_decay ** method.updates_per_step) if tcfg.ema_decay > 0 else None",
+        "ema_update = _ema_fn(tcfg.ema_decay) if tcfg.ema_decay > 0 else None",
+        ["tests/test_gn_trust.py"]),
+    "inner_adam_lr_not_routed": (
+        "gn/methods/gauss_newton.py",
+        'inner["adam_learning_rate"] = hp.inner_adam_learning_rate',
+        'inner["adam_learning_rate"] = None',
+        ["tests/test_gn_trust.py"]),
+    "masked_logits_not_masked": (
+        "gn/curvature/losses.py",
+        "p = jnp.where(_expand(mask) > 0, p, 0.0)",
+        "p = p",
+        ["tests/test_methods.py"]),
+    "curvature_ce_hessian_drops_the_rank_one_term": (
+        "gn/curvature/losses.py",
+        "return s * (pv - p * jnp.sum(pv, axis=-1, keepdims=True))",
+        "return s * pv",
+        ["tests/test_curvature.py"]),
+    "line_search_takes_the_worst_alpha": (
+        "gn/methods/linesearch.py",
+        "k = jnp.argmin(losses)",
+        "k = jnp.argmax(losses)",
+        ["tests/test_gauss_newton.py"]),
+    "cg_step_size_off": (
+        "gn/curvature/cg.py",
+        "alpha = jnp.where(act, _safe_div(rs, pap), 0.0)",
+        "alpha = jnp.where(act, 0.5 * _safe_div(rs, pap), 0.0)",
+        ["tests/test_curvature.py"]),
+    "kfac_delta_not_rescaled_by_n": (
+        "gn/optim/_kfac.py",
+        "d = d * (n if loss_scale is None else loss_scale)",
+        "d = d * (1.0 if loss_scale is None else loss_scale)",
+        ["tests/test_fog.py"]),
+    "soap_unrotates_with_the_wrong_side": (
+        "gn/optim/_soap.py",
+        "x = x @ q_r.T",
+        "x = x @ q_r",
+        ["tests/test_optim_seeds.py"]),
+    "soap_no_second_moment_bias_correction": (
+        "gn/optim/_soap.py",
+        "v_hat = v / (1 - b2 ** kf).astype(v.dtype)",
+        "v_hat = v",
+        ["tests/test_optim_seeds.py"]),
+    "gn_rejection_ignored": (
+        "gn/methods/gauss_newton.py",
+        "rejected = ~(jnp.isfinite(pred) & (pred > 0))",
+        "rejected = jnp.asarray(False)",
+        ["tests/test_gn_trust.py"]),
+}
+
+
+def _scratch() -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix="gn-mutant-"))
+    for name in ("gn", "tests", "examples", "configs", "experiments", "pyproject.toml"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, tmp / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, tmp / name)
+    return tmp
+
+
+def run_mutant(name: str) -> tuple[bool, float, str]:
+    """(caught, seconds, last line of pytest's output) for one mutant."""
+    path, old, new, tests = MUTANTS[name]
+    tmp = _scratch()
+    try:
+        target = tmp / path
+        text = target.read_text()
+        if text.count(old) != 1:
+            raise SystemExit(f"mutant {name}: the line to mutate occurs {text.count(old)} times in {path}")
+        target.write_text(text.replace(old, new))
+        env = {**os.environ, "PYTHONPATH": str(tmp), "JAX_PLATFORMS": "cpu"}
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-o", "addopts=", "-m", "not slow",
+                               "-p", "no:cacheprovider", *tests], cwd=tmp, env=env, capture_output=True, text=True)
+        last = (proc.stdout.strip().splitlines() or [""])[-1]
+        return proc.returncode != 0, time.perf_counter() - t0, last
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", help="comma-separated mutant names")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = p.parse_args(argv)
+    names = [n for n in args.only.split(",") if n] if args.only else list(MUTANTS)
+    if args.list:
+        for n in names:
+            print(f"{n:45s} {MUTANTS[n][0]}")
+        return 0
+    survived = []
+    for n in names:
+        caught, dt, last = run_mutant(n)
+        print(f"{'caught  ' if caught else 'SURVIVED'} {n:45s} {dt:6.1f} s  {last}", flush=True)
+        if not caught:
+            survived.append(n)
+    print(f"{len(names) - len(survived)}/{len(names)} planted bugs caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
