@@ -38,7 +38,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "AdamW. Times are medians over interleaved repeats after compilation, in one process.")
     b.add_argument("target", nargs="?", choices=TARGETS, help="'optimizers' for the optimizer table")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    b.add_argument("--preset", default="nano", help="model preset (nano, tiny, 45m, 150m); default nano")
+    b.add_argument("--preset", default="nano", help="model preset (nano, tiny, 45m, 150m, 45m_swiglu, 150m_swiglu); default nano")
     b.add_argument("--vocab-size", type=_positive, help="vocabulary (default 512 for nano, 4096 for tiny)")
     b.add_argument("--model", action="append", metavar="KEY=VALUE", dest="model_set",
                    help="override a model config field, e.g. --model hidden=32 (repeatable)")
