@@ -71,7 +71,8 @@ class GNConfig(MethodConfig):
                                                     "norms), matrices, hidden_matrices, all, none or path globs")
     warm_start: bool = opt(True, "continue the previous inner solution and optimizer state")
     damping: float = opt(0.0, "λ in (λ/2)‖θ − θ_t‖² added to the model")
-    partition: Optional[str] = opt(None, "block-diagonal model: per_tensor, top_level, transformer_blocks")
+    partition: Optional[str] = opt(None, "block-diagonal model: per_tensor, top_level, transformer_blocks "
+                                         "(paper: final norm in the last block), transformer_blocks_head_norm")
     block_mode: str = opt("batched", "batched, sequential or unrolled (same numbers)")
     ls_grid: int = opt(5, "line-search grid α ∈ {2^(−i/2) : i < ls_grid}")
     ls_batches: int = opt(2, "fresh batches the line search reads")
@@ -137,7 +138,9 @@ class GNLayerwiseConfig(GNConfig):
     description: ClassVar[str] = ("Layerwise GN: block-diagonal GN model (embedding, each block, norm+head), "
                                   "all blocks in one compiled step")
     partition: Optional[str] = opt("transformer_blocks", "block-diagonal model: per_tensor, top_level, "
-                                                         "transformer_blocks")
+                                                         "transformer_blocks (the paper's: embedding, each block "
+                                                         "with the final norm in the last, head), "
+                                                         "transformer_blocks_head_norm (final norm with the head)")
     ls_grid: int = opt(10, "line-search grid α ∈ {2^(−i/2) : i < ls_grid}")
     # "unrolled": each block's tangent starts and its transpose stops at that block; same numbers
     # as "batched" (one vmapped pass), measured 30-35 % faster (docs/benchmarks.md).
