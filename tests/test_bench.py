@@ -67,7 +67,7 @@ def test_gn_bench_json_is_complete_and_consistent(run_cli):
     c = res["config"]
     assert (c["inner_steps"], c["inner_batch"], c["seq_len"], c["vocab_size"], c["ls_grid"], c["ls_batches"],
             c["hidden"], c["layers"], c["inner_optimizer"]) == (3, 2, 8, 64, 3, 1, 16, 1, "sgd")
-    assert res["num_blocks"] == 1 + 1 + 1      # embedding, block_0, final norm + head
+    assert res["num_blocks"] == 1 + 1 + 1      # embedding, block_0 with the final norm, head
     for key, sample in TIMES.items():
         assert isinstance(res[key], float) and res[key] > 0, key
         # Reported times are the medians of the reported samples.
@@ -146,3 +146,39 @@ def test_bench_inner_step_is_the_methods_scan_body():
     jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6), th, expected)
     moved = jax.tree.leaves(jax.tree.map(lambda a, p: float(jnp.max(jnp.abs(a - p))), th, state.inner_params))
     assert max(moved) > 0
+
+
+def test_compile_only_compiles_every_function_and_runs_nothing(capsys, monkeypatch):
+    """`gn bench --compile-only` on nano: every benchmarked function is compiled on abstract arguments,
+    XLA's buffer sizes are reported, and nothing is executed or transferred to the device."""
+    from gn.bench.gn_step import COMPILE_ONLY_FUNCTIONS
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--compile-only executed a compiled function")
+
+    monkeypatch.setattr(jax.stages.Compiled, "__call__", refuse)
+    with jax.transfer_guard("disallow"):      # no parameter, batch or state is put on the device
+        assert cli.main(["--compile-only", "--json", "--preset", "nano", "--seq-len", "16", "--inner-batch", "2",
+                         "--inner-steps", "2", "--ls-grid", "2", "--ls-batches", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["benchmark"] == "gn_step_compile_only"
+    c = res["config"]
+    assert (c["preset"], c["vocab_size"], c["inner_steps"], c["inner_batch"], c["seq_len"]) == ("nano", 512, 2, 2, 16)
+    assert set(res["compiled"]) == set(COMPILE_ONLY_FUNCTIONS)
+    assert {"value_and_grad", "gn_inner_step", "gn_layerwise_inner_step", "linesearch"} <= set(res["compiled"])
+    for name, st in res["compiled"].items():
+        assert st["temp_bytes"] > 0 and st["argument_bytes"] > 0 and st["output_bytes"] > 0, name
+        assert st["total_bytes"] == st["temp_bytes"] + st["argument_bytes"] + st["output_bytes"], name
+    # value_and_grad takes the parameters and one batch, and returns the loss and a gradient per parameter.
+    n_params, b, t = c["num_params"], 2, 17
+    vg = res["compiled"]["value_and_grad"]
+    assert vg["argument_bytes"] == 4 * n_params + 4 * b * t
+    assert 4 * n_params + 4 <= vg["output_bytes"] < 4 * n_params + 4096     # + XLA's tuple index tables
+    # The layerwise step pushes a tangent per block: more FLOPs than the full GN step.
+    assert res["compiled"]["gn_layerwise_inner_step"]["flops"] > res["compiled"]["gn_inner_step"]["flops"]
+    assert res["num_blocks"] == 2 + 2     # embed, block_0, block_1 (+ final norm), head
+
+
+def test_compile_only_refuses_optimizers_target(capsys):
+    assert cli.main(["optimizers", "--compile-only"]) == 2
+    assert "--compile-only" in capsys.readouterr().err

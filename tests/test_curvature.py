@@ -271,8 +271,31 @@ def test_block_diag_callable_seq():
 def _llama_labels_ok(params):
     labels, blocks = curvature.make_partition(params, "transformer_blocks")
     assert sorted(blocks) == ["block_0", "embed", "head"]
-    assert labels["final_norm"]["scale"] == labels["lm_head"]["kernel"] == "head"
+    # The paper's partition: the final norm goes with the last transformer block, the head alone.
+    assert labels["final_norm"]["scale"] == "block_0" and labels["lm_head"]["kernel"] == "head"
     assert labels["block_0"]["attn"]["wq"]["kernel"] == labels["block_0"]["mlp_norm"]["scale"] == "block_0"
+    labels, blocks = curvature.make_partition(params, "transformer_blocks_head_norm")
+    assert sorted(blocks) == ["block_0", "embed", "head"]
+    assert labels["final_norm"]["scale"] == labels["lm_head"]["kernel"] == "head"
+
+
+def test_transformer_blocks_final_norm_in_last_block():
+    from gn.model import init_params, model_config
+    cfg = model_config("nano", vocab_size=32, hidden=16, layers=3, heads=2, ffn=32, mlp="gelu", qk_norm=True)
+    shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+    labels, blocks = curvature.make_partition(shapes, "transformer_blocks")
+    assert blocks == ["block_0", "block_1", "block_2", "embed", "head"]
+    assert labels["final_norm"]["scale"] == "block_2" != labels["block_1"]["attn"]["q_norm"]["bias"]
+    assert labels["block_2"]["attn"]["k_norm"]["scale"] == "block_2" and labels["lm_head"]["kernel"] == "head"
+    labels, blocks = curvature.make_partition(shapes, "transformer_blocks_head_norm")
+    assert blocks == ["block_0", "block_1", "block_2", "embed", "head"]
+    assert labels["final_norm"]["scale"] == "head"
+    # Block indices are compared as numbers, not strings (block_10 is after block_9).
+    tree = {f"block_{i}": jnp.zeros(1) for i in range(11)} | {"final_norm": jnp.zeros(1), "lm_head": jnp.zeros(1)}
+    assert curvature.make_partition(tree, "transformer_blocks")[0]["final_norm"] == "block_10"
+    # The layerwise GN method defaults to the paper's partition.
+    from gn.methods import registry
+    assert registry.resolve_entry({"name": "gn_layerwise"}).to_dict()["partition"] == "transformer_blocks"
 
 
 def test_full_and_block_diag_ggn_nano_llama():
@@ -290,7 +313,10 @@ def test_make_partition_forms():
                          "final_norm": {"s": jnp.zeros(1)}, "lm_head": {"k": jnp.zeros(2)}, "extra": jnp.zeros(1)}}
     labels, blocks = curvature.make_partition(params, "transformer_blocks")
     assert set(blocks) == {"embed", "block_0", "head", "extra"}
-    assert labels["params"]["block_0"]["w"] == "block_0"
+    assert labels["params"]["block_0"]["w"] == labels["params"]["final_norm"]["s"] == "block_0"
+    labels, blocks = curvature.make_partition({"final_norm": {"s": jnp.zeros(1)}, "lm_head": jnp.zeros(2)},
+                                              "transformer_blocks")
+    assert blocks == ["head"]                       # no transformer block: the norm stays with the head
     labels, blocks = curvature.make_partition(params, "per_tensor")
     assert len(blocks) == 6 and labels["params"]["block_0"]["w"] == "params/block_0/w"
     labels, blocks = curvature.make_partition(params, None)

@@ -176,3 +176,27 @@ def test_cg_probe_reports_the_decrease_of_q_on_the_probe_batch():
     best = 0.5 * float(g @ jnp.linalg.solve(A, g))
     assert float(metrics["probe_cg_decrease"]) == pytest.approx(best, rel=1e-3)
     assert 0 < float(metrics["probe_fraction"]) <= 1.0 + 1e-6
+
+
+def test_inner_options_reach_the_inner_optimizer_and_are_validated():
+    """The paper's inner Muon has β₂ 0.999 on its AdamW side: `inner_options` sets it, typed and checked."""
+    from gn.methods.gauss_newton import inner_optimizer_config
+
+    e = registry.resolve_entry({"name": "gn", "inner_options": {"adam_b2": 0.999, "ns_steps": 6}})
+    inner = inner_optimizer_config(e.hparams)
+    assert (inner.adam_b2, inner.ns_steps, inner.learning_rate, inner.weight_decay) == (0.999, 6, 0.01, 0.001)
+    assert inner_optimizer_config(registry.resolve_entry({"name": "gn"}).hparams).adam_b2 == 0.95
+    for bad, msg in [({"adam_b3": 0.9}, "Did you mean 'adam_b2'"), ({"learning_rate": 1.0}, "inner_learning_rate"),
+                     ({"adam_b2": "high"}, "must be a number"), ({"warmup_steps": 3}, "inner_schedule"),
+                     ([0.999], "must be a mapping")]:
+        with pytest.raises(ConfigError, match=msg):
+            registry.resolve_entry({"name": "gn", "inner_options": bad})
+    # β₂ changes the inner AdamW-side update (here on the embedding after two steps).
+    theta = init_params(CFG, jax.random.PRNGKey(0))
+    batches = _batches(3, 2)
+    outs = []
+    for b2 in (0.95, 0.999):
+        m = _method("gn", inner_steps=2, inner_options={"adam_b2": b2})
+        theta_hat, _, _ = m._inner(theta, m.init(theta), batches)
+        outs.append(np.asarray(theta_hat["embed"]["embedding"]))
+    assert not np.allclose(outs[0], outs[1])

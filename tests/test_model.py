@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -209,21 +210,176 @@ def test_count_params_matches_init(cfg):
 
 
 def test_count_params_paper_presets():
-    for name, (want_total, want_non_emb) in {
-        "45m": _count_formula(512, 4, 8, 8, 2048, 32128),
-        "150m": _count_formula(768, 12, 16, 16, 3072, 32128),
-    }.items():
+    # The paper's models (GELU MLP with 2 matrices, QK LayerNorm, vocab 32000):
+    # "non-embedding" = everything but the embedding and the untied head.
+    for name, want_total, want_non_emb, shown in [("45m", 45_363_712, 12_595_712, ("45.36M", "12.6M")),
+                                                  ("150m", 134_142_720, 84_990_720, ("134.1M", "85.0M"))]:
         cfg = model_config(name)
-        assert cfg.vocab_size == 32128
+        assert (cfg.mlp, cfg.qk_norm, cfg.norm_eps, cfg.vocab_size) == ("gelu", True, 1e-6, 32000)
         assert count_params(cfg) == want_total
         assert count_params(cfg, non_embedding=True) == want_non_emb
-        print(f"{name}: total {want_total:,}  non-embedding {want_non_emb:,}")
-    assert count_params(model_config("45m"), non_embedding=True) == 16_781_824  # "16.8M"
-    assert 45e6 < count_params(model_config("45m")) < 55e6
-    assert 110e6 < count_params(model_config("150m"), non_embedding=True) < 120e6
-    assert 155e6 < count_params(model_config("150m")) < 170e6
+        # The numbers the paper (and DESIGN.md §1) quote, at their rounding.
+        assert shown == (f"{want_total / 1e6:.{len(shown[0]) - shown[0].index('.') - 2}f}M",
+                         f"{want_non_emb / 1e6:.1f}M")
+        assert want_total - want_non_emb == 2 * 32000 * cfg.hidden
+        # Closed form == the initialised tree (shapes only: nothing materialised).
+        shapes = jax.eval_shape(lambda k, cfg=cfg: init_params(cfg, k), jax.random.key(0))
+        assert _n_params(shapes) == want_total
+    # The SwiGLU shapes of the same widths, under their own names (no QK-norm, vocab 32128).
+    for name, (want_total, want_non_emb) in {
+        "45m_swiglu": _count_formula(512, 4, 8, 8, 2048, 32128),
+        "150m_swiglu": _count_formula(768, 12, 16, 16, 3072, 32128),
+    }.items():
+        cfg = model_config(name)
+        assert (cfg.vocab_size, cfg.mlp, cfg.qk_norm, cfg.norm_eps) == (32128, "swiglu", False, 1e-5)
+        assert count_params(cfg) == want_total
+        assert count_params(cfg, non_embedding=True) == want_non_emb
+    assert count_params(model_config("45m_swiglu"), non_embedding=True) == 16_781_824
     assert count_params(NANO) < 1_000_000
     assert 1e6 < count_params(model_config("tiny", vocab_size=4096)) < 1e7
+
+
+@pytest.mark.parametrize("overrides", [dict(mlp="gelu"), dict(qk_norm=True), dict(mlp="gelu", qk_norm=True, kv_heads=2)],
+                         ids=["gelu", "qk_norm", "gelu_qk_gqa"])
+def test_count_params_matches_init_new_blocks(overrides):
+    cfg = model_config("nano", vocab_size=100, heads=4, **overrides)
+    shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+    assert count_params(cfg) == _n_params(shapes)
+    assert count_params(cfg, non_embedding=True) == _n_params(shapes) - 2 * 100 * cfg.hidden
+
+
+# ---------------------------------------------------------------- the paper's block (gelu + QK-norm)
+
+PAPER_TINY = model_config("nano", vocab_size=48, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64,
+                          mlp="gelu", qk_norm=True, norm_eps=1e-6)
+
+
+def _reference_forward(cfg, p, tokens):
+    """The paper's block written out with plain jnp, independently of the flax modules."""
+    b, t = tokens.shape
+    h, kv, hd = cfg.heads, cfg.n_kv_heads, cfg.head_dim
+
+    def rms(x, w):
+        return x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * w
+
+    def ln(x, w, c):
+        mu = x.mean(-1, keepdims=True)
+        return (x - mu) / jnp.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + cfg.norm_eps) * w + c
+
+    def rope(x):   # (b, t, n, hd), rotate-half
+        inv = 10000.0 ** (-jnp.arange(0, hd, 2) / hd)
+        ang = jnp.arange(t)[:, None] * inv[None]
+        cos, sin = jnp.cos(ang)[None, :, None], jnp.sin(ang)[None, :, None]
+        x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+        return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+    x = p["embed"]["embedding"][tokens]
+    for i in range(cfg.layers):
+        blk = p[f"block_{i}"]
+        a = blk["attn"]
+        y = rms(x, blk["attn_norm"]["scale"])
+        q = ln(y @ a["wq"]["kernel"], a["q_norm"]["scale"], a["q_norm"]["bias"]).reshape(b, t, h, hd)
+        k = ln(y @ a["wk"]["kernel"], a["k_norm"]["scale"], a["k_norm"]["bias"]).reshape(b, t, kv, hd)
+        v = (y @ a["wv"]["kernel"]).reshape(b, t, kv, hd)
+        q, k = rope(q), rope(k)
+        k, v = jnp.repeat(k, h // kv, axis=2), jnp.repeat(v, h // kv, axis=2)
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd)
+        s = jnp.where(np.tril(np.ones((t, t), bool)), s, -1e30)
+        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v).reshape(b, t, h * hd)
+        x = x + o @ a["wo"]["kernel"]
+        y = rms(x, blk["mlp_norm"]["scale"])
+        u = y @ blk["mlp"]["w_up"]["kernel"]
+        gelu = 0.5 * u * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3)))
+        x = x + gelu @ blk["mlp"]["w_down"]["kernel"]
+    return rms(x, p["final_norm"]["scale"]) @ p["lm_head"]["kernel"]
+
+
+def test_paper_block_tree_and_forward_against_reference():
+    cfg = PAPER_TINY
+    p = init_params(cfg, jax.random.key(3))
+    blk = p["block_0"]
+    assert set(blk["mlp"]) == {"w_up", "w_down"}                       # two matrices, no gate
+    assert set(blk["attn"]) == {"wq", "wk", "wv", "wo", "q_norm", "k_norm"}
+    assert blk["attn"]["q_norm"]["scale"].shape == (cfg.heads * cfg.head_dim,)
+    assert blk["attn"]["k_norm"]["bias"].shape == (cfg.n_kv_heads * cfg.head_dim,)
+    np.testing.assert_array_equal(np.asarray(blk["attn"]["k_norm"]["bias"]), 0.0)
+    np.testing.assert_array_equal(np.asarray(blk["attn"]["q_norm"]["scale"]), 1.0)
+    # Random QK-norm parameters, so scale and bias are exercised.
+    keys = iter(jax.random.split(jax.random.key(9), 16))
+    for i in range(cfg.layers):
+        for name in ("q_norm", "k_norm"):
+            for leaf in ("scale", "bias"):
+                x = p[f"block_{i}"]["attn"][name][leaf]
+                p[f"block_{i}"]["attn"][name][leaf] = x + 0.3 * jax.random.normal(next(keys), x.shape)
+    tokens = _tokens(2, 10, cfg.vocab_size)
+    got = jax.jit(make_apply(cfg))(p, tokens)
+    want = _reference_forward(cfg, p, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
+    # A SwiGLU model with the same key is a different function (the options are live).
+    swiglu = model_config("nano", vocab_size=48, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64)
+    assert "w_gate" in init_params(swiglu, jax.random.key(3))["block_0"]["mlp"]
+
+
+def test_qk_norm_makes_attention_logits_scale_invariant():
+    cfg = PAPER_TINY
+    p = init_params(cfg, jax.random.key(4))
+    tokens = _tokens(1, 8, cfg.vocab_size)
+    apply = jax.jit(make_apply(cfg))
+    base = apply(p, tokens)
+    scaled = jax.tree.map(lambda x: x, p)
+    for i in range(cfg.layers):
+        for w in ("wq", "wk"):
+            scaled[f"block_{i}"]["attn"][w]["kernel"] = 7.0 * p[f"block_{i}"]["attn"][w]["kernel"]
+    np.testing.assert_allclose(np.asarray(apply(scaled, tokens)), np.asarray(base), rtol=1e-3, atol=1e-3)
+    no_norm = dataclasses.replace(cfg, qk_norm=False)
+    p2 = jax.tree.map(lambda x: x, p)
+    for i in range(cfg.layers):
+        del p2[f"block_{i}"]["attn"]["q_norm"], p2[f"block_{i}"]["attn"]["k_norm"]
+    s2 = jax.tree.map(lambda x: x, p2)
+    for i in range(cfg.layers):
+        for w in ("wq", "wk"):
+            s2[f"block_{i}"]["attn"][w]["kernel"] = 7.0 * p2[f"block_{i}"]["attn"][w]["kernel"]
+    apply2 = jax.jit(make_apply(no_norm))
+    assert float(jnp.abs(apply2(s2, tokens) - apply2(p2, tokens)).max()) > 1e-2
+
+
+def test_layer_stats_and_kfac_layers_on_paper_block():
+    """Every dense layer of the gelu/QK-norm block has its hooks, and K-FAC discovers all of them."""
+    from gn.optim import _fog as F
+    from gn.optim import _kfac as K
+
+    cfg = PAPER_TINY
+    params = init_params(cfg, jax.random.key(5))
+    tokens = _tokens(2, 6, cfg.vocab_size)
+    n = tokens.size
+    pert = init_perturbations(cfg, params, tokens)
+    dense = sorted(tuple(path_keys[:-1]) for path_keys in
+                   (tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+                   if path_keys[-1] == "kernel")
+    hooked = sorted(tuple(k.key for k in path)[:-1]
+                    for path, _ in jax.tree_util.tree_flatten_with_path(pert)[0])
+    assert hooked == dense and len(dense) == 6 * cfg.layers + 1      # wq wk wv wo w_up w_down per block, head
+    layers = K.stat_layers(params, F.matrix_mask_fn(include_head=True))
+    assert ("block_1", "mlp", "w_up", "kernel") in layers and ("block_0", "mlp", "w_down", "kernel") in layers
+    assert ("lm_head", "kernel") in layers
+    assert not any("q_norm" in lay or "k_norm" in lay for lay in layers)
+
+    def loss(p, e):
+        logits, _ = apply_with_layer_stats(cfg, p, tokens, e)
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[..., None], axis=-1))
+
+    _, inputs = apply_with_layer_stats(cfg, params, tokens, pert)
+    g_params, g_pert = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, pert)
+    for path in dense:
+        def at(tree, leaf, path=path):
+            for key in path:
+                tree = tree[key]
+            return tree[leaf]
+        a, delta, g_w = at(inputs, "inputs"), at(g_pert, "outputs"), at(g_params, "kernel")
+        assert a.shape == (n, g_w.shape[0]) and delta.shape == (n, g_w.shape[1])
+        np.testing.assert_allclose(np.asarray(a.T @ delta), np.asarray(g_w),
+                                   atol=1e-5 * float(jnp.abs(g_w).max()) + 1e-8, rtol=1e-4, err_msg="/".join(path))
 
 
 # ---------------------------------------------------------------- initialisation
@@ -306,6 +462,8 @@ def test_presets_and_overrides():
     (dict(dtype="float33"), "Did you mean 'float32'"),
     (dict(norm_eps=0.0), "'norm_eps'"),
     (dict(hiden=64), "unknown model config field"),
+    (dict(mlp="geglu"), "unknown mlp 'geglu'"),
+    (dict(qk_norm="yes"), "'qk_norm' must be true or false"),
 ])
 def test_config_validation_errors(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
@@ -313,7 +471,7 @@ def test_config_validation_errors(overrides, fragment):
 
 
 def test_unknown_preset_and_missing_vocab():
-    with pytest.raises(ConfigError, match="valid presets are nano, tiny, 45m, 150m"):
+    with pytest.raises(ConfigError, match="valid presets are nano, tiny, 45m, 150m, 45m_swiglu, 150m_swiglu"):
         model_config("nan")
     cfg = model_config("nano")
     with pytest.raises(ConfigError, match="vocab_size"):

@@ -38,7 +38,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "AdamW. Times are medians over interleaved repeats after compilation, in one process.")
     b.add_argument("target", nargs="?", choices=TARGETS, help="'optimizers' for the optimizer table")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    b.add_argument("--preset", default="nano", help="model preset (nano, tiny, 45m, 150m); default nano")
+    b.add_argument("--preset", default="nano", help="model preset (nano, tiny, 45m, 150m, 45m_swiglu, 150m_swiglu); default nano")
     b.add_argument("--vocab-size", type=_positive, help="vocabulary (default 512 for nano, 4096 for tiny)")
     b.add_argument("--model", action="append", metavar="KEY=VALUE", dest="model_set",
                    help="override a model config field, e.g. --model hidden=32 (repeatable)")
@@ -61,6 +61,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--compare-block-modes", action="store_true",
                    help="also time gn_layerwise in the other block modes (reported under 'breakdown')")
     g.add_argument("--inner-optimizer", help="inner optimizer of the GN methods (default: theirs, muon)")
+    g.add_argument("--compile-only", action="store_true",
+                   help="compile every benchmarked function (value_and_grad, AdamW/Muon steps, the GN, prox-linear "
+                        "and layerwise inner steps, the GN inner loop, the line search) on abstract arguments and "
+                        "report XLA's temp/argument/output bytes; runs nothing (paper shapes on a small machine)")
     g.add_argument("--no-breakdown", action="store_true",
                    help="skip the breakdown timings (forward, GN model alone, inner update): fewer compiles")
     o = b.add_argument_group("optimizer benchmark (target 'optimizers')")
@@ -82,6 +86,8 @@ def cmd_bench(args) -> None:
 
     overrides = parse_overrides(args.model_set)
     log = _log   # progress goes to stderr; stdout holds only the table or the JSON
+    if args.compile_only and args.target == "optimizers":
+        raise ConfigError("--compile-only applies to the GN step benchmark (no target), not to 'optimizers'.")
     if args.target == "optimizers":
         from gn.bench.optimizers import OptimizerBenchConfig, format_optimizer_table, run_optimizer_bench
 
@@ -95,7 +101,7 @@ def cmd_bench(args) -> None:
         res = run_optimizer_bench(cfg, log=log)
         print(json.dumps(res, indent=1) if args.json else format_optimizer_table(res))
         return
-    from gn.bench.gn_step import GNBenchConfig, format_gn_table, run_gn_bench
+    from gn.bench.gn_step import GNBenchConfig, format_compile_table, format_gn_table, run_compile_only, run_gn_bench
 
     cfg = GNBenchConfig(preset=args.preset, vocab_size=args.vocab_size, model_overrides=overrides,
                         inner_batch=args.inner_batch, seq_len=args.seq_len, inner_steps=args.inner_steps,
@@ -104,6 +110,10 @@ def cmd_bench(args) -> None:
                         layerwise_block_mode=args.layerwise_block_mode,
                         compare_block_modes=args.compare_block_modes, inner_optimizer=args.inner_optimizer,
                         breakdown=not args.no_breakdown, tune_malloc=args.tune_malloc, seed=args.seed)
+    if args.compile_only:
+        res = run_compile_only(cfg, log=log)
+        print(json.dumps(res, indent=1) if args.json else format_compile_table(res))
+        return
     res = run_gn_bench(cfg, log=log)
     print(json.dumps(res, indent=1) if args.json else format_gn_table(res))
 

@@ -13,10 +13,18 @@ Accepted `partition` values:
   wrapper stripped), e.g. "Dense_0", "Dense_1" of a flax MLP.
 - "transformer_blocks": the paper's partition of the LLaMA tree (`gn.model`): a
   leaf is labelled by its top-level key ("embed", "block_0", ..., "block_{L-1}"),
-  except that "final_norm" and "lm_head" share the label "head". Any other
-  top-level key is a block of its own, labelled by that key. A tree wrapped as
-  {"params": {...}} (flax variables) is labelled by the key below "params". A
-  bare array (no top-level key) is one block, "all".
+  except that "final_norm" belongs to the LAST transformer block (label
+  "block_{L-1}", L-1 the largest block index in the tree) and "lm_head" is
+  labelled "head". This follows the paper's code
+  (`llama_train_gn_layerwise.py` of natalieabreu/full-gauss-newton: the final
+  `ln_f` is updated with the last block, the head alone). A tree without any
+  "block_i" key puts "final_norm" with the head. Any other top-level key is a
+  block of its own, labelled by that key. A tree wrapped as {"params": {...}}
+  (flax variables) is labelled by the key below "params". A bare array (no
+  top-level key) is one block, "all".
+- "transformer_blocks_head_norm": as "transformer_blocks" but "final_norm"
+  shares the label "head" with "lm_head" (this toolkit's partition before the
+  paper's was adopted; gn_layerwise numbers differ between the two).
 - a callable `(path, leaf) -> label`, with `path` the key path from
   `jax.tree_util.tree_flatten_with_path` and any hashable label.
 - a labels pytree (the first output of `make_partition`), used as is.
@@ -32,17 +40,32 @@ from jax import tree_util
 from gn.errors import ConfigError, suggest
 from gn.paths import param_keys, path_name
 
-PARTITIONS = ("per_tensor", "top_level", "transformer_blocks")
+PARTITIONS = ("per_tensor", "top_level", "transformer_blocks", "transformer_blocks_head_norm")
 
-# Top-level keys of the LLaMA tree that the paper puts in one block with the head.
+# Top-level keys of the LLaMA tree labelled "head" by "transformer_blocks_head_norm".
 _HEAD_KEYS = ("final_norm", "lm_head")
 
 
-def _transformer_block_label(path, leaf) -> str:
-    names = param_keys(path)
-    if not names:
-        return "all"
-    return "head" if names[0] in _HEAD_KEYS else names[0]
+def _block_index(name: str) -> int | None:
+    prefix, _, index = name.partition("_")
+    return int(index) if prefix == "block" and index.isdigit() else None
+
+
+def _transformer_block_labels(flat, *, norm_in_last_block: bool) -> list[str]:
+    tops = [(param_keys(p) or (None,))[0] for p, _ in flat]
+    indices = [i for i in (_block_index(t) for t in tops if t is not None) if i is not None]
+    norm_label = f"block_{max(indices)}" if norm_in_last_block and indices else "head"
+    labels = []
+    for top in tops:
+        if top is None:
+            labels.append("all")
+        elif top == "final_norm":
+            labels.append(norm_label)
+        elif top == "lm_head":
+            labels.append("head")
+        else:
+            labels.append(top)
+    return labels
 
 
 def make_partition(params, partition=None) -> tuple[Any, list[Hashable]]:
@@ -63,8 +86,8 @@ def make_partition(params, partition=None) -> tuple[Any, list[Hashable]]:
             labels = [path_name(p) or "all" for p, _ in flat]
         elif partition == "top_level":
             labels = [(param_keys(p) or ("all",))[0] for p, _ in flat]
-        elif partition == "transformer_blocks":
-            labels = [_transformer_block_label(p, x) for p, x in flat]
+        elif partition in ("transformer_blocks", "transformer_blocks_head_norm"):
+            labels = _transformer_block_labels(flat, norm_in_last_block=partition == "transformer_blocks")
         else:
             raise ConfigError(
                 f"unknown partition {partition!r}; valid partitions are None, "
@@ -77,7 +100,8 @@ def make_partition(params, partition=None) -> tuple[Any, list[Hashable]]:
             labels = treedef.flatten_up_to(partition)
         except (ValueError, TypeError) as err:
             raise ConfigError(
-                "partition must be None, 'per_tensor', 'top_level', 'transformer_blocks', a callable "
+                "partition must be None, 'per_tensor', 'top_level', 'transformer_blocks', "
+                "'transformer_blocks_head_norm', a callable "
                 f"(path, leaf) -> label, or a labels pytree shaped like params ({err}).") from None
     for lab in labels:
         try:

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, ClassVar, NamedTuple, Optional
+from typing import Any, ClassVar, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from gn import curvature
 from gn.curvature.objective import lm_loss, split_batch
-from gn.errors import ConfigError
+from gn.errors import ConfigError, suggest
 from gn.methods.base import BatchPlan, MethodBase, MethodConfig, MethodContext, check_choice, check_range, opt
 from gn.methods.linesearch import line_search
 from gn.methods.optimizers import OPTIMIZERS
@@ -45,7 +45,49 @@ PARTITIONS = (None, *curvature.PARTITIONS)
 
 
 INNER_LOOP_KEYS = ("inner_optimizer", "inner_learning_rate", "inner_adam_learning_rate", "inner_schedule",
-                   "inner_min_lr_ratio", "inner_grad_clip", "warm_start")
+                   "inner_min_lr_ratio", "inner_grad_clip", "warm_start", "inner_options")
+# Options of the inner optimizer that GN sets from its own keys (so inner_options may not).
+_INNER_OWN_KEYS = {"learning_rate": "inner_learning_rate", "grad_clip": "inner_grad_clip",
+                   "weight_decay": "inner_weight_decay", "weight_decay_mask": "inner_weight_decay_mask",
+                   "adam_learning_rate": "inner_adam_learning_rate"}
+# Schedule options of the inner optimizer: GN applies its own inner schedule instead.
+_INNER_SCHEDULE_KEYS = ("schedule", "warmup_steps", "decay_fraction", "min_lr_ratio")
+
+
+def inner_optimizer_config(hp: "GNConfig", where: str = "gn"):
+    """The inner optimizer's typed config: GN's inner_* keys plus `inner_options`, validated
+    against the optimizer's own fields (ConfigError naming the key otherwise)."""
+    import typing
+
+    from gn.structs import coerce
+
+    inner_cls = OPTIMIZERS[hp.inner_optimizer]
+    fields = {f.name for f in dataclasses.fields(inner_cls)}
+    inner = {"learning_rate": hp.inner_learning_rate, "grad_clip": hp.inner_grad_clip,
+             "weight_decay": hp.inner_weight_decay, "weight_decay_mask": hp.inner_weight_decay_mask}
+    if "adam_learning_rate" in fields:
+        inner["adam_learning_rate"] = hp.inner_adam_learning_rate
+    options = hp.inner_options or {}
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"'{where}.inner_options' must be a mapping of {hp.inner_optimizer} options, "
+                          f"got {options!r}.")
+    hints = typing.get_type_hints(inner_cls)
+    valid = sorted(fields - set(_INNER_OWN_KEYS) - set(_INNER_SCHEDULE_KEYS))
+    for key, value in options.items():
+        if key in _INNER_SCHEDULE_KEYS:
+            raise ConfigError(f"'{where}.inner_options.{key}': the inner loop's schedule is GN's own "
+                              "(inner_schedule, inner_min_lr_ratio).")
+        if key in _INNER_OWN_KEYS:
+            raise ConfigError(f"'{where}.inner_options.{key}': set it with '{_INNER_OWN_KEYS[key]}' instead.")
+        if key not in fields:
+            raise ConfigError(f"'{where}.inner_options.{key}' is not an option of the inner optimizer "
+                              f"'{hp.inner_optimizer}'.{suggest(str(key), valid)} Valid: {', '.join(valid)}.")
+        inner[key] = coerce(hints[key], value, f"{where}.inner_options.{key}")
+    cfg = inner_cls(**inner)
+    cfg.validate(f"{where}.inner_options ({hp.inner_optimizer})")
+    return cfg
+
+
 CG_KEYS = ("cg_iters", "cg_tol")
 
 
@@ -66,12 +108,15 @@ class GNConfig(MethodConfig):
                                                        "global_inner_cosine")
     inner_min_lr_ratio: float = opt(0.0, "floor of the inner cosine, as a fraction of the peak")
     inner_grad_clip: float = opt(1.0, "inner global-norm clipping (0 = off)")
+    inner_options: Any = opt(None, "other options of the inner optimizer, validated against its config, "
+                                   "e.g. {adam_b2: 0.999} for Muon's AdamW side (the paper)")
     inner_weight_decay: float = opt(0.001, "inner decoupled weight decay (also in the CG solve: + wd·M)")
     inner_weight_decay_mask: Any = opt("adam_side", "inner decayed leaves: adam_side (the paper: embedding, head, "
                                                     "norms), matrices, hidden_matrices, all, none or path globs")
     warm_start: bool = opt(True, "continue the previous inner solution and optimizer state")
     damping: float = opt(0.0, "λ in (λ/2)‖θ − θ_t‖² added to the model")
-    partition: Optional[str] = opt(None, "block-diagonal model: per_tensor, top_level, transformer_blocks")
+    partition: Optional[str] = opt(None, "block-diagonal model: per_tensor, top_level, transformer_blocks "
+                                         "(paper: final norm in the last block), transformer_blocks_head_norm")
     block_mode: str = opt("batched", "batched, sequential or unrolled (same numbers)")
     ls_grid: int = opt(5, "line-search grid α ∈ {2^(−i/2) : i < ls_grid}")
     ls_batches: int = opt(2, "fresh batches the line search reads")
@@ -97,6 +142,7 @@ class GNConfig(MethodConfig):
         for key in ("inner_grad_clip", "inner_weight_decay", "damping"):
             check_range(getattr(self, key) >= 0, where, key, ">= 0", getattr(self, key))
         validate_decay_rule(self.inner_weight_decay_mask, f"{where}.inner_weight_decay_mask")
+        inner_optimizer_config(self, where)
         check_choice(self.partition, PARTITIONS, where, "partition")
         check_choice(self.block_mode, curvature.BLOCK_MODES, where, "block_mode")
         for key in ("ls_grid", "ls_batches", "cg_iters"):
@@ -137,7 +183,9 @@ class GNLayerwiseConfig(GNConfig):
     description: ClassVar[str] = ("Layerwise GN: block-diagonal GN model (embedding, each block, norm+head), "
                                   "all blocks in one compiled step")
     partition: Optional[str] = opt("transformer_blocks", "block-diagonal model: per_tensor, top_level, "
-                                                         "transformer_blocks")
+                                                         "transformer_blocks (the paper's: embedding, each block "
+                                                         "with the final norm in the last, head), "
+                                                         "transformer_blocks_head_norm (final norm with the head)")
     ls_grid: int = opt(10, "line-search grid α ∈ {2^(−i/2) : i < ls_grid}")
     # "unrolled": each block's tangent starts and its transpose stops at that block; same numbers
     # as "batched" (one vmapped pass), measured 30-35 % faster (docs/benchmarks.md).
@@ -187,13 +235,8 @@ class GaussNewtonMethod(MethodBase):
         self.partition = hp.partition
         self.plan = BatchPlan(train=n, micro_batch=self.b_inner, aux=hp.ls_batches, aux_micro_batch=self.b_inner)
         self.updates_per_step = n if hp.inner_solver == "optax" else 1
-        inner_cls = OPTIMIZERS[hp.inner_optimizer]
-        inner = {"learning_rate": hp.inner_learning_rate, "grad_clip": hp.inner_grad_clip,
-                 "weight_decay": hp.inner_weight_decay, "weight_decay_mask": hp.inner_weight_decay_mask}
-        if "adam_learning_rate" in {f.name for f in dataclasses.fields(inner_cls)}:
-            inner["adam_learning_rate"] = hp.inner_adam_learning_rate
         # The learning rate is applied outside the transformation from explicit step counters.
-        self.tx = inner_cls(**inner).transform(lambda step: 1.0)
+        self.tx = inner_optimizer_config(hp, name).transform(lambda step: 1.0)
         self._edge_noted = False
         self._num_blocks = None
         ref = ctx.reference_batch_size or ctx.batch_size

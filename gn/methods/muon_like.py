@@ -131,7 +131,8 @@ class LwGNConfig(OptimizerConfig):
     learning_rate: float = opt(0.3, "peak learning rate")
     grad_clip: float = opt(0.0, "global-norm gradient clipping (0 = off)")
     momentum: float = opt(0.0, "momentum on the GN direction (0 = none)")
-    partition: str = opt("transformer_blocks", "blocks: per_tensor, top_level or transformer_blocks")
+    partition: str = opt("transformer_blocks", "blocks: per_tensor, top_level, transformer_blocks "
+                                                        "(final norm in the last block) or transformer_blocks_head_norm")
     damping: float = opt(1e-2, "λ in (G_bb + λI)")
     max_iters: int = opt(10, "CG iterations per step")
     tol: float = opt(1e-6, "CG relative residual tolerance")

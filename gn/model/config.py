@@ -1,8 +1,12 @@
 """Model configuration: a frozen dataclass, named presets, and validation.
 
-Presets follow the LLaMA sizes of the full Gauss-Newton paper (45M and 150M,
-T5 tokenizer vocab of 32128 entries) plus two small ones (`nano`, `tiny`) for
-tests and CPU runs, whose vocab size is taken from the data source.
+Presets `45m` and `150m` are the full Gauss-Newton paper's models exactly (Abreu
+et al. 2026; its public code natalieabreu/full-gauss-newton, an EasyLM fork):
+GELU MLP with two matrices, LayerNorm on queries and keys, RMSNorm eps 1e-6,
+vocab 32000. `45m_swiglu` and `150m_swiglu` keep the same widths and depths with
+this toolkit's earlier SwiGLU block (no QK-norm, eps 1e-5, vocab 32128): they are
+NOT the paper's models. `nano` and `tiny` are for tests and CPU runs (SwiGLU);
+their vocab size is taken from the data source.
 """
 
 from __future__ import annotations
@@ -19,14 +23,32 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 # Size of the T5 tokenizer's embedding matrix (32100 tokens padded to 32128).
 T5_VOCAB = 32128
 
+# The paper's vocabulary: the 32000 SentencePiece pieces of the T5 tokenizer
+# (EasyLM's LLaMA default); the 100 <extra_id_*> sentinels (ids 32000..32099) never
+# occur in the tokenized C4 text.
+PAPER_VOCAB = 32000
+
+# Names accepted in `ModelConfig.mlp`.
+MLPS = ("swiglu", "gelu")
+
+# The paper's block (llama_model.py of its code): w2(gelu(w1 x)) with flax's
+# default tanh-approximate GELU, flax LayerNorm (scale and bias) on the whole
+# query and key projections before the head split, RMSNorm eps 1e-6.
+_PAPER_BLOCK = dict(mlp="gelu", qk_norm=True, norm_eps=1e-6, vocab_size=PAPER_VOCAB)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Tests and CPU quickstart: ~0.2M params with a 512-token vocab.
     "nano": dict(hidden=64, layers=2, heads=4, ffn=256, max_seq_len=256),
     # A few million params with a few-thousand-token vocab.
     "tiny": dict(hidden=256, layers=4, heads=4, ffn=1024, max_seq_len=512),
-    # Paper's LLaMA-45M (16.8M non-embedding) and LLaMA-150M.
-    "45m": dict(hidden=512, layers=4, heads=8, ffn=2048, max_seq_len=1024, vocab_size=T5_VOCAB),
-    "150m": dict(hidden=768, layers=12, heads=16, ffn=3072, max_seq_len=1024, vocab_size=T5_VOCAB),
+    # The paper's LLaMA-45M (45.36M params, 12.6M non-embedding) and LLaMA-150M
+    # (134.1M, 85.0M non-embedding); "non-embedding" excludes the embedding and the head.
+    "45m": dict(hidden=512, layers=4, heads=8, ffn=2048, max_seq_len=1024, **_PAPER_BLOCK),
+    "150m": dict(hidden=768, layers=12, heads=16, ffn=3072, max_seq_len=1024, **_PAPER_BLOCK),
+    # The same widths with the SwiGLU block (not the paper's; what `45m`/`150m` meant
+    # before): 49.7M / 162.6M params, 16.8M / 113.3M non-embedding.
+    "45m_swiglu": dict(hidden=512, layers=4, heads=8, ffn=2048, max_seq_len=1024, vocab_size=T5_VOCAB),
+    "150m_swiglu": dict(hidden=768, layers=12, heads=16, ffn=3072, max_seq_len=1024, vocab_size=T5_VOCAB),
 }
 
 
@@ -37,6 +59,11 @@ class ModelConfig:
     `vocab_size=None` means "take it from the data source when the run config is
     resolved"; `init_params` and `count_params` need it set. `kv_heads=None` means
     no grouping (every query head has its own key/value head).
+
+    `mlp`: "swiglu" (w_down(silu(w_gate x) * w_up x), three matrices) or "gelu"
+    (the paper's w_down(gelu(w_up x)), two matrices). `qk_norm`: LayerNorm (scale
+    and bias, eps `norm_eps`) on the query and key projections before RoPE, as in
+    the paper. `norm_eps` is the epsilon of every norm (RMSNorm and QK LayerNorm).
     """
 
     preset: str | None = "nano"
@@ -50,6 +77,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     dtype: str = "float32"
+    mlp: str = "swiglu"
+    qk_norm: bool = False
 
     @property
     def n_kv_heads(self) -> int:
@@ -94,6 +123,12 @@ class ModelConfig:
             raise ConfigError(f"{where}: 'rope_theta' must be positive, got {self.rope_theta!r}.")
         if not self.norm_eps > 0:
             raise ConfigError(f"{where}: 'norm_eps' must be positive, got {self.norm_eps!r}.")
+        if self.mlp not in MLPS:
+            raise ConfigError(
+                f"{where}: unknown mlp {self.mlp!r}; valid values are {', '.join(MLPS)}."
+                + suggest(str(self.mlp), MLPS))
+        if not isinstance(self.qk_norm, bool):
+            raise ConfigError(f"{where}: 'qk_norm' must be true or false, got {self.qk_norm!r}.")
         if self.dtype not in DTYPES:
             raise ConfigError(
                 f"{where}: unknown dtype {self.dtype!r}; valid dtypes are {', '.join(DTYPES)}."

@@ -1,9 +1,18 @@
 """LLaMA-style decoder in Flax linen, with hooks for per-layer curvature statistics.
 
 Architecture: token embedding -> `layers` x [RMSNorm -> causal attention with RoPE
-(optionally grouped KV heads) -> residual; RMSNorm -> SwiGLU MLP -> residual] ->
-final RMSNorm -> untied output head. No biases. Initialisation follows the paper:
-dense kernels N(0, 1/fan_in), embedding N(0, 1), norm scales 1.
+(optionally grouped KV heads; with `qk_norm`, LayerNorm on the query and key
+projections) -> residual; RMSNorm -> MLP -> residual] -> final RMSNorm -> untied
+output head. The MLP is SwiGLU (`mlp: swiglu`, three matrices) or the paper's
+GELU MLP (`mlp: gelu`, two matrices). No biases in dense layers. Initialisation
+follows the paper: dense kernels N(0, 1/fan_in), embedding N(0, 1), norm scales
+1, QK-norm biases 0.
+
+The paper's model (presets `45m`, `150m`) is `mlp: gelu, qk_norm: true,
+norm_eps: 1e-6`. Its RoPE pairs adjacent features (complex form); this one pairs
+feature i with i + head_dim/2 (rotate-half). The two differ by a fixed
+permutation of each head's features, which the QK LayerNorm's per-feature
+scale/bias and the i.i.d. init absorb, so the model families are the same.
 
 The residual stream is kept 2-D, (B*T, D), from the embedding to the logits: on
 CPU the weight-gradient matmul of a dense layer applied to a 3-D activation is
@@ -15,9 +24,13 @@ Parameter tree (a contract: optimizers and curvature code address it by path)::
     {"embed": {"embedding": (V, D)},
      "block_i": {"attn_norm": {"scale": (D,)},
                  "attn": {"wq": {"kernel": (D, H*hd)}, "wk": {"kernel": (D, KV*hd)},
-                          "wv": {"kernel": (D, KV*hd)}, "wo": {"kernel": (H*hd, D)}},
+                          "wv": {"kernel": (D, KV*hd)}, "wo": {"kernel": (H*hd, D)},
+                          # qk_norm only:
+                          "q_norm": {"scale": (H*hd,), "bias": (H*hd,)},
+                          "k_norm": {"scale": (KV*hd,), "bias": (KV*hd,)}},
                  "mlp_norm": {"scale": (D,)},
-                 "mlp": {"w_gate": {"kernel": (D, F)}, "w_up": {"kernel": (D, F)},
+                 "mlp": {"w_gate": {"kernel": (D, F)},      # swiglu only
+                         "w_up": {"kernel": (D, F)},
                          "w_down": {"kernel": (F, D)}}},
      "final_norm": {"scale": (D,)},
      "lm_head": {"kernel": (D, V)}}
@@ -62,7 +75,14 @@ def _ones(key, shape, dtype):
 
 # Initialiser by parameter leaf name, used by the modules (`Llama.init`);
 # `_init_leaves` draws from the same distributions in one batch.
-_INITIALIZERS = {"kernel": _fan_in_normal, "embedding": _unit_normal, "scale": _ones}
+def _zeros(key, shape, dtype):
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+_INITIALIZERS = {"kernel": _fan_in_normal, "embedding": _unit_normal, "scale": _ones, "bias": _zeros}
+# Leaves that are not drawn at random.
+_CONSTANT_LEAVES = ("scale", "bias")
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -70,6 +90,15 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return y.astype(x.dtype) * scale
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, in at least float32."""
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    centred = xf - mean
+    y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    return y.astype(x.dtype) * scale + bias
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
@@ -150,6 +179,19 @@ class RMSNorm(nn.Module):
         return rms_norm(x, scale, self.eps)
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis with learned `scale` (init 1) and `bias` (init 0)."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", _INITIALIZERS["scale"], (x.shape[-1],), self.dtype)
+        bias = self.param("bias", _INITIALIZERS["bias"], (x.shape[-1],), self.dtype)
+        return layer_norm(x, scale, bias, self.eps)
+
+
 class Attention(nn.Module):
     """Multi-head causal self-attention with RoPE on a flattened (B*T, D) stream."""
 
@@ -159,8 +201,14 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, batch: int, seq: int) -> jax.Array:
         cfg, dt = self.cfg, _dtype(self.cfg)
         h, kv, hd = cfg.heads, cfg.n_kv_heads, cfg.head_dim
-        q = Dense2D(h * hd, dt, name="wq")(x).reshape(batch, seq, h, hd)
-        k = Dense2D(kv * hd, dt, name="wk")(x).reshape(batch, seq, kv, hd)
+        q = Dense2D(h * hd, dt, name="wq")(x)
+        k = Dense2D(kv * hd, dt, name="wk")(x)
+        if cfg.qk_norm:
+            # The paper's QK-norm: over the whole projection (all heads), before RoPE.
+            q = LayerNorm(cfg.norm_eps, dt, name="q_norm")(q)
+            k = LayerNorm(cfg.norm_eps, dt, name="k_norm")(k)
+        q = q.reshape(batch, seq, h, hd)
+        k = k.reshape(batch, seq, kv, hd)
         v = Dense2D(kv * hd, dt, name="wv")(x).reshape(batch, seq, kv, hd)
         q, k = apply_rope(q, cfg.rope_theta), apply_rope(k, cfg.rope_theta)
         out = causal_attention(q, k, v).reshape(batch * seq, h * hd)
@@ -168,13 +216,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: w_down(silu(w_gate x) * w_up x)."""
+    """Feed-forward: SwiGLU w_down(silu(w_gate x) * w_up x), or (`mlp: gelu`, the
+    paper's) w_down(gelu(w_up x)) with the tanh-approximate GELU (flax's default)."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = _dtype(self.cfg)
+        if self.cfg.mlp == "gelu":
+            up = Dense2D(self.cfg.ffn, dt, name="w_up")(x)
+            return Dense2D(self.cfg.hidden, dt, name="w_down")(jax.nn.gelu(up, approximate=True))
         gate = Dense2D(self.cfg.ffn, dt, name="w_gate")(x)
         up = Dense2D(self.cfg.ffn, dt, name="w_up")(x)
         return Dense2D(self.cfg.hidden, dt, name="w_down")(jax.nn.silu(gate) * up)
@@ -238,12 +290,12 @@ def _checked(cfg: ModelConfig) -> ModelConfig:
 def _init_leaves(rng: jax.Array, specs: tuple, dtype: str) -> list[jax.Array]:
     # One normal draw sliced into all random leaves: XLA compiles a single RNG
     # instead of one per parameter, which cuts first-call time several-fold on CPU.
-    n = sum(math.prod(shape) for name, shape in specs if name != "scale")
+    n = sum(math.prod(shape) for name, shape in specs if name not in _CONSTANT_LEAVES)
     flat = jax.random.normal(rng, (n,), dtype)
     out, offset = [], 0
     for name, shape in specs:
-        if name == "scale":
-            out.append(_ones(None, shape, dtype))
+        if name in _CONSTANT_LEAVES:
+            out.append(_INITIALIZERS[name](None, shape, dtype))
             continue
         size = math.prod(shape)
         unit = flat[offset:offset + size].reshape(shape)
@@ -256,7 +308,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
     """Initialise parameters: a plain nested dict of arrays (see the module docstring).
 
     Requires `cfg.vocab_size`. Dense kernels ~ N(0, 1/fan_in), embedding ~ N(0, 1),
-    norm scales = 1, all in cfg.dtype. Deterministic in `rng`.
+    norm scales = 1, QK-norm biases = 0, all in cfg.dtype. Deterministic in `rng`.
     """
     model = Llama(_checked(cfg))
     # Only the shapes come from flax (abstract trace): running `model.init` would
@@ -327,13 +379,18 @@ def count_params(cfg: ModelConfig, *, non_embedding: bool = False) -> int:
     """Number of parameters, in closed form from the config (no arrays built).
 
     `non_embedding=True` excludes both the token embedding and the (untied)
-    output head, the convention under which LLaMA-45M has 16.8M parameters; it
-    does not need `vocab_size`.
+    output head: everything else (attention, MLP, every norm, QK-norm included).
+    This is the paper's convention: LLaMA-45M (preset `45m`) has 45.36M
+    parameters, 12.6M of them non-embedding; 150m 134.1M and 85.0M. It does not
+    need `vocab_size`.
     """
     cfg.validate()
     d, f, hd = cfg.hidden, cfg.ffn, cfg.head_dim
     attn = d * cfg.heads * hd * 2 + d * cfg.n_kv_heads * hd * 2  # wq, wo; wk, wv
-    per_block = attn + 3 * d * f + 2 * d
+    if cfg.qk_norm:
+        attn += 2 * cfg.heads * hd + 2 * cfg.n_kv_heads * hd     # scale and bias of q_norm, k_norm
+    mlp = (2 if cfg.mlp == "gelu" else 3) * d * f
+    per_block = attn + mlp + 2 * d
     body = cfg.layers * per_block + d
     if non_embedding:
         return body
