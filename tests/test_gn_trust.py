@@ -42,15 +42,28 @@ def _batches(seed, n, b=2, t=6):
 
 
 def test_outer_step_moves_by_alpha_times_delta():
-    m = _method(inner_steps=2, inner_learning_rate=0.05)
-    theta = init_params(CFG, jax.random.PRNGKey(0))
-    new, state, metrics = m.step(theta, m.init(theta), _batches(1, 2), _batches(2, 2), jax.random.PRNGKey(0))
+    """θ_{t+1} = θ_t + α*·(θ̂ − θ_t), with α* < 1 chosen by the line search. A lookup-table model
+    (logits = W[token]) keeps the GN model and the true loss in agreement at every step size."""
+    apply = lambda p, tok: p["table"][tok]
+    theta = {"table": jnp.zeros((16, 16))}
+    m = registry.resolve_entry({"name": "gn", "inner_steps": 2, "inner_learning_rate": 0.05,
+                                "inner_optimizer": "adamw"}).build(
+        MethodContext(apply_fn=apply, total_steps=3, batch_size=4, reference_batch_size=4))
+    hat, _, _ = m._inner(theta, m.init(theta), _batches(1, 2))
+    far = jax.tree.map(lambda t, h: t + 4.0 * (h - t), theta, hat)        # 4x too far: α* = 1/4
+    new, rejected, metrics = m._search(theta, far, _batches(2, 2))
     alpha = float(metrics["alpha"])
-    assert 0 < alpha <= 1 and not metrics["step_rejected"]
-    expect = jax.tree.map(lambda t, h: t + alpha * (h - t), theta, state.inner_params)
-    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(expect)):
+    assert not bool(rejected) and 0 < alpha < 1 and float(metrics["pred_decrease"]) > 0
+    expect = jax.tree.map(lambda t, h: t + alpha * (h - t), theta, far)
+    np.testing.assert_allclose(new["table"], expect["table"], rtol=1e-6, atol=1e-8)
+    # the whole step returns the line search's point
+    m2 = _method(inner_steps=2, inner_learning_rate=0.05)
+    theta2 = init_params(CFG, jax.random.PRNGKey(0))
+    new2, state2, met2 = m2.step(theta2, m2.init(theta2), _batches(1, 2), _batches(2, 2), jax.random.PRNGKey(0))
+    a2 = float(met2["alpha"])
+    expect2 = jax.tree.map(lambda t, h: t + a2 * (h - t), theta2, state2.inner_params)
+    for a, b in zip(jax.tree.leaves(new2), jax.tree.leaves(expect2)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    assert alpha < 1 or float(metrics["loss_after"]) < float(metrics["loss_before"])
 
 
 def test_inner_weight_decay_value_and_default_leaves():
