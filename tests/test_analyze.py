@@ -255,3 +255,20 @@ def test_sweep_run_json_takes_precedence_and_cli_json_on_runs(tmp_path):
     assert set(out["methods"]["gn-cg"]["targets"]["3.5"]["fit"]) >= {"S_min", "E_min", "B_crit", "B_crit_ci"}
     assert (root / "analysis.json").is_file()          # default --out: the first input directory
     assert main(["analyze", str(root), "--targets", "3.5,abc"]) == 2
+
+
+def test_grid_bootstrap_covers_the_lr_grid_with_one_seed():
+    from gn.studies import cbs as C
+    s_min, e_min = 10.0, 2000.0
+    truth = {B: s_min + e_min / B for B in (32, 128, 512, 2048)}
+    # best lr hits the curve; the neighbours are 30 % and 60 % slower
+    cells = {B: {0.5: [S * 1.3], 1.0: [S], 2.0: [S * 1.6]} for B, S in truth.items()}
+    out = C.bootstrap_fit_grid(cells, n_boot=300, seed=1)
+    assert abs(out["S_min"] - s_min) < 1e-6 and abs(out["E_min"] - e_min) < 1e-3
+    lo, hi = out["B_crit_ci"]
+    assert lo <= out["B_crit"] <= hi and hi > lo            # the grid's coarseness widens the interval
+    flat = {B: {1.0: [S]} for B, S in truth.items()}        # one point per batch: nothing to resample
+    lo, hi = C.bootstrap_fit_grid(flat, n_boot=50)["B_crit_ci"]
+    assert abs(lo - hi) < 1e-9
+    unreached = {**cells, 2048: {1.0: [None]}}
+    assert C.bootstrap_fit_grid(unreached, n_boot=20)["n_batches"] == 3

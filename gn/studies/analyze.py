@@ -171,8 +171,10 @@ def _analyze_target(rows: list[dict], *, n_boot: int) -> dict:
     """Best lr per batch, McCandlish fit (+bootstrap) and Zhang CBS for one method and target."""
     axes = sorted({k for r in rows for k in r if k in AXES.values()})
     best = [_best_entry(b, axes) for b in cbs.best_per_batch(rows, "steps")]
-    pts = [(e["batch_size"], s) for e in best for s in e["steps"] if s is not None]
-    fit = cbs.bootstrap_fit([p[0] for p in pts], [p[1] for p in pts], n_boot=n_boot, seed=0)
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault(r["batch_size"], {}).setdefault(r["learning_rate"], []).append(r["steps"])
+    fit = cbs.bootstrap_fit_grid(cells, n_boot=n_boot, seed=0)
     reached = [e for e in best if e["steps_mean_reached"] is not None]
     zhang = cbs.zhang_cbs([e["batch_size"] for e in reached], [e["steps_mean_reached"] for e in reached])
     return {"best": best, "fit": fit, "zhang_cbs": zhang,

@@ -196,6 +196,48 @@ def bootstrap_fit(batch: Sequence[float], steps: Sequence[float], *, n_boot: int
     return out
 
 
+def bootstrap_fit_grid(cells: dict, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """Percentile bootstrap of the McCandlish fit over seeds AND learning-rate grid points.
+
+    `cells[B][lr]` lists steps to target per seed (None: not reached). Each
+    replicate, at every batch size: resamples that batch's lr grid points with
+    replacement, resamples each chosen point's seeds with replacement, takes the
+    best (lowest mean steps; an unreached seed makes a point unreachable) and fits
+    S(B) = S_min + E_min/B to the best points. So the interval also covers the
+    coarseness of the lr grid, and exists with one seed. The point estimate is
+    the fit to the best lr per batch (mean over seeds), as in `best_per_batch`.
+    """
+    rng = np.random.default_rng(seed)
+
+    def best(batch_cells, resample):
+        out = np.inf
+        lrs = list(batch_cells)
+        chosen = rng.choice(len(lrs), size=len(lrs), replace=True) if resample else range(len(lrs))
+        for i in chosen:
+            vals = batch_cells[lrs[i]]
+            pick = [vals[j] for j in rng.choice(len(vals), size=len(vals), replace=True)] if resample else vals
+            if pick and all(v is not None and np.isfinite(v) for v in pick):
+                out = min(out, float(np.mean(pick)))
+        return out
+
+    def fit(resample):
+        pts = [(float(B), best(c, resample)) for B, c in sorted(cells.items())]
+        pts = [(b, s) for b, s in pts if np.isfinite(s)]
+        return fit_mccandlish([p[0] for p in pts], [p[1] for p in pts])
+
+    out = fit(False)
+    reps = np.full((n_boot, 3), np.nan)
+    if out["n_batches"] >= 2:
+        for k in range(n_boot):
+            f = fit(True)
+            if f["S_min"] is not None:
+                reps[k] = (f["S_min"], f["E_min"], _b_crit_or_inf(f))
+    out.update(S_min_ci=_percentile_interval(reps[:, 0], level), E_min_ci=_percentile_interval(reps[:, 1], level),
+               B_crit_ci=_percentile_interval(reps[:, 2], level), n_boot=n_boot, ci_level=level,
+               boot_invalid=int(np.sum(~np.isfinite(reps[:, 2]))), ci_over="seeds and learning-rate grid points")
+    return out
+
+
 def zhang_cbs(batch: Sequence[float], steps: Sequence[float], threshold: float = 0.2) -> dict:
     """Critical batch size as defined by Zhang et al. (2024): with the smallest
     batch B_ref and its steps S_ref as reference, perfect linear scaling is
