@@ -14,6 +14,7 @@ valid key suggested), invalid values and cross-field constraints raise
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -36,8 +37,6 @@ LOGGERS = {"tensorboard": ("tensorboardX", 'pip install -e ".[tb]" (or pip insta
 
 def check_loggers(names) -> None:
     """ConfigError for an unknown logger or one whose package is not installed (before any compute)."""
-    import importlib.util
-
     for name in names:
         require(name in LOGGERS,
                 f"train.loggers: unknown logger '{name}'.{suggest(name, sorted(LOGGERS))} Valid loggers are "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import typing
 from typing import Any, ClassVar, Mapping, NamedTuple, Optional
 
 import jax
@@ -38,6 +39,7 @@ from gn.methods.linesearch import line_search
 from gn.methods.optimizers import OPTIMIZERS
 from gn.optim.masks import decay_mask, validate_decay_rule
 from gn.optim.transforms import tree_norm
+from gn.structs import coerce
 
 INNER_SCHEDULES = ("constant", "constant_inner_cosine", "global_cosine", "global_inner_cosine")
 INNER_SOLVERS = ("optax", "cg")
@@ -57,10 +59,6 @@ _INNER_SCHEDULE_KEYS = ("schedule", "warmup_steps", "decay_fraction", "min_lr_ra
 def inner_optimizer_config(hp: "GNConfig", where: str = "gn"):
     """The inner optimizer's typed config: GN's inner_* keys plus `inner_options`, validated
     against the optimizer's own fields (ConfigError naming the key otherwise)."""
-    import typing
-
-    from gn.structs import coerce
-
     inner_cls = OPTIMIZERS[hp.inner_optimizer]
     fields = {f.name for f in dataclasses.fields(inner_cls)}
     inner = {"learning_rate": hp.inner_learning_rate, "grad_clip": hp.inner_grad_clip,

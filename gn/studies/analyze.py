@@ -19,8 +19,13 @@ from itertools import combinations
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import yaml
+
 from gn.errors import ConfigError, require
 from gn.studies import cbs
+from gn.studies.cbs_plots import write_plots
+from gn.studies.report import write_report
+from gn.train.metrics import MetricsLog, target_key
 
 # metrics.jsonl field -> name of the to-target quantity in the analysis
 AXES = {"step": "steps", "outer_step": "outer_steps", "tokens": "tokens", "aux_tokens": "aux_tokens",
@@ -62,10 +67,6 @@ def load_run(d: Path) -> dict:
     diverged, targets (from config.yaml) and evals (the metrics records with a
     validation loss). sweep_run.json, when present, names method, batch,
     learning rate and seed; otherwise they come from summary.json/config.yaml."""
-    import yaml
-
-    from gn.train.metrics import MetricsLog
-
     summary = _read_json(d / "summary.json")
     cfg = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
     cfg = cfg or {}
@@ -92,8 +93,6 @@ def run_rows(run: dict, targets: Sequence[float]) -> list[dict]:
     """One row per target: every axis at the interpolated crossing of the
     validation loss. A diverged run counts as not reached, whatever its curve
     did before it diverged."""
-    from gn.train.metrics import target_key
-
     ev = run["evals"]
     axes = {field: [r.get(field) for r in ev] for field in AXES}
     out = []
@@ -226,8 +225,6 @@ def _targets_for(runs: list[dict], targets: Sequence[float] | None) -> list[floa
 def analyze_runs(dirs: Sequence[str | Path], *, targets: Sequence[float] | None = None, fixed_tokens: bool = False,
                  n_boot: int = 1000) -> dict:
     """Analyse run directories (or parents holding them): see the module docstring."""
-    from gn.train.metrics import target_key
-
     runs = [load_run(d) for d in find_run_dirs(dirs)]
     ts = _targets_for(runs, targets)
     rows = [row for run in runs for row in run_rows(run, ts)]
@@ -293,16 +290,12 @@ def to_json(result: dict) -> dict:
 def write_outputs(result: dict, out: str | Path) -> list[Path]:
     """Write analysis.json, report.md and the plots into `out`; returns the
     files written. A failing plot warns and is skipped."""
-    from gn.studies.report import write_report
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "analysis.json").write_text(json.dumps(to_json(result), indent=2))
     write_report(result, out / "report.md")
     files = [out / "analysis.json", out / "report.md"]
     try:
-        from gn.studies.cbs_plots import write_plots
-
         files += write_plots(result, out)
     except Exception as exc:  # plots are a convenience; the JSON and the report must survive
         warnings.warn(f"could not write the analysis plots: {exc}", stacklevel=2)

@@ -17,6 +17,9 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from gn.config import load_config
+from gn.errors import ConfigError
+from gn.train import trainer
 from gn.studies.sweep import read_manifest
 
 RUN_RECORD = "sweep_run.json"
@@ -41,8 +44,6 @@ def run_manifest(sweep_dir: str | Path, *, retry_failed: bool = False, only: lis
     if only is not None:
         unknown = sorted(set(only) - {r["id"] for r in rows})
         if unknown:
-            from gn.errors import ConfigError
-
             raise ConfigError(f"--only: no runs with ids {unknown}; the manifest has ids 0-{len(rows) - 1}.")
         rows = [r for r in rows if r["id"] in set(only)]
     records, trained = [], 0
@@ -75,11 +76,9 @@ def _visit(row: dict, retry_failed: bool, train_fn: Callable | None) -> tuple[di
         return _write(rundir, row, json.loads(summary_path.read_text()), None), False
     _status(rundir, "running")
     try:
-        from gn.config import load_config
-
         cfg = load_config(rundir / "config_in.yaml")
         if train_fn is None:
-            from gn.train.trainer import train as train_fn
+            train_fn = trainer.train      # looked up at call time (tests replace it)
         summary = train_fn(cfg, row["method"], rundir)
     except KeyboardInterrupt:
         _status(rundir, "interrupted")

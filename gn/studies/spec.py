@@ -45,6 +45,8 @@ from typing import Any, Mapping
 import yaml
 
 from gn.errors import ConfigError, require, suggest
+from gn.config import config_from_dict, merge_raw, read_config_yaml
+from gn.methods import registry
 
 SPEC_KEYS = ("base", "config", "methods", "batch_sizes", "seeds", "tokens", "lr", "warmup_tokens", "scale_b2",
              "schedule", "ema_halflife_updates", "eval_every_tokens", "targets", "stop_at_target", "vary", "slurm")
@@ -140,7 +142,6 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 def spec_from_dict(raw: Mapping[str, Any], *, root: Path = Path("."), name: str = "sweep") -> SweepSpec:
     """Build a SweepSpec from a raw mapping; `root` resolves a relative `base:` path."""
-    from gn.config import config_from_dict
 
     _check(raw, SPEC_KEYS, "sweep spec")
     base = _base_config(raw, root)
@@ -179,7 +180,6 @@ def spec_from_dict(raw: Mapping[str, Any], *, root: Path = Path("."), name: str 
 def _base_config(raw: Mapping, root: Path) -> dict:
     """The base config: `base:` (a config file, its own `base:` chain followed) and/or an
     inline `config:` mapping merged over it."""
-    from gn.config import merge_raw, read_config_yaml   # follows a config's own `base:` chain
 
     require("base" in raw or "config" in raw,
             "A sweep spec needs 'base' (a config path relative to the spec), an inline 'config' mapping, "
@@ -197,7 +197,6 @@ def _base_config(raw: Mapping, root: Path) -> dict:
 
 
 def _method(entry: Any, i: int, spec: Mapping, global_vary: tuple) -> SweepMethod:
-    from gn.methods import registry
 
     where = f"methods[{i}]"
     require(isinstance(entry, Mapping) and isinstance(entry.get("name"), str) and entry["name"],

@@ -44,6 +44,8 @@ from typing import Any, Mapping
 import yaml
 
 from gn.errors import ConfigError, require
+from gn.config import config_from_dict
+from gn.methods import registry
 from gn.studies.spec import HORIZON_SCHEDULES, SweepMethod, SweepSpec, load_spec
 
 MANIFEST = "manifest.jsonl"
@@ -91,8 +93,6 @@ def expand(spec: SweepSpec) -> list[RunPlan]:
 
 
 def _resolve(spec: SweepSpec, m: SweepMethod, B: int, lr: float, seed: int, vary: dict, index: int) -> RunPlan:
-    from gn.config import config_from_dict
-    from gn.methods import registry
 
     tokens_per_step = B * spec.seq_len
     steps = math.ceil(spec.tokens / tokens_per_step)

@@ -34,6 +34,7 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
+from gn.errors import os_error
 
 __all__ = ["Checkpointer", "CheckpointWarning"]
 
@@ -317,8 +318,6 @@ class Checkpointer:
         except OSError as exc:
             # Disk full, read-only, ...: the earlier checkpoints stay as they are.
             shutil.rmtree(tmp, ignore_errors=True)
-            from gn.errors import os_error
-
             raise os_error(exc, f"saving the checkpoint of step {step} in {self.directory}") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

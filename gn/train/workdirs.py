@@ -44,7 +44,9 @@ from typing import Any, Iterator
 
 import yaml
 
+from gn.config import config_from_dict
 from gn.errors import ConfigError, RunError, os_error, require
+from gn.train.checkpoint import Checkpointer
 
 LOCK = "train.lock"
 BRANCH = "branch.json"
@@ -163,8 +165,6 @@ def resolved_config(run) -> Any:
 
 def _normal(raw: dict) -> dict:
     """A stored config as the current code resolves it (new keys get their defaults)."""
-    from gn.config import config_from_dict
-
     try:
         return yaml.safe_load(yaml.safe_dump(config_from_dict(raw).to_dict(), sort_keys=False))
     except (ConfigError, ValueError, TypeError):
@@ -259,8 +259,6 @@ def finished_summary(run, workdir: Path) -> dict | None:
 
 def _branch(run, source: Path, target: Path) -> None:
     """Create `target` as a copy of `source`'s newest checkpoint and metrics (atomically)."""
-    from gn.train.checkpoint import Checkpointer
-
     old = _stored(source)
     require(old is not None, f"--branch: the source workdir {source} holds no run (no config.yaml).")
     diff = config_diff(old, _new(run))
