@@ -24,6 +24,7 @@ apart from training tokens and the line search may use fewer batches than N.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import typing
 from typing import Any, ClassVar, Mapping, NamedTuple, Optional
@@ -393,8 +394,10 @@ class GaussNewtonMethod(MethodBase):
         jax.block_until_ready(new)
         t2 = time.perf_counter()
         m_ls["grad_evals"] = self._cost(int(m_ls["ls_evals"]))    # host float: exact accounting
-        if bool(rejected):
-            # The next inner loop restarts at θ_t instead of continuing a solution the model rejected.
+        if bool(rejected) and not math.isfinite(float(m_ls["pred_decrease"])):
+            # A non-finite inner solution cannot be continued: the next inner loop restarts at θ_t.
+            # A finite rejected one is kept (warm start): θ stays at θ_t and the next outer step
+            # refines θ̂ further on fresh batches of the same model.
             theta_hat, opt = params, self.tx.init(params)
         state = GNState(inner_params=theta_hat, inner_opt=opt, outer_step=state.outer_step + 1)
         metrics = {**m_inner, **m_ls, "inner_time_s": t1 - t0, "linesearch_time_s": t2 - t1}
