@@ -166,7 +166,7 @@ def test_slurm_array_matches_manifest(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     sweep_mod.main(str(_write_spec(tmp_path)), "out", emit="slurm")
     script = (tmp_path / "out" / "sweep.sbatch").read_text()
-    rows = sweep_mod.read_manifest(tmp_path / "out")
+    rows = runner_mod.read_manifest(tmp_path / "out")
     assert len(rows) == 4 and "#SBATCH --array=0-3" in script and "#SBATCH --requeue" in script
     for r in rows:
         assert (tmp_path / r["workdir"] / "config_in.yaml").is_file()

@@ -27,7 +27,7 @@ import dataclasses
 import math
 import time
 import typing
-from typing import Any, ClassVar, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +35,10 @@ import jax.numpy as jnp
 from gn import curvature
 from gn.curvature.objective import lm_loss, split_batch
 from gn.errors import ConfigError, suggest
-from gn.methods.base import BatchPlan, MethodBase, MethodConfig, MethodContext, check_choice, check_range, opt
+from gn.methods.base import BatchPlan, MethodBase, MethodContext
 from gn.methods.linesearch import line_search
 from gn.methods.optimizers import OPTIMIZERS
-from gn.optim.masks import decay_mask, validate_decay_rule
+from gn.optim.masks import decay_mask
 from gn.optim.transforms import tree_norm
 from gn.structs import coerce
 
@@ -57,7 +57,7 @@ _INNER_OWN_KEYS = {"learning_rate": "inner_learning_rate", "grad_clip": "inner_g
 _INNER_SCHEDULE_KEYS = ("schedule", "warmup_steps", "decay_fraction", "min_lr_ratio")
 
 
-def inner_optimizer_config(hp: "GNConfig", where: str = "gn"):
+def inner_optimizer_config(hp: Any, where: str = "gn"):
     """The inner optimizer's typed config: GN's inner_* keys plus `inner_options`, validated
     against the optimizer's own fields (ConfigError naming the key otherwise)."""
     inner_cls = OPTIMIZERS[hp.inner_optimizer]
@@ -87,111 +87,6 @@ def inner_optimizer_config(hp: "GNConfig", where: str = "gn"):
     return cfg
 
 
-CG_KEYS = ("cg_iters", "cg_tol")
-
-
-@dataclasses.dataclass(frozen=True)
-class GNConfig(MethodConfig):
-    """Hyperparameters of a Gauss-Newton method (defaults sized for CPU runs;
-    the paper's 45M settings: inner_steps 122, b_inner 32, inner lr 0.01)."""
-
-    family: ClassVar[str] = "gauss_newton"
-    kind: ClassVar[str] = "gn"          # curvature.quadratic_model kind
-
-    inner_steps: int = opt(8, "N inner steps per outer step, each on batch_size / N sequences")
-    inner_solver: str = opt("optax", "optax (inner loop of inner_optimizer) or cg (Hessian-free solve)")
-    inner_optimizer: str = opt("muon", "first-order method of the inner loop")
-    inner_learning_rate: float = opt(0.01, "inner peak learning rate")
-    inner_adam_learning_rate: Optional[float] = opt(None, "inner AdamW-side rate (null = inner_learning_rate)")
-    inner_schedule: str = opt("constant_inner_cosine", "constant, constant_inner_cosine, global_cosine, "
-                                                       "global_inner_cosine")
-    inner_min_lr_ratio: float = opt(0.0, "floor of the inner cosine, as a fraction of the peak")
-    inner_grad_clip: float = opt(1.0, "inner global-norm clipping (0 = off)")
-    inner_options: Any = opt(None, "other options of the inner optimizer, validated against its config, "
-                                   "e.g. {adam_b2: 0.999} for Muon's AdamW side (the paper)")
-    inner_weight_decay: float = opt(0.001, "inner decoupled weight decay (also in the CG solve: + wd·M)")
-    inner_weight_decay_mask: Any = opt("adam_side", "inner decayed leaves: adam_side (the paper: embedding, head, "
-                                                    "norms), matrices, hidden_matrices, all, none or path globs")
-    warm_start: bool = opt(True, "continue the previous inner solution and optimizer state")
-    damping: float = opt(0.0, "λ in (λ/2)‖θ − θ_t‖² added to the model")
-    partition: Optional[str] = opt(None, "block-diagonal model: per_tensor, top_level, transformer_blocks "
-                                         "(paper: final norm in the last block), transformer_blocks_head_norm")
-    block_mode: str = opt("batched", "batched, sequential or unrolled (same numbers)")
-    ls_grid: int = opt(5, "line-search grid α ∈ {2^(−i/2) : i < ls_grid}")
-    ls_batches: int = opt(2, "fresh batches the line search reads")
-    ls_extend: int = opt(0, "extra downward grid chunks while the loss improves")
-    ls_vectorize: bool = opt(True, "evaluate all α in one vmapped call (false: one by one, less memory)")
-    cg_iters: int = opt(50, "CG iterations (cg solver and probe)")
-    cg_tol: float = opt(1e-6, "CG relative residual tolerance")
-    probe_every: int = opt(0, "every k outer steps, compare the inner loop with a CG solve (0 = off)")
-
-    def validate(self, where: str) -> None:
-        check_range(self.inner_steps > 0, where, "inner_steps", "positive", self.inner_steps)
-        check_choice(self.inner_solver, INNER_SOLVERS, where, "inner_solver")
-        check_choice(self.inner_optimizer, tuple(OPTIMIZERS), where, "inner_optimizer")
-        check_range(OPTIMIZERS[self.inner_optimizer].inner_ok, where, "inner_optimizer",
-                    "a plain first-order method (not one that needs the objective or the batch)",
-                    self.inner_optimizer)
-        check_range(self.inner_learning_rate > 0, where, "inner_learning_rate", "positive", self.inner_learning_rate)
-        check_range(self.inner_adam_learning_rate is None or self.inner_adam_learning_rate > 0, where,
-                    "inner_adam_learning_rate", "positive or null", self.inner_adam_learning_rate)
-        check_choice(self.inner_schedule, INNER_SCHEDULES, where, "inner_schedule")
-        check_range(0 <= self.inner_min_lr_ratio <= 1, where, "inner_min_lr_ratio", "in [0, 1]",
-                    self.inner_min_lr_ratio)
-        for key in ("inner_grad_clip", "inner_weight_decay", "damping"):
-            check_range(getattr(self, key) >= 0, where, key, ">= 0", getattr(self, key))
-        validate_decay_rule(self.inner_weight_decay_mask, f"{where}.inner_weight_decay_mask")
-        inner_optimizer_config(self, where)
-        check_choice(self.partition, PARTITIONS, where, "partition")
-        check_choice(self.block_mode, curvature.BLOCK_MODES, where, "block_mode")
-        for key in ("ls_grid", "ls_batches", "cg_iters"):
-            check_range(getattr(self, key) > 0, where, key, "positive", getattr(self, key))
-        check_range(self.ls_extend >= 0, where, "ls_extend", ">= 0", self.ls_extend)
-        check_range(self.cg_tol > 0, where, "cg_tol", "positive", self.cg_tol)
-        check_range(self.probe_every >= 0, where, "probe_every", ">= 0 (0 disables the CG probe)",
-                    self.probe_every)
-
-    def unused_keys(self) -> tuple[str, ...]:
-        return INNER_LOOP_KEYS if self.inner_solver == "cg" else ()
-
-    def unused_reason(self) -> str:
-        return " with inner_solver: cg (a Hessian-free solve over the whole outer batch has no inner loop)"
-
-    def build(self, ctx: MethodContext, name: str) -> "GaussNewtonMethod":
-        return GaussNewtonMethod(name, self, ctx, kind=self.kind)
-
-
-@dataclasses.dataclass(frozen=True)
-class GNFullConfig(GNConfig):
-    name: ClassVar[str] = "gn"
-    description: ClassVar[str] = ("Full Gauss-Newton: inner Muon loop on the GN quadratic model + line search "
-                                  "(Abreu et al. 2025)")
-
-
-@dataclasses.dataclass(frozen=True)
-class GNProxLinearConfig(GNConfig):
-    name: ClassVar[str] = "gn_prox_linear"
-    kind: ClassVar[str] = "prox_linear"
-    description: ClassVar[str] = ("GN-prox-linear: inner loop on the full loss of the linearised model + "
-                                  "line search")
-
-
-@dataclasses.dataclass(frozen=True)
-class GNLayerwiseConfig(GNConfig):
-    name: ClassVar[str] = "gn_layerwise"
-    description: ClassVar[str] = ("Layerwise GN: block-diagonal GN model (embedding, each block, norm+head), "
-                                  "all blocks in one compiled step")
-    partition: Optional[str] = opt("transformer_blocks", "block-diagonal model: per_tensor, top_level, "
-                                                         "transformer_blocks (the paper's: embedding, each block "
-                                                         "with the final norm in the last, head), "
-                                                         "transformer_blocks_head_norm (final norm with the head)")
-    ls_grid: int = opt(10, "line-search grid α ∈ {2^(−i/2) : i < ls_grid}")
-    # "unrolled": each block's tangent starts and its transpose stops at that block; same numbers
-    # as "batched" (one vmapped pass), measured 30-35 % faster (docs/benchmarks.md).
-    block_mode: str = opt("unrolled", "batched, sequential or unrolled (same numbers)")
-
-
-CONFIGS = (GNFullConfig, GNProxLinearConfig, GNLayerwiseConfig)
 
 
 class GNState(NamedTuple):
@@ -222,7 +117,7 @@ def _flop_cost(num_blocks: int) -> float:
 class GaussNewtonMethod(MethodBase):
     """The GN outer step as a trainer method (see module docstring)."""
 
-    def __init__(self, name: str, hp: GNConfig, ctx: MethodContext, *, kind: str):
+    def __init__(self, name: str, hp: Any, ctx: MethodContext, *, kind: str):
         n = hp.inner_steps
         if ctx.batch_size % n:
             raise ConfigError(f"Method '{name}': the batch size {ctx.batch_size} must be divisible by "
@@ -423,4 +318,4 @@ class GaussNewtonMethod(MethodBase):
                 "mean_alpha": sum(r["alpha"] for r in edge) / len(edge)}
 
 
-__all__ = ["GNConfig", "GNState", "GaussNewtonMethod", "CONFIGS", "inner_lr_factor"]
+__all__ = ["GNState", "GaussNewtonMethod", "inner_lr_factor", "inner_optimizer_config"]

@@ -13,13 +13,13 @@ import dataclasses
 from typing import Any, Mapping, Optional
 
 from gn.errors import ConfigError, require, suggest
-from gn.methods import fog, gauss_newton
+from gn.methods import fog, gn_config
 from gn.methods.base import Method, MethodConfig, MethodContext
 from gn.methods.optimizers import OPTIMIZERS
 from gn.structs import build_dataclass, coerce, plain
 
 _REGISTRY: dict[str, type[MethodConfig]] = {
-    **OPTIMIZERS, **{c.name: c for c in (*fog.CONFIGS, *gauss_newton.CONFIGS)}}
+    **OPTIMIZERS, **{c.name: c for c in (*fog.CONFIGS, *gn_config.CONFIGS)}}
 
 
 def names() -> list[str]:

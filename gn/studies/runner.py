@@ -18,9 +18,17 @@ from pathlib import Path
 from typing import Callable
 
 from gn.config import load_config
-from gn.errors import ConfigError
+from gn.errors import ConfigError, require
 from gn.train import trainer
-from gn.studies.sweep import read_manifest
+
+MANIFEST = "manifest.jsonl"      # one JSON line per run, written by `gn sweep`, read here and by the SLURM array
+
+
+def read_manifest(sweep_dir: Path) -> list[dict]:
+    """The manifest's rows, in order."""
+    path = Path(sweep_dir) / MANIFEST
+    require(path.is_file(), f"No sweep manifest at '{path}'.")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 RUN_RECORD = "sweep_run.json"
 STATUS = "status.json"

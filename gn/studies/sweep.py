@@ -46,9 +46,9 @@ import yaml
 from gn.errors import ConfigError, require
 from gn.config import config_from_dict
 from gn.methods import registry
+from gn.studies.runner import MANIFEST, run_manifest
 from gn.studies.spec import HORIZON_SCHEDULES, SweepMethod, SweepSpec, load_spec
 
-MANIFEST = "manifest.jsonl"
 SBATCH = "sweep.sbatch"
 
 
@@ -215,13 +215,6 @@ def write_sweep(runs: list[RunPlan], sweep_dir: Path) -> list[dict]:
     return rows
 
 
-def read_manifest(sweep_dir: Path) -> list[dict]:
-    """The manifest's rows, in order."""
-    path = Path(sweep_dir) / MANIFEST
-    require(path.is_file(), f"No sweep manifest at '{path}'.")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def format_table(runs: list[RunPlan]) -> str:
     """The dry-run table: one line per run, then totals."""
     head = f"{'id':>4}  {'method':<14} {'B':>6} {'lr':>9} {'seed':>4} {'steps':>7} {'tokens':>12} {'cost':>12}  run"
@@ -288,7 +281,5 @@ def main(spec_path: str, workdir: str | None = None, *, dry_run: bool = False, e
         path = emit_slurm(spec, runs, sweep_dir)
         print(f"wrote {sweep_dir / MANIFEST} ({len(runs)} runs) and {path}; submit with: sbatch {path}")
         return runs
-    from gn.studies.runner import run_manifest
-
     write_sweep(runs, sweep_dir)
     return run_manifest(sweep_dir, retry_failed=retry_failed, only=only, max_runs=max_runs)
