@@ -34,7 +34,7 @@ MUTANTS = {
         '"weight_decay": 0.0, "weight_decay_mask": hp.inner_weight_decay_mask}',
         ["tests/test_gn_trust.py"]),
     "inner_weight_decay_on_every_matrix": (
-        "gn/methods/gauss_newton.py",
+        "gn/methods/gn_config.py",
         'inner_weight_decay_mask: Any = opt("adam_side",',
         'inner_weight_decay_mask: Any = opt("matrices",',
         ["tests/test_gn_trust.py"]),
