@@ -1,0 +1,108 @@
+"""Markdown tables for docs/results.md from `gn analyze` outputs and run directories.
+
+    python experiments/batch_tables.py cbs ANALYSIS.json             # B_crit per method and target
+    python experiments/batch_tables.py large ANALYSIS.json B RUNDIR...  # the large-batch table at batch B
+    python experiments/batch_tables.py cost RUNDIR...                # compute time of each experiment
+
+Numbers are read, never typed: each table is printed from the analysis JSON (and, for
+wall time and updates, from the runs' summary.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+from gn.studies.cbs import crossing_axes
+
+
+def _ci(ci) -> str:
+    if not ci or ci[0] is None:
+        return "–"
+    return "[" + ", ".join("∞" if (x is None or not math.isfinite(x)) else f"{x:.3g}" for x in ci) + "]"
+
+
+def cbs_table(analysis: dict) -> str:
+    rows = ["| method | target | S_min | E_min (seq) | B_crit (McCandlish) [95% CI] | CBS (Zhang, 20%) |",
+            "|---|---|---|---|---|---|"]
+    for m, res in analysis["methods"].items():
+        for t, r in res["targets"].items():
+            f, z = r["fit"], r["zhang_cbs"]
+            if f.get("S_min") is None:
+                rows.append(f"| {m} | {t} | – | – | – ({f.get('note', '')}) | – |")
+                continue
+            bc = f"{f['B_crit']:.3g}" if f.get("B_crit") else "–"
+            zc = f"{z['cbs']:.3g}" if z.get("cbs") else ("> grid" if z.get("above_grid") else "–")
+            rows.append(f"| {m} | {t} | {f['S_min']:.3g} | {f['E_min']:.4g} | {bc} {_ci(f.get('B_crit_ci'))} | {zc} |")
+    return "\n".join(rows)
+
+
+def _mean_se(xs: list[float]) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    m = statistics.fmean(xs)
+    if len(xs) == 1:
+        return f"{m:.3g} (n=1)"
+    return f"{m:.3g} ± {statistics.stdev(xs) / math.sqrt(len(xs)):.2g} (n={len(xs)})"
+
+
+def _crossings(rundir: str, target: float) -> dict:
+    """Outer steps, updates, tokens, grad evals and wall time at the interpolated crossing."""
+    rows = [json.loads(x) for x in (Path(rundir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    evals = [r for r in rows if r.get("val_loss") is not None]
+    axes = {k: [r.get(k) for r in evals] for k in ("outer_step", "updates", "tokens", "grad_evals", "wall_time_s")}
+    return crossing_axes(axes, [r["val_loss"] for r in evals], target)
+
+
+def large_table(analysis: dict, batch: float, rundirs: list[str]) -> str:
+    """Per method: its best lr at `batch` and, over the seeds run at that lr, the mean ± s.e. of
+    outer steps to each target and updates, tokens, gradient evaluations and wall time to the last,
+    all interpolated between the evaluations around the crossing."""
+    summaries = [json.loads(p.read_text()) | {"_dir": str(p.parent)} for d in rundirs
+                 for p in Path(d).rglob("summary.json")]
+    records = {str(p.parent): json.loads(p.read_text()) for d in rundirs for p in Path(d).rglob("sweep_run.json")}
+    targets = sorted({t for res in analysis["methods"].values() for t in res["targets"]}, key=float, reverse=True)
+    head = "| method | lr | " + " | ".join(f"outer steps to {t}" for t in targets) + \
+           f" | updates to {targets[-1]} | tokens to {targets[-1]} | grad evals to {targets[-1]} | " \
+           f"wall s to {targets[-1]} |"
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for m, res in analysis["methods"].items():
+        best = [e for e in res["targets"][targets[-1]]["best"] if e["batch_size"] == batch]
+        if not best:
+            continue
+        lr = best[0]["learning_rate"]
+        mine = [s for s in summaries if records.get(s["_dir"], {}).get("method") == m
+                and records[s["_dir"]].get("batch_size") == batch
+                and math.isclose(records[s["_dir"]].get("learning_rate", -1), lr, rel_tol=1e-4)]
+        cells = [f"{m}", f"{lr:.3g}"]
+        hits = {t: [_crossings(s["_dir"], float(t)) for s in mine] for t in targets}
+        for t in targets:
+            cells.append(_mean_se([h["outer_step"] for h in hits[t]]))
+        for axis in ("updates", "tokens", "grad_evals", "wall_time_s"):
+            cells.append(_mean_se([h[axis] for h in hits[targets[-1]]]))
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def cost(rundirs: list[str]) -> str:
+    out = []
+    for d in rundirs:
+        sums = [json.loads(p.read_text()) for p in Path(d).rglob("summary.json")]
+        wall = sum(s.get("wall_time_s", 0) for s in sums)
+        comp = sum(s.get("compile_time_s", 0) for s in sums)
+        out.append(f"{d}: {len(sums)} runs, {wall / 60:.1f} min of steps + {comp / 60:.1f} min compiling")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    kind, *rest = sys.argv[1:]
+    if kind == "cbs":
+        print(cbs_table(json.loads(Path(rest[0]).read_text())))
+    elif kind == "large":
+        print(large_table(json.loads(Path(rest[0]).read_text()), float(rest[1]), rest[2:]))
+    elif kind == "cost":
+        print(cost(rest))
