@@ -182,3 +182,19 @@ def test_compile_only_compiles_every_function_and_runs_nothing(capsys, monkeypat
 def test_compile_only_refuses_optimizers_target(capsys):
     assert cli.main(["optimizers", "--compile-only"]) == 2
     assert "--compile-only" in capsys.readouterr().err
+
+
+def test_compile_only_with_compute_dtype(capsys):
+    """`--compute-dtype bfloat16` reaches the model config (mixed precision) while the
+    parameters, and so value_and_grad's arguments and gradients, stay float32."""
+    args = ["--compile-only", "--preset", "nano", "--seq-len", "16", "--inner-batch", "2", "--inner-steps", "2",
+            "--ls-grid", "2", "--ls-batches", "1", "--compute-dtype", "bfloat16", "--model", "layers=1"]
+    assert cli.main(args + ["--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    c = res["config"]
+    assert (c["dtype"], c["compute_dtype"]) == ("float32", "bfloat16")
+    vg = res["compiled"]["value_and_grad"]
+    assert vg["argument_bytes"] == 4 * c["num_params"] + 4 * 2 * 17
+    assert vg["output_bytes"] >= 4 * c["num_params"] + 4
+    assert cli.main(args) == 0
+    assert "bfloat16 matmuls, float32 params" in capsys.readouterr().out

@@ -464,6 +464,8 @@ def test_presets_and_overrides():
     (dict(hiden=64), "unknown model config field"),
     (dict(mlp="geglu"), "unknown mlp 'geglu'"),
     (dict(qk_norm="yes"), "'qk_norm' must be true or false"),
+    (dict(compute_dtype="bfloat61"), "Did you mean 'bfloat16'"),
+    (dict(compute_dtype="float64"), "unknown compute_dtype 'float64'"),
 ])
 def test_config_validation_errors(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
@@ -481,3 +483,84 @@ def test_unknown_preset_and_missing_vocab():
     assert count_params(cfg, non_embedding=True) > 0
     with pytest.raises(ConfigError):
         ModelConfig(heads=3).validate()
+
+
+# ---------------------------------------------------------------- mixed precision
+
+def _flat(tree):
+    return np.concatenate([np.asarray(a, np.float64).ravel() for a in jax.tree.leaves(tree)])
+
+
+def _dot_input_dtypes(fn, *args):
+    """The input dtypes of every dot_general in fn's jaxpr (sub-jaxprs included)."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+            for val in eqn.params.values():
+                inner = getattr(val, "jaxpr", None)
+                if inner is not None and hasattr(inner, "eqns"):
+                    walk(inner)
+                elif hasattr(val, "eqns"):
+                    walk(val)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_compute_dtype_unset_is_the_plain_model(nano_params):
+    # compute_dtype unset or equal to dtype: the same code path, bit for bit, and no
+    # low-precision dtype anywhere in the program. (Checked once against the code
+    # before compute_dtype existed: identical logits and gradients on nano.)
+    tokens = _tokens(2, 16, 512)
+    plain = make_apply(NANO)(nano_params, tokens)
+    same = make_apply(dataclasses.replace(NANO, compute_dtype="float32"))(nano_params, tokens)
+    assert NANO.compute_dtype is None and not NANO.mixed_precision
+    assert plain.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(same))
+    text = str(jax.make_jaxpr(make_apply(NANO))(nano_params, tokens))
+    assert "f16" not in text                             # neither bf16 nor f16
+
+
+def test_compute_dtype_bfloat16_casts_every_matmul(nano_params):
+    cfg = dataclasses.replace(NANO, compute_dtype="bfloat16")
+    assert cfg.mixed_precision
+    tokens = _tokens(2, 16, 512)
+    dots = _dot_input_dtypes(make_apply(cfg), nano_params, tokens)
+    # 7 dense layers per SwiGLU block + 2 attention einsums per block + the head.
+    assert len(dots) == NANO.layers * (7 + 2) + 1, dots
+    assert all(d == ("bfloat16", "bfloat16") for d in dots), dots
+    logits = make_apply(cfg)(nano_params, tokens)
+    assert logits.dtype == jnp.float32                  # accumulated and returned in float32
+    ref = make_apply(NANO)(nano_params, tokens)
+    err = float(jnp.max(jnp.abs(logits - ref)) / jnp.max(jnp.abs(ref)))
+    assert 0 < err < 5e-2, err                           # bfloat16 matmuls: ~2^-8 relative
+
+
+def test_mixed_precision_quadratic_model_matches_float32():
+    """The GN quadratic model (value and gradient on a batch) with bfloat16 matmuls
+    agrees with float32 to within bfloat16's precision (8 mantissa bits, ~4e-3 per
+    rounding): relative tolerance 1e-3 on the value and 2e-2 on the gradient (norm
+    of the difference over the norm); parameters and gradients stay float32."""
+    from gn import curvature
+
+    out = {}
+    for cd in (None, "bfloat16"):
+        cfg = model_config("nano", vocab_size=512, compute_dtype=cd, mlp="gelu", qk_norm=True)
+        p0 = init_params(cfg, jax.random.key(0))
+        toks = _tokens(4, 33, 512, seed=2)
+        x, y = toks[:, :-1], toks[:, 1:]
+        noise = init_params(cfg, jax.random.key(5))
+        p = jax.tree.map(lambda a, n: a + 0.01 * n, p0, noise)
+        apply = make_apply(cfg)
+        value, grads = jax.jit(lambda p0, p: curvature.quadratic_model(apply, p0, x, y)(p))(p0, p)
+        assert {a.dtype for a in jax.tree.leaves(p0)} == {jnp.dtype(jnp.float32)}
+        assert {a.dtype for a in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+        assert value.dtype == jnp.float32
+        out[cd] = (float(value), _flat(grads))
+    (v32, g32), (v16, g16) = out[None], out["bfloat16"]
+    assert abs(v16 - v32) / abs(v32) < 1e-3, (v16, v32)
+    rel = np.linalg.norm(g16 - g32) / np.linalg.norm(g32)
+    assert 0 < rel < 2e-2, rel                           # nonzero: bfloat16 was really used

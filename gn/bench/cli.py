@@ -42,6 +42,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--vocab-size", type=_positive, help="vocabulary (default 512 for nano, 4096 for tiny)")
     b.add_argument("--model", action="append", metavar="KEY=VALUE", dest="model_set",
                    help="override a model config field, e.g. --model hidden=32 (repeatable)")
+    b.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"),
+                   help="mixed precision: matmul inputs in this dtype, parameters float32 (model.compute_dtype; "
+                        "default: none, the parameters' dtype)")
     b.add_argument("--seq-len", type=_positive, default=128, help="sequence length (default 128)")
     b.add_argument("--repeats", type=_positive,
                    help="timed repeats per function (default 10; the GN outer step: see --outer-repeats)")
@@ -85,6 +88,8 @@ def cmd_bench(args) -> None:
     from gn.bench.gn_step import parse_overrides
 
     overrides = parse_overrides(args.model_set)
+    if args.compute_dtype is not None:
+        overrides["compute_dtype"] = args.compute_dtype
     log = _log   # progress goes to stderr; stdout holds only the table or the JSON
     if args.compile_only and args.target == "optimizers":
         raise ConfigError("--compile-only applies to the GN step benchmark (no target), not to 'optimizers'.")

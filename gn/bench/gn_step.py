@@ -334,6 +334,7 @@ def run_compile_only(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str
         "benchmark": "gn_step_compile_only",
         "config": {"preset": cfg.preset, "vocab_size": mcfg.vocab_size, "hidden": mcfg.hidden,
                    "layers": mcfg.layers, "ffn": mcfg.ffn, "mlp": mcfg.mlp, "qk_norm": mcfg.qk_norm,
+                   "dtype": mcfg.dtype, "compute_dtype": mcfg.compute_dtype,
                    "num_params": count_params(mcfg), "non_embedding_params": count_params(mcfg, non_embedding=True),
                    "inner_batch": b, "seq_len": T, "inner_steps": N, "ls_grid": gn.hp.ls_grid,
                    "ls_batches": gn.hp.ls_batches, "layerwise_block_mode": lw.hp.block_mode,
@@ -345,11 +346,18 @@ def run_compile_only(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str
     }
 
 
+def _precision(c: Mapping[str, Any]) -> str:
+    # ", bfloat16 matmuls" in the table's title under mixed precision; "" otherwise.
+    cd = c.get("compute_dtype")
+    return f", {cd} matmuls, {c.get('dtype')} params" if cd and cd != c.get("dtype") else ""
+
+
 def format_compile_table(res: dict) -> str:
     """Aligned table of `run_compile_only`'s result: one row per compiled function."""
     c = res["config"]
     mib = lambda x: "-" if x is None else f"{x / 2**20:,.1f}"  # noqa: E731
-    lines = [f"gn bench --compile-only: {c['preset']} ({c['num_params']:,} params, vocab {c['vocab_size']}), "
+    lines = [f"gn bench --compile-only: {c['preset']} ({c['num_params']:,} params, vocab {c['vocab_size']}"
+             f"{_precision(c)}), "
              f"b_inner {c['inner_batch']} x seq {c['seq_len']}, N {c['inner_steps']}; "
              f"{res['machine']['backend']} (nothing executed)",
              f"{'function':<28}{'temp MiB':>12}{'args MiB':>12}{'out MiB':>12}{'total MiB':>12}"
@@ -480,7 +488,8 @@ def run_gn_bench(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str], N
     res: dict[str, Any] = {
         "benchmark": "gn_step",
         "config": {"preset": cfg.preset, "vocab_size": V, "hidden": mcfg.hidden, "layers": mcfg.layers,
-                   "ffn": mcfg.ffn, "num_params": count_params(mcfg),
+                   "ffn": mcfg.ffn, "dtype": mcfg.dtype, "compute_dtype": mcfg.compute_dtype,
+                   "num_params": count_params(mcfg),
                    "non_embedding_params": count_params(mcfg, non_embedding=True),
                    "inner_batch": b, "seq_len": T, "inner_steps": N, "ls_grid": gn.hp.ls_grid,
                    "ls_batches": gn.hp.ls_batches, "layerwise_block_mode": lw.hp.block_mode,
@@ -563,7 +572,8 @@ def _fmt(x: Any, unit: str = "") -> str:
 def format_gn_table(res: dict) -> str:
     """The result as a readable table."""
     c, m = res["config"], res["machine"]
-    lines = [f"gn bench: preset {c['preset']} ({c['num_params']:,} params, vocab {c['vocab_size']}), "
+    lines = [f"gn bench: preset {c['preset']} ({c['num_params']:,} params, vocab {c['vocab_size']}"
+             f"{_precision(c)}), "
              f"b_inner {c['inner_batch']} x seq {c['seq_len']}, N = {c['inner_steps']} inner steps, "
              f"line search grid {c['ls_grid']} x {c['ls_batches']} batches; "
              f"medians of {c['repeats']} repeats (outer step: {c['outer_repeats']})",

@@ -16,9 +16,12 @@ from typing import Any
 
 from gn.errors import ConfigError, suggest
 
-# Names accepted in `ModelConfig.dtype`; the model uses the same dtype for
-# parameters and computation (float64 needs `jax_enable_x64`).
+# Names accepted in `ModelConfig.dtype`: the dtype of the parameters, and of the
+# computation unless `compute_dtype` says otherwise (float64 needs `jax_enable_x64`).
 DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+# Names accepted in `ModelConfig.compute_dtype` (None: the same as `dtype`).
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 # Size of the T5 tokenizer's embedding matrix (32100 tokens padded to 32128).
 T5_VOCAB = 32128
@@ -64,6 +67,13 @@ class ModelConfig:
     (the paper's w_down(gelu(w_up x)), two matrices). `qk_norm`: LayerNorm (scale
     and bias, eps `norm_eps`) on the query and key projections before RoPE, as in
     the paper. `norm_eps` is the epsilon of every norm (RMSNorm and QK LayerNorm).
+
+    `dtype` is the dtype of the parameters (and so of the gradients and optimizer
+    state). `compute_dtype` (None: the same as `dtype`, the model exactly as without
+    it) is mixed precision: the inputs of every matmul (activations and weights of
+    the dense layers, queries/keys and attention weights/values, the embedding
+    lookup's output) are cast to it, with float32 (at least) accumulation and
+    outputs; softmax, norms, residual stream, logits and the loss stay in float32.
     """
 
     preset: str | None = "nano"
@@ -79,6 +89,7 @@ class ModelConfig:
     dtype: str = "float32"
     mlp: str = "swiglu"
     qk_norm: bool = False
+    compute_dtype: str | None = None
 
     @property
     def n_kv_heads(self) -> int:
@@ -95,7 +106,7 @@ class ModelConfig:
 
         Checks positive sizes, `hidden % heads == 0`, `heads % kv_heads == 0`, an
         even head dimension (RoPE rotates pairs), positive `rope_theta` and
-        `norm_eps`, and a known dtype.
+        `norm_eps`, and a known dtype and compute dtype.
         """
         where = f"model config (preset {self.preset!r})"
         sizes = dict(hidden=self.hidden, layers=self.layers, heads=self.heads,
@@ -133,6 +144,16 @@ class ModelConfig:
             raise ConfigError(
                 f"{where}: unknown dtype {self.dtype!r}; valid dtypes are {', '.join(DTYPES)}."
                 + suggest(str(self.dtype), DTYPES))
+        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(
+                f"{where}: unknown compute_dtype {self.compute_dtype!r}; valid values are "
+                f"{', '.join(COMPUTE_DTYPES)}, or null for the parameters' dtype."
+                + suggest(str(self.compute_dtype), COMPUTE_DTYPES))
+
+    @property
+    def mixed_precision(self) -> bool:
+        """True when `compute_dtype` is set and differs from the parameters' `dtype`."""
+        return self.compute_dtype is not None and self.compute_dtype != self.dtype
 
 
 def model_config(preset: str = "nano", **overrides: Any) -> ModelConfig:

@@ -14,6 +14,12 @@ feature i with i + head_dim/2 (rotate-half). The two differ by a fixed
 permutation of each head's features, which the QK LayerNorm's per-feature
 scale/bias and the i.i.d. init absorb, so the model families are the same.
 
+Mixed precision (`compute_dtype`, e.g. bfloat16, with float32 `dtype`): parameters
+stay in `dtype`; every matmul casts its inputs to `compute_dtype` and accumulates
+and returns float32 (`preferred_element_type`), the embedding lookup's output is
+cast to it; norms, softmax, the residual stream and the logits stay float32.
+Unset (or equal to `dtype`), the model is exactly the plain one.
+
 The residual stream is kept 2-D, (B*T, D), from the embedding to the logits: on
 CPU the weight-gradient matmul of a dense layer applied to a 3-D activation is
 several times slower than the same matmul on the flattened 2-D array. Only
@@ -57,6 +63,26 @@ Params = dict[str, Any]
 
 def _dtype(cfg: ModelConfig) -> Any:
     return jnp.dtype(cfg.dtype)
+
+
+def _compute_dtype(cfg: ModelConfig) -> Any:
+    """The matmul input dtype under mixed precision; None for the plain model
+    (`compute_dtype` unset or equal to `dtype`), whose code path is unchanged."""
+    return jnp.dtype(cfg.compute_dtype) if cfg.mixed_precision else None
+
+
+def _accum_dtype(dtype: Any) -> Any:
+    # Accumulation and output dtype of a mixed-precision matmul: at least float32.
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def matmul(x: jax.Array, w: jax.Array, compute_dtype: Any = None) -> jax.Array:
+    """x @ w; with `compute_dtype`, both inputs cast to it and the product
+    accumulated and returned in float32 (at least: `w`'s dtype promoted with it)."""
+    if compute_dtype is None:
+        return x @ w
+    return jnp.matmul(x.astype(compute_dtype), w.astype(compute_dtype),
+                      preferred_element_type=_accum_dtype(w.dtype))
 
 
 def _fan_in_normal(key, shape, dtype):
@@ -129,15 +155,26 @@ def apply_rope(x: jax.Array, theta: float = 10000.0) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, compute_dtype: Any = None) -> jax.Array:
     """Causal softmax attention. q: (B, T, H, hd); k, v: (B, T, KV, hd) with H % KV == 0.
 
     Query head h reads key/value head h // (H // KV) (the usual repeat-interleave
-    grouping). Returns (B, T, H, hd).
+    grouping). Returns (B, T, H, hd). With `compute_dtype` (mixed precision) the
+    inputs of both einsums (q, k; attention weights, v) are cast to it and the
+    scores and output are accumulated in float32 (at least); the output is float32.
     """
     b, t, h, hd = q.shape
     kv = k.shape[2]
     qg = q.reshape(b, t, kv, h // kv, hd)
+    if compute_dtype is not None:
+        acc = _accum_dtype(q.dtype)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", qg.astype(compute_dtype), k.astype(compute_dtype),
+                            preferred_element_type=acc) / math.sqrt(hd)
+        mask = np.tril(np.ones((t, t), dtype=bool))
+        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+        weights = jax.nn.softmax(scores, axis=-1).astype(compute_dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v.astype(compute_dtype), preferred_element_type=acc)
+        return out.reshape(b, t, h, hd)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k) / math.sqrt(hd)
     # Softmax in at least float32: bf16 logits lose the small differences.
     scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
@@ -158,13 +195,14 @@ class Dense2D(nn.Module):
 
     features: int
     dtype: Any = jnp.float32
+    compute_dtype: Any = None   # mixed precision: see `matmul`
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", _INITIALIZERS["kernel"], (x.shape[-1], self.features), self.dtype)
         # Keep only the latest value (not flax's default tuple): each layer runs once.
         self.sow("intermediates", "inputs", x, init_fn=lambda: None, reduce_fn=lambda _, new: new)
-        return self.perturb("outputs", x @ kernel)
+        return self.perturb("outputs", matmul(x, kernel, self.compute_dtype))
 
 
 class RMSNorm(nn.Module):
@@ -199,20 +237,20 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, batch: int, seq: int) -> jax.Array:
-        cfg, dt = self.cfg, _dtype(self.cfg)
+        cfg, dt, cd = self.cfg, _dtype(self.cfg), _compute_dtype(self.cfg)
         h, kv, hd = cfg.heads, cfg.n_kv_heads, cfg.head_dim
-        q = Dense2D(h * hd, dt, name="wq")(x)
-        k = Dense2D(kv * hd, dt, name="wk")(x)
+        q = Dense2D(h * hd, dt, cd, name="wq")(x)
+        k = Dense2D(kv * hd, dt, cd, name="wk")(x)
         if cfg.qk_norm:
             # The paper's QK-norm: over the whole projection (all heads), before RoPE.
             q = LayerNorm(cfg.norm_eps, dt, name="q_norm")(q)
             k = LayerNorm(cfg.norm_eps, dt, name="k_norm")(k)
         q = q.reshape(batch, seq, h, hd)
         k = k.reshape(batch, seq, kv, hd)
-        v = Dense2D(kv * hd, dt, name="wv")(x).reshape(batch, seq, kv, hd)
+        v = Dense2D(kv * hd, dt, cd, name="wv")(x).reshape(batch, seq, kv, hd)
         q, k = apply_rope(q, cfg.rope_theta), apply_rope(k, cfg.rope_theta)
-        out = causal_attention(q, k, v).reshape(batch * seq, h * hd)
-        return Dense2D(cfg.hidden, dt, name="wo")(out)
+        out = causal_attention(q, k, v, cd).reshape(batch * seq, h * hd)
+        return Dense2D(cfg.hidden, dt, cd, name="wo")(out)
 
 
 class MLP(nn.Module):
@@ -223,13 +261,13 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt = _dtype(self.cfg)
+        dt, cd = _dtype(self.cfg), _compute_dtype(self.cfg)
         if self.cfg.mlp == "gelu":
-            up = Dense2D(self.cfg.ffn, dt, name="w_up")(x)
-            return Dense2D(self.cfg.hidden, dt, name="w_down")(jax.nn.gelu(up, approximate=True))
-        gate = Dense2D(self.cfg.ffn, dt, name="w_gate")(x)
-        up = Dense2D(self.cfg.ffn, dt, name="w_up")(x)
-        return Dense2D(self.cfg.hidden, dt, name="w_down")(jax.nn.silu(gate) * up)
+            up = Dense2D(self.cfg.ffn, dt, cd, name="w_up")(x)
+            return Dense2D(self.cfg.hidden, dt, cd, name="w_down")(jax.nn.gelu(up, approximate=True))
+        gate = Dense2D(self.cfg.ffn, dt, cd, name="w_gate")(x)
+        up = Dense2D(self.cfg.ffn, dt, cd, name="w_up")(x)
+        return Dense2D(self.cfg.hidden, dt, cd, name="w_down")(jax.nn.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -250,30 +288,33 @@ class Embed(nn.Module):
     vocab_size: int
     features: int
     dtype: Any = jnp.float32
+    compute_dtype: Any = None   # mixed precision: the looked-up rows are cast to it
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
         table = self.param("embedding", _INITIALIZERS["embedding"],
                            (self.vocab_size, self.features), self.dtype)
-        return jnp.take(table, tokens.reshape(-1), axis=0)
+        x = jnp.take(table, tokens.reshape(-1), axis=0)
+        return x if self.compute_dtype is None else x.astype(self.compute_dtype)
 
 
 class Llama(nn.Module):
-    """LLaMA-style decoder: tokens int32 (B, T) -> logits (B, T, V) in cfg.dtype."""
+    """LLaMA-style decoder: tokens int32 (B, T) -> logits (B, T, V) in cfg.dtype
+    (mixed precision: in cfg.dtype promoted with float32)."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        cfg, dt = self.cfg, _dtype(self.cfg)
+        cfg, dt, cd = self.cfg, _dtype(self.cfg), _compute_dtype(self.cfg)
         if cfg.vocab_size is None:
             raise ConfigError("the model needs 'vocab_size'; set it or resolve it from the data source.")
         batch, seq = tokens.shape
-        x = Embed(cfg.vocab_size, cfg.hidden, dt, name="embed")(tokens)
+        x = Embed(cfg.vocab_size, cfg.hidden, dt, cd, name="embed")(tokens)
         for i in range(cfg.layers):
             x = Block(cfg, name=f"block_{i}")(x, batch, seq)
         x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
-        logits = Dense2D(cfg.vocab_size, dt, name="lm_head")(x)
+        logits = Dense2D(cfg.vocab_size, dt, cd, name="lm_head")(x)
         return logits.reshape(batch, seq, cfg.vocab_size)
 
 
@@ -330,7 +371,8 @@ def _to_dict(tree: Any) -> Any:
 def make_apply(cfg: ModelConfig) -> Callable[[Params, jax.Array], jax.Array]:
     """Return the pure function `apply(params, tokens) -> logits` (jit-able).
 
-    tokens: int32 (B, T); logits: (B, T, V) in cfg.dtype. `cfg.max_seq_len` is
+    tokens: int32 (B, T); logits: (B, T, V) in cfg.dtype (with `cfg.compute_dtype`
+    set, mixed precision: float32 at least, see ModelConfig). `cfg.max_seq_len` is
     informational here: RoPE has no table to overflow, so longer inputs run.
     """
     model = Llama(_checked(cfg))

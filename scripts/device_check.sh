@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# The checks to run on a lent GPU, in one go, with a markdown table of the numbers.
+#
+#   bash scripts/device_check.sh            # on the GPU machine, from the repository root
+#   bash scripts/device_check.sh --tiny     # nano preset, tiny shapes, on CPU (what the tests run)
+#   bash scripts/device_check.sh --only bench_bf16,train   # a subset of the steps
+#
+# Steps (each under its own `timeout`, so one hang costs only its own budget):
+#   bench_f32     gn bench at the paper's 45m settings (b_inner 32, seq 1024, N 122), float32
+#   bench_bf16    the same with --compute-dtype bfloat16 (mixed precision, float32 params)
+#   compile_150m  gn bench --compile-only at 150m with b_inner 128 (XLA's memory, nothing run)
+#   train         gn train of GN at 45m (N 122, b_inner 32) for 3 outer steps on synthetic data
+#   devices       the multi-device equality test (tests/test_train.py -k devices) when
+#                 jax sees several devices; skipped (and reported so) otherwise
+# The table goes to $OUT/device_check.md, or docs/device_check.md when $OUT is unset (or to
+# --out PATH); logs and raw JSON beside it in device_check_logs/.
+#
+# Environment: PYTHON (default python3), STEP_TIMEOUT_S (default per step, below: the
+# full-size budget adds up to ~9.5 minutes), JAX_PLATFORMS (default cuda; cpu with --tiny).
+set -u
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+TINY=0
+ONLY=""
+OUTFILE=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tiny) TINY=1 ;;
+    --only) ONLY="$2"; shift ;;
+    --out) OUTFILE="$2"; shift ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    *) echo "device_check.sh: unknown argument '$1' (--tiny, --only STEPS, --out PATH)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [ -z "$OUTFILE" ]; then
+  if [ -n "${OUT:-}" ]; then OUTFILE="$OUT/device_check.md"; else OUTFILE="$ROOT/docs/device_check.md"; fi
+fi
+LOGS="$(dirname "$OUTFILE")/device_check_logs"
+mkdir -p "$LOGS"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "$TINY" = 1 ]; then
+  export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
+  PRESET=nano; PRESET_BIG=nano; VOCAB=(--vocab-size 64); SEQ=16; BIN=2; BIN_BIG=4; N=2
+  BENCH_EXTRA=(--repeats 2 --outer-repeats 1 --ls-grid 2 --ls-batches 1 --no-breakdown)
+  T_BENCH=300; T_BF16=300; T_COMPILE=300; T_TRAIN=300; T_DEVICES=300
+else
+  export JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"
+  PRESET=45m; PRESET_BIG=150m; VOCAB=(); SEQ=1024; BIN=32; BIN_BIG=128; N=122
+  BENCH_EXTRA=(--repeats 5 --outer-repeats 1 --no-breakdown)
+  T_BENCH=150; T_BF16=120; T_COMPILE=120; T_TRAIN=120; T_DEVICES=60
+fi
+if [ -n "${STEP_TIMEOUT_S:-}" ]; then
+  T_BENCH=$STEP_TIMEOUT_S; T_BF16=$STEP_TIMEOUT_S; T_COMPILE=$STEP_TIMEOUT_S; T_TRAIN=$STEP_TIMEOUT_S
+  T_DEVICES=$STEP_TIMEOUT_S
+fi
+
+wanted() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
+
+# run_step NAME TIMEOUT_S CMD...: stdout -> $LOGS/NAME.out, stderr -> NAME.err, status -> NAME.status
+run_step() {
+  local name="$1" limit="$2"; shift 2
+  if ! wanted "$name"; then echo "not selected" > "$LOGS/$name.status"; return; fi
+  echo "[device_check] $name (timeout ${limit}s): $*" >&2
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.out" 2> "$LOGS/$name.err"
+  local rc=$?
+  local dt=$((SECONDS - t0))
+  if [ $rc -eq 0 ]; then echo "ok $dt" > "$LOGS/$name.status"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "timeout $dt" > "$LOGS/$name.status"
+  else echo "failed(rc=$rc) $dt" > "$LOGS/$name.status"; fi
+  echo "[device_check] $name: $(cat "$LOGS/$name.status")" >&2
+}
+
+BENCH=("$PY" -m gn.bench.cli --json --preset "$PRESET" "${VOCAB[@]}" --inner-batch "$BIN" --seq-len "$SEQ"
+       --inner-steps "$N" "${BENCH_EXTRA[@]}")
+run_step bench_f32 "$T_BENCH" "${BENCH[@]}"
+run_step bench_bf16 "$T_BF16" "${BENCH[@]}" --compute-dtype bfloat16
+run_step compile_150m "$T_COMPILE" "$PY" -m gn.bench.cli --json --compile-only --preset "$PRESET_BIG" "${VOCAB[@]}" \
+  --inner-batch "$BIN_BIG" --seq-len "$SEQ" --inner-steps "$N"
+
+# GN at the 45m shapes on the synthetic language (its vocabulary, 64, is below the preset's 32000,
+# so the model keeps the paper's embedding and head), 3 outer steps of N inner steps of b_inner.
+TRAIN_CFG="$LOGS/train_config.yaml"
+cat > "$TRAIN_CFG" <<EOF
+model:
+  preset: $PRESET
+data:
+  source: synthetic
+  seq_len: $SEQ
+  synthetic: {vocab_size: 64, order: 2, support: 4}
+train:
+  steps: 3
+  batch_size: $((N * BIN))
+  eval_every: 3
+  eval_batch_size: $BIN
+  checkpoint_every: 1000
+  progress: false
+methods:
+  - {name: gn, inner_steps: $N, ls_batches: 2}
+EOF
+rm -rf "$LOGS/train_run"
+run_step train "$T_TRAIN" "$PY" -m gn.cli train "$TRAIN_CFG" --method gn --workdir "$LOGS/train_run"
+
+if wanted devices; then
+  NDEV=$(timeout 60 "$PY" -c "import jax; print(jax.device_count())" 2>/dev/null || echo "?")
+  if [ "$NDEV" != "?" ] && [ "$NDEV" -gt 1 ] 2>/dev/null; then
+    run_step devices "$T_DEVICES" "$PY" -m pytest -q -o addopts="" tests/test_train.py -k devices
+  else
+    echo "skipped ($NDEV device)" > "$LOGS/devices.status"
+  fi
+fi
+
+"$PY" - "$LOGS" "$OUTFILE" "$TINY" <<'EOF'
+import json, platform, sys, datetime
+from pathlib import Path
+
+logs, outfile, tiny = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
+
+def status(name):
+    p = logs / f"{name}.status"
+    return p.read_text().split() if p.exists() else ["missing"]
+
+def load(name):
+    try:
+        return json.loads((logs / f"{name}.out").read_text())
+    except (OSError, ValueError):
+        return None
+
+def ms(x): return "-" if x is None else f"{1e3 * x:,.1f} ms"
+def sec(x): return "-" if x is None else f"{x:,.2f} s"
+def gb(x):
+    if x is None:
+        return "-"
+    return f"{x / 1e9:,.2f} GB" if x >= 1e8 else f"{x / 1e6:,.2f} MB"
+
+def bench_numbers(r):
+    if r is None:
+        return "-"
+    c = r.get("config", {})
+    return (f"{c.get('compute_dtype') or c.get('dtype')} matmuls: AdamW {ms(r.get('adamw_step_s'))}, Muon {ms(r.get('muon_step_s'))}, "
+            f"GN inner {ms(r.get('gn_inner_step_s'))} ({r.get('gn_inner_over_muon') or 0:.2f}x Muon), "
+            f"layerwise {ms(r.get('gn_layerwise_inner_step_s'))}, outer {sec(r.get('outer_step_s'))}, "
+            f"peak {gb(r.get('peak_bytes_in_use'))}")
+
+def compile_numbers(r):
+    if r is None:
+        return "-"
+    c = r["compiled"]
+    parts = [f"{k} temp {gb(c[k].get('temp_bytes'))}" for k in ("value_and_grad", "gn_inner_step",
+                                                                  "gn_layerwise_inner_step") if k in c]
+    slowest = max((v.get("compile_s") or 0 for v in c.values()), default=0)
+    return ", ".join(parts) + f"; slowest compile {slowest:.0f} s"
+
+def train_numbers():
+    p = logs / "train_run" / "metrics.jsonl"
+    try:
+        rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+    except (OSError, ValueError):
+        return "-"
+    steps = [r for r in rows if "step_time_s" in r]
+    if not steps:
+        return "-"
+    last = steps[-1]
+    times = ", ".join(f"{r['step_time_s']:.2f}" for r in steps)
+    loss = last.get("train_loss")
+    return (f"{len(steps)} outer steps, step times {times} s (first includes compile), "
+            f"final train loss {loss:.4f}" if isinstance(loss, float) else f"{len(steps)} outer steps, {times} s")
+
+def devices_numbers():
+    p = logs / "devices.out"
+    return p.read_text().strip().splitlines()[-1] if p.exists() and p.read_text().strip() else "-"
+
+size = "nano, b_inner 2, seq 16, N 2 (--tiny)" if tiny else "45m, b_inner 32, seq 1024, N 122"
+rows = [
+    ("bench_f32", f"gn bench, float32 ({size})", bench_numbers(load("bench_f32"))),
+    ("bench_bf16", f"gn bench, compute_dtype bfloat16 ({size})", bench_numbers(load("bench_bf16"))),
+    ("compile_150m", "gn bench --compile-only, " + ("nano b_inner 4 (--tiny)" if tiny else "150m, b_inner 128, seq 1024"),
+     compile_numbers(load("compile_150m"))),
+    ("train", f"gn train gn, 3 outer steps, synthetic data ({size})", train_numbers()),
+    ("devices", "multi-device equality (tests/test_train.py -k devices)", devices_numbers()),
+]
+machine = "-"
+for name in ("bench_f32", "bench_bf16"):
+    r = load(name)
+    if r and r.get("machine"):
+        m = r["machine"]
+        machine = f"{m.get('backend')}, {m.get('cpu')}, jax {m.get('jax')}"
+        break
+lines = ["# Device check", "",
+         f"`bash scripts/device_check.sh{' --tiny' if tiny else ''}`, "
+         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {machine}; "
+         f"python {platform.python_version()}.", "",
+         "| step | what | status | wall s | numbers |", "|---|---|---|---|---|"]
+for name, what, numbers in rows:
+    st = status(name)
+    lines.append(f"| {name} | {what} | {st[0] if st[0] != 'skipped' else ' '.join(st)} | "
+                 f"{st[1] if len(st) > 1 and st[0] != 'skipped' else '-'} | {numbers} |")
+lines += ["", f"Logs and raw JSON: `{logs}`."]
+outfile.write_text("\n".join(lines) + "\n")
+print(outfile.read_text())
+EOF
