@@ -267,3 +267,23 @@ def test_stop_at_target_stops_after_reaching_every_target(tmp_path):
         _tiny(stop_at_target=True)
     with pytest.raises(ConfigError, match="max_tokens"):
         _tiny(max_tokens=-1)
+
+
+def test_a_run_made_before_a_new_config_field_is_not_repeated(tmp_path):
+    """A newer toolkit adds a field with a harmless default: the run's hash changes, but its
+    old directory (same label, same config once resolved) is kept instead of training again."""
+    runs = _expand()
+    sweep_mod.write_sweep(runs, tmp_path)
+    old = tmp_path / runs[0].name
+    label = runs[0].name.rsplit("_", 1)[0]
+    legacy = tmp_path / f"{label}_0ldhash0"
+    old.rename(legacy)
+    raw = yaml.safe_load((legacy / "config_in.yaml").read_text())
+    raw["model"].pop("compute_dtype")          # written by a toolkit without that field
+    (legacy / "config_in.yaml").write_text(yaml.safe_dump(raw))
+    adopted = sweep_mod.adopt_existing(runs, tmp_path)
+    assert adopted[0].name == legacy.name
+    assert [r.name for r in adopted[1:]] == [r.name for r in runs[1:]]
+    raw["train"]["seed"] = 99                  # a different run under the same label is not taken
+    (legacy / "config_in.yaml").write_text(yaml.safe_dump(raw))
+    assert sweep_mod.adopt_existing(runs, tmp_path)[0].name == runs[0].name

@@ -199,6 +199,30 @@ def manifest_rows(runs: list[RunPlan], sweep_dir: Path) -> list[dict]:
              "warmup_steps": r.warmup_steps, "command": r.command(sweep_dir)} for r in runs]
 
 
+def adopt_existing(runs: list[RunPlan], sweep_dir: Path) -> list[RunPlan]:
+    """Keep the directory of a run made before the toolkit gained a config field.
+
+    A run's name hashes its fully resolved config, which also holds every default; a
+    newer toolkit that adds a field (with a default that changes nothing) would give the
+    same run a new name and train it again. A directory with the same readable label whose
+    stored config_in.yaml, resolved by today's code, equals this run's config is the same
+    run: its name is kept, so finished work is never repeated.
+    """
+    out = []
+    for r in runs:
+        label = r.name.rsplit("_", 1)[0]
+        for d in sorted(sweep_dir.glob(f"{label}_*")) if not (sweep_dir / r.name).exists() else ():
+            try:
+                stored = config_from_dict(yaml.safe_load((d / "config_in.yaml").read_text())).to_dict()
+            except (OSError, ConfigError, yaml.YAMLError, TypeError):
+                continue
+            if stored == dict(r.config):
+                r = dataclasses.replace(r, name=d.name)
+                break
+        out.append(r)
+    return out
+
+
 def write_sweep(runs: list[RunPlan], sweep_dir: Path) -> list[dict]:
     """Write the manifest and every run's config_in.yaml (and a pending status.json for new runs)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -278,8 +302,9 @@ def main(spec_path: str, workdir: str | None = None, *, dry_run: bool = False, e
         return runs
     if emit is not None:
         require(emit == "slurm", f"--emit supports 'slurm' only, got '{emit}'.")
-        path = emit_slurm(spec, runs, sweep_dir)
+        path = emit_slurm(spec, adopt_existing(runs, sweep_dir), sweep_dir)
         print(f"wrote {sweep_dir / MANIFEST} ({len(runs)} runs) and {path}; submit with: sbatch {path}")
         return runs
+    runs = adopt_existing(runs, sweep_dir)
     write_sweep(runs, sweep_dir)
     return run_manifest(sweep_dir, retry_failed=retry_failed, only=only, max_runs=max_runs)
