@@ -3,6 +3,8 @@
     python experiments/batch_tables.py cbs ANALYSIS.json             # B_crit per method and target
     python experiments/batch_tables.py large ANALYSIS.json B RUNDIR...  # the large-batch table at batch B
     python experiments/batch_tables.py cost RUNDIR...                # compute time of each experiment
+    python experiments/batch_tables.py fixed ANALYSIS.json           # final loss per method and batch
+    python experiments/batch_tables.py steps ANALYSIS.json TARGET    # steps to target per method and batch
 
 Numbers are read, never typed: each table is printed from the analysis JSON (and, for
 wall time and updates, from the runs' summary.json).
@@ -98,6 +100,37 @@ def cost(rundirs: list[str]) -> str:
     return "\n".join(out)
 
 
+def fixed_table(analysis: dict) -> str:
+    """Final validation loss per method (rows) and batch size (columns) at the fixed token budget."""
+    ft = analysis["fixed_tokens"]
+    batches = sorted({e["batch_size"] for es in ft.values() for e in es})
+    rows = ["| method (lr) | " + " | ".join(f"B={b:g}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
+    for m, es in ft.items():
+        by = {e["batch_size"]: e for e in es}
+        lr = es[0]["learning_rate"]
+        rows.append(f"| {m} ({lr:.3g}) | " + " | ".join(
+            f"{by[b]['final_val_loss_mean']:.3f}" if b in by else "–" for b in batches) + " |")
+    return "\n".join(rows)
+
+
+def steps_table(analysis: dict, target: str) -> str:
+    """Steps to `target` (best lr, interpolated) per method and batch size."""
+    ms = analysis["methods"]
+    batches = sorted({e["batch_size"] for r in ms.values() for e in r["targets"].get(target, {}).get("best", [])})
+    rows = ["| method | " + " | ".join(f"B={b:g}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
+    for m, r in ms.items():
+        by = {e["batch_size"]: e for e in r["targets"].get(target, {}).get("best", [])}
+        cells = []
+        for b in batches:
+            e = by.get(b)
+            if e is None or e.get("steps_mean_reached") is None:
+                cells.append("–")
+            else:
+                cells.append(f"{e['steps_mean_reached']:.3g}" + (f" ({e['edge']})" if e.get("edge") in ("low", "high") else ""))
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     kind, *rest = sys.argv[1:]
     if kind == "cbs":
@@ -106,3 +139,7 @@ if __name__ == "__main__":
         print(large_table(json.loads(Path(rest[0]).read_text()), float(rest[1]), rest[2:]))
     elif kind == "cost":
         print(cost(rest))
+    elif kind == "fixed":
+        print(fixed_table(json.loads(Path(rest[0]).read_text())))
+    elif kind == "steps":
+        print(steps_table(json.loads(Path(rest[0]).read_text()), rest[1]))

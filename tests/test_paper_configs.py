@@ -9,6 +9,7 @@ import yaml
 from gn import cli
 from gn.config import load_config
 from gn.model import count_params
+from gn.studies import runner as runner_mod
 from gn.studies import sweep as sweep_mod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_paper_batch_sweep_expands_and_emits_a_slurm_array(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     sweep_mod.main(str(spec), "out", emit="slurm")
     script = (tmp_path / "out" / "sweep.sbatch").read_text()
-    rows = sweep_mod.read_manifest(tmp_path / "out")
+    rows = runner_mod.read_manifest(tmp_path / "out")
     assert len(rows) == n and f"#SBATCH --array=0-{n - 1}" in script
     gn_rows = [r for r in rows if "--method gn" in r["command"]]
     assert gn_rows
