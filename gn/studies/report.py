@@ -46,7 +46,8 @@ def _best_section(result: dict) -> list[str]:
 def _fit_section(result: dict) -> list[str]:
     lines = ["## Critical batch size", "",
              "McCandlish et al. (2018) fit S(B) = S_min + E_min/B, B_crit = E_min/S_min, with a 95% bootstrap "
-             "interval over seeds. The Zhang et al. (2024) CBS (steps 20% above linear scaling from the smallest "
+             "interval over seeds and learning-rate grid points (each replicate resamples both and refits). "
+             "The Zhang et al. (2024) CBS (steps 20% above linear scaling from the smallest "
              "batch) is a different quantity: do not compare it with B_crit.", ""]
     rows = []
     for m, res in result["methods"].items():
