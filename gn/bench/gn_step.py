@@ -276,7 +276,6 @@ def run_compile_only(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str
     """
     from gn import curvature
     from gn.model import count_params, init_params, make_apply
-    from gn.methods.base import MethodContext
     from gn.curvature.objective import lm_loss
 
     cfg.validate()
@@ -285,26 +284,7 @@ def run_compile_only(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str
     apply = make_apply(mcfg)
     b, T, N = cfg.inner_batch, cfg.seq_len, cfg.inner_steps
 
-    def ctx(batch_size):
-        return MethodContext(apply_fn=apply, total_steps=100, batch_size=batch_size, model_cfg=mcfg,
-                             reference_batch_size=batch_size)
-
-    common_hp: dict[str, Any] = {"inner_steps": N}
-    if cfg.inner_optimizer is not None:
-        common_hp["inner_optimizer"] = cfg.inner_optimizer
-    gn_hp = dict(common_hp)
-    if cfg.ls_grid is not None:
-        gn_hp["ls_grid"] = cfg.ls_grid
-    if cfg.ls_batches is not None:
-        gn_hp["ls_batches"] = cfg.ls_batches
-    lw_hp = dict(common_hp)
-    if cfg.layerwise_block_mode is not None:
-        lw_hp["block_mode"] = cfg.layerwise_block_mode
-    adamw = _build("adamw", {}, ctx(b))
-    muon = _build("muon", {}, ctx(b))
-    gn = _build("gn", gn_hp, ctx(N * b))
-    prox = _build("gn_prox_linear", common_hp, ctx(N * b))
-    lw = _build("gn_layerwise", lw_hp, ctx(N * b))
+    adamw, muon, gn, prox, lw = _bench_methods(cfg, mcfg, apply)
 
     key = jax.eval_shape(lambda: jax.random.PRNGKey(cfg.seed))
     params = jax.eval_shape(lambda k: init_params(mcfg, k), key)
@@ -376,20 +356,11 @@ def _build(name: str, hparams: dict, ctx):
     return registry.build(registry.resolve_entry({"name": name, **hparams}), ctx)
 
 
-def run_gn_bench(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str], None] | None = None) -> dict:
-    """Run the GN step benchmark; returns the JSON-able result (see the module docstring)."""
-    from gn import curvature
-    from gn.model import count_params, init_params, make_apply
+def _bench_methods(cfg: "GNBenchConfig", mcfg: Any, apply: Callable) -> tuple:
+    """AdamW and Muon at the inner batch; GN, GN-prox-linear and layerwise GN at N inner batches."""
     from gn.methods.base import MethodContext
-    from gn.curvature.objective import lm_loss
 
-    cfg.validate()
-    say = log or (lambda msg: None)
-    malloc_tuned = tune_malloc() if cfg.tune_malloc else False
-    mcfg = model_for_bench(cfg.preset, cfg.vocab_size, cfg.model_overrides, cfg.seq_len)
-    apply = make_apply(mcfg)
-    b, T, N = cfg.inner_batch, cfg.seq_len, cfg.inner_steps
-    V = mcfg.vocab_size
+    b, N = cfg.inner_batch, cfg.inner_steps
 
     def ctx(batch_size):
         return MethodContext(apply_fn=apply, total_steps=100, batch_size=batch_size, model_cfg=mcfg,
@@ -406,11 +377,26 @@ def run_gn_bench(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str], N
     lw_hp = dict(common_hp)
     if cfg.layerwise_block_mode is not None:
         lw_hp["block_mode"] = cfg.layerwise_block_mode
-    adamw = _build("adamw", {}, ctx(b))
-    muon = _build("muon", {}, ctx(b))
-    gn = _build("gn", gn_hp, ctx(N * b))
-    prox = _build("gn_prox_linear", common_hp, ctx(N * b))
-    lw = _build("gn_layerwise", lw_hp, ctx(N * b))
+    return (_build("adamw", {}, ctx(b)), _build("muon", {}, ctx(b)), _build("gn", gn_hp, ctx(N * b)),
+            _build("gn_prox_linear", common_hp, ctx(N * b)), _build("gn_layerwise", lw_hp, ctx(N * b)))
+
+
+def run_gn_bench(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str], None] | None = None) -> dict:
+    """Run the GN step benchmark; returns the JSON-able result (see the module docstring)."""
+    from gn import curvature
+    from gn.model import count_params, init_params, make_apply
+    from gn.methods.base import MethodContext
+    from gn.curvature.objective import lm_loss
+
+    cfg.validate()
+    say = log or (lambda msg: None)
+    malloc_tuned = tune_malloc() if cfg.tune_malloc else False
+    mcfg = model_for_bench(cfg.preset, cfg.vocab_size, cfg.model_overrides, cfg.seq_len)
+    apply = make_apply(mcfg)
+    b, T, N = cfg.inner_batch, cfg.seq_len, cfg.inner_steps
+    V = mcfg.vocab_size
+
+    adamw, muon, gn, prox, lw = _bench_methods(cfg, mcfg, apply)
 
     params = init_params(mcfg, jax.random.PRNGKey(cfg.seed))
     rng = np.random.default_rng(cfg.seed)
@@ -448,7 +434,9 @@ def run_gn_bench(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str], N
 
         for mode in BLOCK_MODES:
             if mode != lw.hp.block_mode:
-                m = _build("gn_layerwise", {**lw_hp, "block_mode": mode}, ctx(N * b))
+                m = dataclasses.replace(lw.hp, block_mode=mode).build(
+                    MethodContext(apply_fn=apply, total_steps=100, batch_size=N * b, model_cfg=mcfg,
+                                  reference_batch_size=N * b), "gn_layerwise")
                 add(f"gn_layerwise_{mode}_inner_step", jax.jit(inner_step_fn(m)), params, theta_hat,
                     m.init(params).inner_opt, batch, step0, i0)
     if cfg.breakdown:
