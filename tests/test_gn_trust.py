@@ -192,3 +192,15 @@ def test_validation_above_the_initial_by_the_margin_diverges(tmp_path):
     relaxed = train(config_from_dict({**raw, "train": {**raw["train"], "divergence_margin": 0.0}}), "adamw",
                     tmp_path / "relaxed")
     assert not relaxed["diverged"] and relaxed["steps"] == 8     # 0 = only non-finite values count
+
+
+def test_notes_and_summary_tell_rejected_steps_from_small_steps():
+    m = _method(inner_steps=2)
+    rejected = {"step_rejected": 1.0, "ls_at_edge": 1.0, "alpha": 0.0, "pred_decrease": -0.01}
+    edge = {"step_rejected": 0.0, "ls_at_edge": 1.0, "alpha": 0.25, "pred_decrease": 0.01}
+    first = m.notes(3, rejected)
+    assert len(first) == 1 and "rejected" in first[0] and m.notes(4, rejected) == []      # once
+    small = m.notes(5, edge)
+    assert len(small) == 1 and "smallest line-search step" in small[0]
+    summary = m.summarize([{"step": 1, **rejected}, {"step": 2, **edge}, {"step": 3, **edge, "ls_at_edge": 0.0}])
+    assert summary["rejected_steps"] == 1 and summary["ls_at_edge_steps"] == 2

@@ -132,6 +132,7 @@ class GaussNewtonMethod(MethodBase):
         # The learning rate is applied outside the transformation from explicit step counters.
         self.tx = inner_optimizer_config(hp, name).transform(lambda step: 1.0)
         self._edge_noted = False
+        self._rejection_noted = False
         self._num_blocks = None
         ref = ctx.reference_batch_size or ctx.batch_size
         self._ref_scale = self.b_inner / ref
@@ -303,11 +304,18 @@ class GaussNewtonMethod(MethodBase):
 
     def notes(self, step: int, metrics) -> list[str]:
         """Once per run: the line search chose the smallest step of its grid."""
-        if metrics.get("ls_at_edge") and not self._edge_noted:
+        notes = []
+        if metrics.get("step_rejected"):
+            if not self._rejection_noted:
+                self._rejection_noted = True
+                notes.append(f"{self.name}: step {step} rejected (predicted decrease "
+                             f"{metrics['pred_decrease']:.3g} <= 0): θ kept, the inner solution refined next step; "
+                             "summary.json counts rejected steps")
+        elif metrics.get("ls_at_edge") and not self._edge_noted:
             self._edge_noted = True
-            return [f"{self.name}: step {step} chose the smallest line-search step α={metrics['alpha']:.3g}; "
-                    "set ls_extend > 0 to extend the grid downward"]
-        return []
+            notes.append(f"{self.name}: step {step} chose the smallest line-search step α={metrics['alpha']:.3g}; "
+                         "set ls_extend > 0 to extend the grid downward")
+        return notes
 
     def summarize(self, rows: list[dict]) -> dict:
         """Line-search statistics: steps whose α* sat at the grid's edge, and the mean α*."""
@@ -315,7 +323,8 @@ class GaussNewtonMethod(MethodBase):
         if not edge:
             return {}
         return {"ls_at_edge_steps": int(sum(r["ls_at_edge"] > 0 for r in edge)),
-                "mean_alpha": sum(r["alpha"] for r in edge) / len(edge)}
+                "mean_alpha": sum(r["alpha"] for r in edge) / len(edge),
+                "rejected_steps": int(sum(r.get("step_rejected", 0) > 0 for r in edge))}
 
 
 __all__ = ["GNState", "GaussNewtonMethod", "inner_lr_factor", "inner_optimizer_config"]
