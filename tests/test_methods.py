@@ -8,11 +8,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from gn import curvature, optim
-from gn.config import config_from_dict, load_config
+from gn.config import load_config
 from gn.errors import ConfigError
 from gn.methods import registry
 from gn.paths import is_hidden_matrix, param_name
@@ -80,8 +79,7 @@ def test_paths_strip_the_flax_wrapper():
             "lm_head": {"kernel": jnp.zeros((4, 8))}}
     bare, wrapped = matrix_mask(tree), matrix_mask({"params": tree})
     assert bare == wrapped["params"]
-    assert jax.tree.leaves(bare) == [True, False, False, False] or \
-        bare == {"embed": {"embedding": False}, "block_0": {"mlp": {"kernel": True, "bias": False}},
+    assert bare == {"embed": {"embedding": False}, "block_0": {"mlp": {"kernel": True, "bias": False}},
                  "lm_head": {"kernel": False}}
     assert decay_mask({"params": tree}, ["block_*/mlp/*"])["params"]["block_0"]["mlp"]["bias"]
     assert not is_hidden_matrix("params/lm_head/kernel", jnp.zeros((4, 8)))

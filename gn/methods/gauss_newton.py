@@ -289,8 +289,10 @@ class GaussNewtonMethod(MethodBase):
         new, rejected, m_ls = self._search(params, theta_hat, aux)
         jax.block_until_ready(new)
         t2 = time.perf_counter()
-        m_ls["grad_evals"] = self._cost(int(m_ls["ls_evals"]))    # host float: exact accounting
-        if bool(rejected) and not math.isfinite(float(m_ls["pred_decrease"])):
+        # One transfer for the three scalars the host needs (the step has already synchronised).
+        n_evals, rejected, pred = jax.device_get((m_ls["ls_evals"], rejected, m_ls["pred_decrease"]))
+        m_ls["grad_evals"] = self._cost(int(n_evals))    # host float: exact accounting
+        if bool(rejected) and not math.isfinite(float(pred)):
             # A non-finite inner solution cannot be continued: the next inner loop restarts at θ_t.
             # A finite rejected one is kept (warm start): θ stays at θ_t and the next outer step
             # refines θ̂ further on fresh batches of the same model.

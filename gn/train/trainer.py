@@ -185,9 +185,12 @@ def loop(sess: Session) -> None:
     tokens_per_step = plan.train * plan.micro_batch * run.source.seq_len
     c = sess.counters
     bar = _progress(run.steps, tcfg.progress, c["step"], run.entry.name)
-    last_val = next((r["val_loss"] for r in reversed(sess.log.read()) if r.get("val_loss") is not None),
-                    float("nan"))
-    initial = next((r["val_loss"] for r in sess.log.read() if r.get("val_loss") is not None), float("nan"))
+    # The log is read once (it holds a resumed run's history); the loop keeps what it needs.
+    evals = [r for r in sess.log.read() if r.get("val_loss") is not None]
+    last_val = evals[-1]["val_loss"] if evals else float("nan")
+    initial = evals[0]["val_loss"] if evals else float("nan")
+    best = {k: min((r[k] for r in evals if r.get(k) is not None and math.isfinite(r[k])), default=math.inf)
+            for k in ("val_loss", "val_loss_ema")}
     try:
         while c["step"] < run.steps:
             if interrupts.pending():     # SIGTERM/Ctrl-C: stop at this step boundary (train() checkpoints)
@@ -215,7 +218,10 @@ def loop(sess: Session) -> None:
             sess.log.append(record)
             if sess.divergence:
                 break
-            early = _early_stop(tcfg, record, sess.log)      # train.max_tokens, train.stop_at_target
+            for k in best:
+                if record.get(k) is not None and math.isfinite(record[k]):
+                    best[k] = min(best[k], record[k])
+            early = _early_stop(tcfg, record, best)      # train.max_tokens, train.stop_at_target
             last_val = record.get("val_loss", last_val)
             for note in method.notes(step, m):
                 _note(bar, note)
@@ -284,20 +290,18 @@ def _check_divergence(val: float, initial: float, margin: float, step: int) -> s
     return ""
 
 
-def _early_stop(tcfg, record: dict, log: MetricsLog) -> str | None:
+def _early_stop(tcfg, record: dict, best: dict) -> str | None:
     """Why the run stops after this step's record, or None.
 
     "max_tokens": the token budget is spent. "targets_reached": at an evaluation,
     every target loss has been reached by every evaluated loss (raw and, with an
-    EMA, averaged), so no to-target number is lost.
+    EMA, averaged; `best` holds their minima so far), so no to-target number is lost.
     """
     if tcfg.max_tokens and record["tokens"] >= tcfg.max_tokens:
         return "max_tokens"
     if tcfg.stop_at_target and "val_loss" in record:
-        rows = log.read()
         for key in ("val_loss", "val_loss_ema"):
-            seen = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
-            if key in record and not all(seen and min(seen) <= t for t in tcfg.target_losses):
+            if key in record and not all(best[key] <= t for t in tcfg.target_losses):
                 return None
         return "targets_reached"
     return None
