@@ -74,6 +74,15 @@ class ModelConfig:
     the dense layers, queries/keys and attention weights/values, the embedding
     lookup's output) are cast to it, with float32 (at least) accumulation and
     outputs; softmax, norms, residual stream, logits and the loss stay in float32.
+
+    Memory and compile time (none of them changes the function computed):
+    `logits_chunk` (0: off) evaluates the output head and everything that consumes
+    logits (loss, its gradient, g_z, H_z v, the line search) in chunks of this many
+    tokens, so no (tokens × vocabulary) tensor is alive at once (`gn.split`).
+    `remat` recomputes each transformer block's activations in the backward (and
+    transpose) pass instead of keeping them (`jax.checkpoint`). `scan_layers` runs
+    the blocks as one `lax.scan` over stacked block parameters, so compile time
+    does not grow with depth; the parameter tree stays one entry per block.
     """
 
     preset: str | None = "nano"
@@ -90,6 +99,9 @@ class ModelConfig:
     mlp: str = "swiglu"
     qk_norm: bool = False
     compute_dtype: str | None = None
+    logits_chunk: int = 0
+    remat: bool = False
+    scan_layers: bool = False
 
     @property
     def n_kv_heads(self) -> int:
@@ -140,6 +152,14 @@ class ModelConfig:
                 + suggest(str(self.mlp), MLPS))
         if not isinstance(self.qk_norm, bool):
             raise ConfigError(f"{where}: 'qk_norm' must be true or false, got {self.qk_norm!r}.")
+        if not isinstance(self.logits_chunk, int) or isinstance(self.logits_chunk, bool) \
+                or self.logits_chunk < 0:
+            raise ConfigError(
+                f"{where}: 'logits_chunk' must be a non-negative integer (tokens per chunk; "
+                f"0 = no chunking), got {self.logits_chunk!r}.")
+        for flag in ("remat", "scan_layers"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{where}: '{flag}' must be true or false, got {getattr(self, flag)!r}.")
         if self.dtype not in DTYPES:
             raise ConfigError(
                 f"{where}: unknown dtype {self.dtype!r}; valid dtypes are {', '.join(DTYPES)}."

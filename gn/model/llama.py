@@ -57,6 +57,7 @@ import numpy as np
 
 from gn.errors import ConfigError
 from gn.model.config import ModelConfig
+from gn.split import SplitApply
 
 Params = dict[str, Any]
 
@@ -305,7 +306,8 @@ class Llama(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, hidden_only: bool = False) -> jax.Array:
+        # hidden_only: stop after the final norm and return (B, T, D) (see `make_apply`).
         cfg, dt, cd = self.cfg, _dtype(self.cfg), _compute_dtype(self.cfg)
         if cfg.vocab_size is None:
             raise ConfigError("the model needs 'vocab_size'; set it or resolve it from the data source.")
@@ -314,6 +316,8 @@ class Llama(nn.Module):
         for i in range(cfg.layers):
             x = Block(cfg, name=f"block_{i}")(x, batch, seq)
         x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
+        if hidden_only:
+            return x.reshape(batch, seq, cfg.hidden)
         logits = Dense2D(cfg.vocab_size, dt, cd, name="lm_head")(x)
         return logits.reshape(batch, seq, cfg.vocab_size)
 
@@ -374,13 +378,27 @@ def make_apply(cfg: ModelConfig) -> Callable[[Params, jax.Array], jax.Array]:
     tokens: int32 (B, T); logits: (B, T, V) in cfg.dtype (with `cfg.compute_dtype`
     set, mixed precision: float32 at least, see ModelConfig). `cfg.max_seq_len` is
     informational here: RoPE has no table to overflow, so longer inputs run.
+
+    With `cfg.logits_chunk` > 0 the result is a `gn.split.SplitApply`: body =
+    everything up to the final norm, (B, T, D); head = the LM head matmul. Called,
+    it returns the same logits; losses and curvature products evaluate it in
+    chunks of `logits_chunk` tokens.
     """
     model = Llama(_checked(cfg))
 
     def apply(params: Params, tokens: jax.Array) -> jax.Array:
         return model.apply({"params": params}, tokens)
 
-    return apply
+    if not cfg.logits_chunk:
+        return apply
+
+    def body(params: Params, tokens: jax.Array) -> jax.Array:
+        return model.apply({"params": params}, tokens, hidden_only=True)
+
+    def head(params: Params, h: jax.Array) -> jax.Array:
+        return matmul(h, params["lm_head"]["kernel"], _compute_dtype(cfg))
+
+    return SplitApply(body, head, cfg.logits_chunk)
 
 
 def init_perturbations(cfg: ModelConfig, params: Params, tokens: jax.Array) -> Params:
