@@ -302,3 +302,21 @@ def test_unreachable_hub_is_detected(monkeypatch):
     with pytest.raises(ConfigError, match="gn-test.invalid"):
         check_data(DataConfig(source="c4"))
     assert time.perf_counter() - start < hub.PROBE_TIMEOUT_S + 1.5
+
+
+def test_t5_sentinels_are_never_emitted(corpus, tmp_path):
+    """Like the T5 tokenizer: special sentinels after the pieces. vocab_size counts only emitted
+    ids, and a sentinel written in the text is encoded as plain text, not as its id."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(corpus["tokenizer"])
+    pieces = tok.get_vocab_size(with_added_tokens=True)
+    tok.add_special_tokens([AddedToken(f"<extra_id_{i}>", special=True) for i in range(100)])
+    assert tok.get_vocab_size(with_added_tokens=True) == pieces + 100
+    tok.save(str(tmp_path / "t5like.json"))
+    loaded = load_tokenizer(str(tmp_path / "t5like.json"))
+    assert loaded.vocab_size == pieces
+    (ids,) = loaded.encode_docs(["a text with <extra_id_0> and <extra_id_99> written in it"])
+    assert ids.max() < pieces and ids[-1] == loaded.eos_id
+    raw = Tokenizer.from_file(str(tmp_path / "t5like.json")).encode("<extra_id_0>").ids
+    assert max(raw) >= pieces   # the raw tokenizer would have emitted the sentinel

@@ -42,9 +42,9 @@ def test_paper_configs_state_the_protocol(size, b_inner):
     soap = [e for e in cfg.methods if e.method == "soap"]
     assert soap and all(e.hparams.precondition_frequency == 10 for e in soap)
     assert {e.method for e in cfg.methods} >= {"gn", "gn_layerwise", "adamw", "muon", "soap", "fog", "diagfog"}
-    # The model is the paper's apart from the T5 sentinel rows (see the config's comment).
-    extra = 2 * (32100 - 32000) * cfg.model.hidden
-    assert count_params(cfg.model) - extra == {"45m": 45_363_712, "150m": 134_142_720}[size]
+    # The paper's model exactly: the T5 sentinels are never emitted, so no extra rows.
+    assert cfg.model.vocab_size == 32000
+    assert count_params(cfg.model) == {"45m": 45_363_712, "150m": 134_142_720}[size]
 
 
 TINY = ["--set", "model.preset=nano", "--set", "model.vocab_size=null", "--set", "model.hidden=16",

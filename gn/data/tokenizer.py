@@ -45,19 +45,26 @@ class ByteTokenizer:
 class HFTokenizer:
     """A `tokenizers.Tokenizer` with a resolved EOS id.
 
-    `vocab_size` is one more than the largest id (added tokens included), so
-    it bounds every id the tokenizer can emit.
+    Special tokens written in a text are encoded as plain text
+    (`encode_special_tokens`), so the only special id in the output is the EOS
+    appended to each document. `vocab_size` is one more than the largest id that
+    `encode_docs` can emit: the T5 tokenizer's 100 `<extra_id_*>` sentinels (ids
+    32000-32099) are never emitted, so its vocab_size is 32000, the paper's.
     """
 
     def __init__(self, tokenizer, name: str, eos_token: str | None = None):
         tokenizer.no_truncation()
         tokenizer.no_padding()
+        # A literal "<extra_id_0>" in web text must not become a sentinel id the model has no row for.
+        tokenizer.encode_special_tokens = True
         self.tok = tokenizer
         self.name = name
         self.eos_token, self.eos_id = _resolve_eos(tokenizer, eos_token)
-        self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        emitted = [i for i in tokenizer.get_vocab(with_added_tokens=True).values() if i not in special]
+        self.vocab_size = max(emitted + [self.eos_id]) + 1
         digest = hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
-        self.fingerprint = f"hf-{digest}-eos{self.eos_id}"
+        self.fingerprint = f"hf-{digest}-eos{self.eos_id}-plainspecial"
 
     def encode_docs(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Encode each text (no special tokens) followed by EOS, as int32 arrays."""
