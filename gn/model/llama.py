@@ -57,6 +57,7 @@ import numpy as np
 
 from gn.errors import ConfigError
 from gn.model.config import ModelConfig
+from gn.model.init import INITIALIZERS, draw_leaves
 from gn.split import SplitApply
 
 Params = dict[str, Any]
@@ -84,32 +85,6 @@ def matmul(x: jax.Array, w: jax.Array, compute_dtype: Any = None) -> jax.Array:
         return x @ w
     return jnp.matmul(x.astype(compute_dtype), w.astype(compute_dtype),
                       preferred_element_type=_accum_dtype(w.dtype))
-
-
-def _fan_in_normal(key, shape, dtype):
-    # Paper init: N(0, 1/fan_in) with fan_in the kernel's input dimension.
-    return jax.random.normal(key, shape, dtype) * jnp.asarray(1.0 / math.sqrt(shape[0]), dtype)
-
-
-def _unit_normal(key, shape, dtype):
-    return jax.random.normal(key, shape, dtype)
-
-
-def _ones(key, shape, dtype):
-    del key
-    return jnp.ones(shape, dtype)
-
-
-# Initialiser by parameter leaf name, used by the modules (`Llama.init`);
-# `_init_leaves` draws from the same distributions in one batch.
-def _zeros(key, shape, dtype):
-    del key
-    return jnp.zeros(shape, dtype)
-
-
-_INITIALIZERS = {"kernel": _fan_in_normal, "embedding": _unit_normal, "scale": _ones, "bias": _zeros}
-# Leaves that are not drawn at random.
-_CONSTANT_LEAVES = ("scale", "bias")
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -200,7 +175,7 @@ class Dense2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", _INITIALIZERS["kernel"], (x.shape[-1], self.features), self.dtype)
+        kernel = self.param("kernel", INITIALIZERS["kernel"], (x.shape[-1], self.features), self.dtype)
         # Keep only the latest value (not flax's default tuple): each layer runs once.
         self.sow("intermediates", "inputs", x, init_fn=lambda: None, reduce_fn=lambda _, new: new)
         return self.perturb("outputs", matmul(x, kernel, self.compute_dtype))
@@ -214,7 +189,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", _INITIALIZERS["scale"], (x.shape[-1],), self.dtype)
+        scale = self.param("scale", INITIALIZERS["scale"], (x.shape[-1],), self.dtype)
         return rms_norm(x, scale, self.eps)
 
 
@@ -226,8 +201,8 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", _INITIALIZERS["scale"], (x.shape[-1],), self.dtype)
-        bias = self.param("bias", _INITIALIZERS["bias"], (x.shape[-1],), self.dtype)
+        scale = self.param("scale", INITIALIZERS["scale"], (x.shape[-1],), self.dtype)
+        bias = self.param("bias", INITIALIZERS["bias"], (x.shape[-1],), self.dtype)
         return layer_norm(x, scale, bias, self.eps)
 
 
@@ -293,7 +268,7 @@ class Embed(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        table = self.param("embedding", _INITIALIZERS["embedding"],
+        table = self.param("embedding", INITIALIZERS["embedding"],
                            (self.vocab_size, self.features), self.dtype)
         x = jnp.take(table, tokens.reshape(-1), axis=0)
         return x if self.compute_dtype is None else x.astype(self.compute_dtype)
@@ -331,24 +306,6 @@ def _checked(cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _init_leaves(rng: jax.Array, specs: tuple, dtype: str) -> list[jax.Array]:
-    # One normal draw sliced into all random leaves: XLA compiles a single RNG
-    # instead of one per parameter, which cuts first-call time several-fold on CPU.
-    n = sum(math.prod(shape) for name, shape in specs if name not in _CONSTANT_LEAVES)
-    flat = jax.random.normal(rng, (n,), dtype)
-    out, offset = [], 0
-    for name, shape in specs:
-        if name in _CONSTANT_LEAVES:
-            out.append(_INITIALIZERS[name](None, shape, dtype))
-            continue
-        size = math.prod(shape)
-        unit = flat[offset:offset + size].reshape(shape)
-        offset += size
-        out.append(unit if name == "embedding" else unit * jnp.asarray(1.0 / math.sqrt(shape[0]), dtype))
-    return out
-
-
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
     """Initialise parameters: a plain nested dict of arrays (see the module docstring).
 
@@ -361,8 +318,8 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
     shapes = jax.eval_shape(model.init, rng, jnp.zeros((1, 1), jnp.int32))["params"]
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     specs = tuple((path[-1].key, tuple(leaf.shape)) for path, leaf in leaves)
-    assert {name for name, _ in specs} <= set(_INITIALIZERS), specs
-    return _to_dict(jax.tree_util.tree_unflatten(treedef, _init_leaves(rng, specs, cfg.dtype)))
+    assert {name for name, _ in specs} <= set(INITIALIZERS), specs
+    return _to_dict(jax.tree_util.tree_unflatten(treedef, draw_leaves(rng, specs, cfg.dtype)))
 
 
 def _to_dict(tree: Any) -> Any:
