@@ -58,6 +58,7 @@ import numpy as np
 from gn.errors import ConfigError
 from gn.model.config import ModelConfig
 from gn.model.init import INITIALIZERS, draw_leaves
+from gn.model.stack import run_blocks
 from gn.split import SplitApply
 
 Params = dict[str, Any]
@@ -288,13 +289,32 @@ class Llama(nn.Module):
             raise ConfigError("the model needs 'vocab_size'; set it or resolve it from the data source.")
         batch, seq = tokens.shape
         x = Embed(cfg.vocab_size, cfg.hidden, dt, cd, name="embed")(tokens)
-        for i in range(cfg.layers):
-            x = Block(cfg, name=f"block_{i}")(x, batch, seq)
+        if (cfg.scan_layers or cfg.remat) and not self._layer_hooks():
+            # Pure-function blocks on this module's "block_i" parameters (gn.model.stack):
+            # the same Block, applied outside flax's module tree so jax.lax.scan and
+            # jax.checkpoint see plain functions of arrays.
+            def block(p, h):
+                return Block(cfg, parent=None).apply({"params": p}, h, batch, seq)
+
+            params = self.variables["params"]
+            x = run_blocks(block, [params[f"block_{i}"] for i in range(cfg.layers)], x,
+                           scan=cfg.scan_layers, remat=cfg.remat)
+        else:
+            for i in range(cfg.layers):
+                x = Block(cfg, name=f"block_{i}")(x, batch, seq)
         x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
         if hidden_only:
             return x.reshape(batch, seq, cfg.hidden)
         logits = Dense2D(cfg.vocab_size, dt, cd, name="lm_head")(x)
         return logits.reshape(batch, seq, cfg.vocab_size)
+
+
+    def _layer_hooks(self) -> bool:
+        # Initialising (parameters are created by the Block submodules), or the
+        # K-FAC hooks are live (`apply_with_layer_stats`, `init_perturbations`):
+        # these run the unrolled submodules, whose sow/perturb need flax scopes.
+        return (self.is_initializing() or self.is_mutable_collection("intermediates")
+                or self.is_mutable_collection("perturbations") or "perturbations" in self.variables)
 
 
 def _checked(cfg: ModelConfig) -> ModelConfig:
