@@ -83,6 +83,9 @@ class ModelConfig:
     transpose) pass instead of keeping them (`jax.checkpoint`). `scan_layers` runs
     the blocks as one `lax.scan` over stacked block parameters, so compile time
     does not grow with depth; the parameter tree stays one entry per block.
+    `remat` and `scan_layers` leave logits and losses bit-identical (gradients to
+    float32 summation order); `apply_with_layer_stats` (K-FAC statistics) ignores
+    them and stays unrolled.
     """
 
     preset: str | None = "nano"
