@@ -46,6 +46,13 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="mixed precision: matmul inputs in this dtype, parameters float32 (model.compute_dtype; "
                         "default: none, the parameters' dtype)")
     b.add_argument("--seq-len", type=_positive, default=128, help="sequence length (default 128)")
+    b.add_argument("--logits-chunk", type=int, metavar="N",
+                   help="model.logits_chunk: evaluate the LM head, the loss and every GN product N tokens at a "
+                        "time, never forming the (tokens x vocabulary) logits (default 0: off)")
+    b.add_argument("--remat", action="store_true",
+                   help="model.remat: recompute each transformer block's activations in backward/transpose passes")
+    b.add_argument("--scan-layers", action="store_true",
+                   help="model.scan_layers: run the transformer blocks as one lax.scan (compile time flat in depth)")
     b.add_argument("--repeats", type=_positive,
                    help="timed repeats per function (default 10; the GN outer step: see --outer-repeats)")
     b.add_argument("--seed", type=int, default=0)
@@ -90,6 +97,13 @@ def cmd_bench(args) -> None:
     overrides = parse_overrides(args.model_set)
     if args.compute_dtype is not None:
         overrides["compute_dtype"] = args.compute_dtype
+    # Model options that change memory and compile time, not the function computed.
+    if args.logits_chunk is not None:
+        overrides["logits_chunk"] = args.logits_chunk
+    if args.remat:
+        overrides["remat"] = True
+    if args.scan_layers:
+        overrides["scan_layers"] = True
     log = _log   # progress goes to stderr; stdout holds only the table or the JSON
     if args.compile_only and args.target == "optimizers":
         raise ConfigError("--compile-only applies to the GN step benchmark (no target), not to 'optimizers'.")

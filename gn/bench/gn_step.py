@@ -245,13 +245,12 @@ def inner_step_fn(method) -> Callable:
     hp = method.hp
 
     def step(theta, theta_hat, opt, batch, outer_step, i):
-        q = method.local_model(theta, batch)
-        value, grads = q(theta_hat)
+        value, grads, loss0 = method.local_model(theta, batch).with_loss0(theta_hat)
         updates, opt = method.tx.update(grads, opt, theta_hat)
         lr = hp.inner_learning_rate * inner_lr_factor(hp.inner_schedule, outer_step, i, hp.inner_steps,
                                                       method.total_steps, hp.inner_min_lr_ratio)
         theta_hat = jax.tree.map(lambda p, u: p + (lr * u).astype(p.dtype), theta_hat, updates)
-        return theta_hat, opt, q.loss0, value
+        return theta_hat, opt, loss0, value
 
     return step
 
@@ -315,6 +314,7 @@ def run_compile_only(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str
         "config": {"preset": cfg.preset, "vocab_size": mcfg.vocab_size, "hidden": mcfg.hidden,
                    "layers": mcfg.layers, "ffn": mcfg.ffn, "mlp": mcfg.mlp, "qk_norm": mcfg.qk_norm,
                    "dtype": mcfg.dtype, "compute_dtype": mcfg.compute_dtype,
+                   "logits_chunk": mcfg.logits_chunk, "remat": mcfg.remat, "scan_layers": mcfg.scan_layers,
                    "num_params": count_params(mcfg), "non_embedding_params": count_params(mcfg, non_embedding=True),
                    "inner_batch": b, "seq_len": T, "inner_steps": N, "ls_grid": gn.hp.ls_grid,
                    "ls_batches": gn.hp.ls_batches, "layerwise_block_mode": lw.hp.block_mode,
@@ -477,6 +477,7 @@ def run_gn_bench(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str], N
         "benchmark": "gn_step",
         "config": {"preset": cfg.preset, "vocab_size": V, "hidden": mcfg.hidden, "layers": mcfg.layers,
                    "ffn": mcfg.ffn, "dtype": mcfg.dtype, "compute_dtype": mcfg.compute_dtype,
+                   "logits_chunk": mcfg.logits_chunk, "remat": mcfg.remat, "scan_layers": mcfg.scan_layers,
                    "num_params": count_params(mcfg),
                    "non_embedding_params": count_params(mcfg, non_embedding=True),
                    "inner_batch": b, "seq_len": T, "inner_steps": N, "ls_grid": gn.hp.ls_grid,

@@ -11,9 +11,13 @@ pass (`jax.linearize`) and one transpose pass (`jax.linear_transpose`).
 - `quadratic_model`: Q (kind "gn") or the prox-linear model P, as q(θ) -> (value, grad).
 - `make_partition`: block labels ("per_tensor", "transformer_blocks", callable).
 - `conjugate_gradient`, `block_conjugate_gradient`: CG on pytrees (Hessian-free solves).
+- `model_loss`, `ChunkedLinearization`: for a `gn.split.SplitApply` model, the loss,
+  its gradient and every product above `chunk` tokens at a time, never forming the
+  (tokens × vocabulary) logits (`gn.curvature.chunked`; used automatically).
 """
 
 from gn.curvature.cg import CGInfo, block_conjugate_gradient, conjugate_gradient
+from gn.curvature.chunked import ChunkedLinearization, model_loss
 from gn.curvature.ggn import (
     BLOCK_MODES,
     BlockLinearization,
@@ -39,6 +43,7 @@ __all__ = [
     "BLOCK_MODES",
     "BlockLinearization",
     "CGInfo",
+    "ChunkedLinearization",
     "KINDS",
     "LOSSES",
     "ApplyFn",
@@ -58,6 +63,7 @@ __all__ = [
     "loss_value_and_grad",
     "make_partition",
     "mean_loss",
+    "model_loss",
     "output_curvature",
     "output_hessian_vector_product",
     "path_name",

@@ -33,6 +33,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gn.curvature import chunked as _chunked
 from gn.curvature import losses as _losses
 from gn.curvature.partition import block_ids
 from gn.errors import ConfigError, suggest
@@ -162,11 +163,17 @@ def ggn_operator(apply_fn, params, inputs, targets, *, mask=None, loss: _losses.
 
     Use this for repeated products on one batch (e.g. conjugate gradient): every
     call then costs one tangent and one transpose pass, with no new primal.
+    A `gn.split.SplitApply` model (with a built-in loss) is evaluated `chunk`
+    tokens at a time, never forming the (tokens × vocabulary) logits.
     Same arguments and equations as `ggn_vector_product`.
     """
     _losses.check_loss(loss)
     check_block_mode(block_mode)
     ids, blocks = block_ids(params, partition)
+    if _chunked.chunkable(apply_fn, loss):
+        # A SplitApply: Σ_k (∂head)ᵀ H_k ż_k chunk by chunk, then the body's transpose (gn.curvature.chunked).
+        return _chunked.ggn_operator(apply_fn, params, inputs, targets, mask=mask, loss=loss, ids=ids,
+                                     num_blocks=len(blocks), block_mode=block_mode)
     model = BlockLinearization(apply_fn, params, inputs, ids, len(blocks), block_mode)
     curv = _losses.output_curvature(model.outputs, targets, mask, loss)
     zero = jnp.zeros((), curv.grad.dtype)

@@ -146,16 +146,29 @@ def output_curvature(outputs, targets, mask=None, loss: str = "cross_entropy") -
     dt = _compute_dtype(outputs.dtype)
     z = outputs.astype(dt)
     scale = _position_scale(z.shape[:-1], mask, dt)
+    return weighted_curvature(z, targets, scale, None if mask is None else mask > 0, loss)
+
+
+def weighted_curvature(z, targets, scale, keep, loss: str = "cross_entropy") -> OutputCurvature:
+    """`output_curvature` with explicit per-position weights s_i (= m_i / n) and `keep` (m_i > 0, or None).
+
+    ℓ = Σ_i s_i l_i(z_i) over kept positions; g_z and H_z v as in `output_curvature`
+    with m/n replaced by s. `z` must already be in the compute dtype. A chunk of
+    positions with the whole batch's weights gives that chunk's share of ℓ, g_z and
+    H_z v, which is how `gn.curvature.chunked` evaluates the loss chunk by chunk.
+    """
+    dt = z.dtype
     s = _expand(scale)
     per = _per_position_loss(z, targets, loss)
-    if mask is not None:
-        per = jnp.where(mask > 0, per, 0.0)
+    if keep is not None:
+        # where, not just a product: masked positions may hold garbage (inf/NaN) losses.
+        per = jnp.where(keep, per, 0.0)
     value = jnp.sum(scale * per)
     if loss == "cross_entropy":
         p = jax.nn.softmax(z, axis=-1)
-        if mask is not None:
+        if keep is not None:
             # A non-finite logit at a masked position must not reach the counted ones (0 · NaN = NaN).
-            p = jnp.where(_expand(mask) > 0, p, 0.0)
+            p = jnp.where(_expand(keep), p, 0.0)
         onehot = jax.nn.one_hot(targets, z.shape[-1], dtype=dt)
         grad = s * (p - onehot)
 
@@ -165,14 +178,22 @@ def output_curvature(outputs, targets, mask=None, loss: str = "cross_entropy") -
             return s * (pv - p * jnp.sum(pv, axis=-1, keepdims=True))
     else:
         diff = z - targets.astype(dt)
-        if mask is not None:
-            diff = jnp.where(_expand(mask) > 0, diff, 0.0)
+        if keep is not None:
+            diff = jnp.where(_expand(keep), diff, 0.0)
         grad = 2.0 * s * diff
 
         def hvp(v):
             return 2.0 * s * v.astype(dt)
 
     return OutputCurvature(value, grad, hvp)
+
+
+def weighted_loss(z, targets, scale, keep, loss: str = "cross_entropy"):
+    """Σ_i s_i l_i(z_i) over kept positions (the value of `weighted_curvature`, nothing else)."""
+    per = _per_position_loss(z, targets, loss)
+    if keep is not None:
+        per = jnp.where(keep, per, 0.0)
+    return jnp.sum(scale * per)
 
 
 def _custom(loss) -> CustomLoss:

@@ -2,7 +2,9 @@
 
 A batch is an int32 array [batch, seq_len + 1] of packed tokens: inputs are
 window[:, :-1], targets window[:, 1:], every position counted. The loss is
-`losses.mean_loss`, the one definition the Gauss-Newton models linearise.
+`losses.mean_loss`, the one definition the Gauss-Newton models linearise; for a
+`gn.split.SplitApply` model it is evaluated chunk by chunk (`chunked.model_loss`).
+`mean_entropy` needs full logits (not chunked).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from gn.curvature.chunked import model_loss
 from gn.curvature.losses import mean_loss
+from gn.split import SplitApply
 
 ApplyFn = Callable[[Any, jnp.ndarray], jnp.ndarray]
 
@@ -23,8 +27,15 @@ def split_batch(batch: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
 
 
 def lm_loss(apply_fn: ApplyFn, params: Any, batch: jnp.ndarray) -> jnp.ndarray:
-    """Mean next-token softmax cross-entropy (nats per token) on a [B, T+1] batch."""
+    """Mean next-token softmax cross-entropy (nats per token) on a [B, T+1] batch.
+
+    For a `gn.split.SplitApply` model the loss and its gradient are computed
+    `chunk` tokens at a time (`chunked.model_loss`): no (tokens × vocabulary)
+    logits are formed, in the value or in the gradient.
+    """
     inputs, targets = split_batch(batch)
+    if isinstance(apply_fn, SplitApply):
+        return model_loss(apply_fn, params, inputs, targets)
     return mean_loss(apply_fn(params, inputs), targets)
 
 

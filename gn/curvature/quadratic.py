@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from gn.curvature import chunked as _chunked
 from gn.curvature import losses as _losses
 from gn.curvature.ggn import BlockLinearization, check_block_mode
 from gn.curvature.partition import block_ids
@@ -64,7 +65,13 @@ def quadratic_model(apply_fn, params0, inputs, targets, *, mask=None, loss: _los
     build q inside the jitted step,
     `jax.jit(lambda p0, p, x, y: quadratic_model(apply, p0, x, y)(p))`: a step then
     costs 1 primal + 1 tangent + 1 transpose pass. q.loss0 holds ℓ(z0) = Q(θ0)
-    (for predicted-decrease diagnostics) and q.num_blocks the number of blocks.
+    (for predicted-decrease diagnostics), q.with_loss0(θ) returns (value, grad, ℓ(z0))
+    from the same pass, and q.num_blocks is the number of blocks.
+
+    With a `gn.split.SplitApply` model and a built-in loss, everything is computed
+    `chunk` tokens at a time and no (tokens × vocabulary) tensor is formed
+    (`gn.curvature.chunked`; same numbers up to summation order). There q.loss0
+    costs its own head pass per chunk, while q.with_loss0 gets ℓ(z0) for free.
     """
     _losses.check_loss(loss)
     check_block_mode(block_mode)
@@ -74,32 +81,50 @@ def quadratic_model(apply_fn, params0, inputs, targets, *, mask=None, loss: _los
             + suggest(str(kind), KINDS))
     ids, blocks = block_ids(params0, partition)
     num_blocks = len(blocks)
-    model = BlockLinearization(apply_fn, params0, inputs, ids, num_blocks, block_mode)
-    curv = _losses.output_curvature(model.outputs, targets, mask, loss)
-    dt = curv.grad.dtype
-    z0 = model.outputs.astype(dt)
+    if _chunked.chunkable(apply_fn, loss):
+        # A SplitApply: the same model, evaluated `chunk` tokens at a time (gn.curvature.chunked).
+        cmodel = _chunked.ChunkedLinearization(apply_fn, params0, inputs, targets, mask, loss, ids,
+                                               num_blocks, block_mode)
+        dt = cmodel.dt
+        cterms = _chunked.gn_terms if kind == "gn" else _chunked.prox_terms(loss)
+        run = lambda d: cmodel.run(d, cterms)  # noqa: E731
+        loss0 = cmodel.loss0()
+    else:
+        model = BlockLinearization(apply_fn, params0, inputs, ids, num_blocks, block_mode)
+        curv = _losses.output_curvature(model.outputs, targets, mask, loss)
+        dt = curv.grad.dtype
+        z0 = model.outputs.astype(dt)
 
-    def gn_terms(jz):
-        jz = jz.astype(dt)
-        hjz = curv.hvp(jz)
-        return _vdot(curv.grad, jz) + 0.5 * _vdot(jz, hjz), curv.grad + hjz
+        def gn_terms(jz):
+            jz = jz.astype(dt)
+            hjz = curv.hvp(jz)
+            return _vdot(curv.grad, jz) + 0.5 * _vdot(jz, hjz), curv.grad + hjz
 
-    def prox_terms(jz):
-        return _losses.loss_value_and_grad(z0 + jz.astype(dt), targets, mask, loss)
+        def prox_terms(jz):
+            return _losses.loss_value_and_grad(z0 + jz.astype(dt), targets, mask, loss)
 
-    terms = gn_terms if kind == "gn" else prox_terms
+        terms = gn_terms if kind == "gn" else prox_terms
 
-    def q(params):
+        def run(d):
+            value, grads = model.run(d, terms)
+            return value, grads, curv.value
+        loss0 = curv.value
+
+    def with_loss0(params):
         d = jax.tree.map(lambda p, p0: (p - p0).astype(p0.dtype), params, params0)
-        value, grads = model.run(d, terms)
+        value, grads, l0 = run(d)
         # gn terms exclude ℓ(z0); each prox-linear block term includes it once.
-        offset = curv.value if kind == "gn" else -(num_blocks - 1) * curv.value
+        offset = l0 if kind == "gn" else -(num_blocks - 1) * l0
         value = value + offset
         if not (isinstance(damping, (int, float)) and damping == 0):
             value = value + 0.5 * damping * _tree_sq_norm(d, dt)
             grads = jax.tree.map(lambda g, x: g + damping * x, grads, d)
-        return value, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        return value, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), l0
 
-    q.loss0 = curv.value
+    def q(params):
+        return with_loss0(params)[:2]
+
+    q.loss0 = loss0
+    q.with_loss0 = with_loss0
     q.num_blocks = num_blocks
     return q

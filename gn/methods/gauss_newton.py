@@ -185,13 +185,13 @@ class GaussNewtonMethod(MethodBase):
         def body(carry, xs):
             theta_hat, opt = carry
             i, batch = xs
-            q = self.local_model(theta, batch)
-            value, grads = q(theta_hat)
+            # ℓ(z0) from the same pass as Q (a chunked model would otherwise pay another head pass).
+            value, grads, loss0 = self.local_model(theta, batch).with_loss0(theta_hat)
             updates, opt = self.tx.update(grads, opt, theta_hat)
             lr = hp.inner_learning_rate * inner_lr_factor(hp.inner_schedule, state.outer_step, i, hp.inner_steps,
                                                           self.total_steps, hp.inner_min_lr_ratio)
             theta_hat = jax.tree.map(lambda p, u: p + (lr * u).astype(p.dtype), theta_hat, updates)
-            return (theta_hat, opt), (q.loss0, value)
+            return (theta_hat, opt), (loss0, value)
 
         (theta_hat, opt), (loss0, qvals) = jax.lax.scan(body, (start, opt), (jnp.arange(hp.inner_steps), batches))
         metrics = {"train_loss": loss0.mean(), "inner_q_first": qvals[0] - loss0[0],
@@ -247,7 +247,8 @@ class GaussNewtonMethod(MethodBase):
                          grid=hp.ls_grid, extend=hp.ls_extend, vectorize=hp.ls_vectorize)
         moved = jax.tree.map(lambda p, d: p + ls.alpha.astype(p.dtype) * d, theta, delta)
         # Predicted decrease of the local model on the line-search data, at the chosen step.
-        pred = jax.lax.map(lambda b: (lambda q: q.loss0 - q(moved)[0])(self.local_model(theta, b)), aux).mean()
+        pred = jax.lax.map(lambda b: (lambda r: r[2] - r[0])(self.local_model(theta, b).with_loss0(moved)),
+                           aux).mean()
         # A step the local model does not predict to decrease the loss is not trusted (a diverged inner
         # loop can still find a lucky α on the line-search batches): θ stays at θ_t.
         rejected = ~(jnp.isfinite(pred) & (pred > 0))

@@ -5,6 +5,11 @@ gradient, each dense layer's input and output-gradient statistics and the
 predictive entropy. They come from one forward pass of the LLaMA model with
 zero perturbations on every dense output (`gn.model.apply_with_layer_stats`):
 the pullback of ∂ℓ̄/∂z gives ∇θ ℓ̄ and ∂ℓ̄/∂y of every layer at once.
+
+Not chunked: this pass forms the full (tokens × vocabulary) logits (and the
+entropy reads them) even when `model.logits_chunk` > 0; the statistics of the
+LM head's output gradients need them. `gn.curvature.chunked` covers the loss,
+its gradient and the Gauss-Newton products only.
 """
 
 from __future__ import annotations
