@@ -93,9 +93,14 @@ def _sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+@jax.jit
+def _finite_flags(leaves: list) -> list:
+    return [jax.numpy.isfinite(x).all() for x in leaves]
+
+
 def _non_finite_leaves(state: Any) -> list[str]:
     """Key paths of floating leaves of `state` that contain NaN/Inf."""
-    paths, flags = [], []
+    paths, flags, arrays = [], [], []
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         if isinstance(leaf, bool) or leaf is None:
             continue
@@ -109,15 +114,17 @@ def _non_finite_leaves(state: Any) -> list[str]:
         if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
             continue
         if isinstance(leaf, jax.Array):
-            # Reduce on device; fetch all flags in one transfer below.
-            flags.append(jax.numpy.isfinite(leaf).all())
+            arrays.append((jax.tree_util.keystr(path), leaf))
         else:
             flags.append(bool(np.isfinite(np.asarray(leaf)).all()))
-        paths.append(jax.tree_util.keystr(path))
-    if not flags:
-        return []
-    ok = jax.device_get(flags)
-    return [p for p, f in zip(paths, ok) if not bool(f)]
+            paths.append(jax.tree_util.keystr(path))
+    if arrays:
+        # One compiled program for every device array, reduced on device and fetched in one
+        # transfer. Not one program per leaf: on sharded arrays each is a collective, and many
+        # collective programs in flight at once can deadlock XLA:CPU's simulated devices.
+        paths += [p for p, _ in arrays]
+        flags += list(jax.device_get(_finite_flags([x for _, x in arrays])))
+    return [p for p, f in zip(paths, flags) if not bool(f)]
 
 
 def _default_sharding() -> jax.sharding.Sharding:
