@@ -78,6 +78,11 @@ class TrainConfig:
     stop_at_target: bool = False
     # Metric destinations beside metrics.jsonl: "tensorboard" (WORKDIR/tb), "wandb" (gn/train/loggers.py).
     loggers: tuple[str, ...] = ()
+    # Parameter sharding (gn/train/mesh.py): the mesh is (data = devices / fsdp, fsdp); with fsdp > 1
+    # every parameter, optimizer-state and EMA leaf of at least fsdp_min_size elements is split over
+    # the fsdp axis along its largest divisible dimension. 1 = data parallelism only (replicated).
+    fsdp: int = 1
+    fsdp_min_size: int = 1024
 
     def validate(self) -> None:
         """Raise ConfigError on invalid values."""
@@ -101,6 +106,9 @@ class TrainConfig:
                 "train.stop_at_target needs train.target_losses: there is no target to stop at.")
         require(len(set(self.loggers)) == len(self.loggers), f"train.loggers lists a logger twice: {self.loggers}.")
         check_loggers(self.loggers)
+        require(self.fsdp >= 1, f"train.fsdp must be a positive integer (1 = no parameter sharding), got {self.fsdp}.")
+        require(self.fsdp_min_size >= 0,
+                f"train.fsdp_min_size must be >= 0 (elements; smaller leaves are replicated), got {self.fsdp_min_size}.")
 
 
 @dataclasses.dataclass(frozen=True)

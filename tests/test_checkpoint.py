@@ -353,3 +353,28 @@ def test_multi_device_sharding_round_trip(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ok" in r.stdout
+
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_save_is_process_aware(tmp_path, monkeypatch, index):
+    """With several processes (simulated: this one plays process `index` of 2), every process
+    writes its shards into one agreed partial directory between barriers; only process 0
+    writes meta.json and COMMIT.json, renames and prunes."""
+    import gn.train.checkpoint as ck
+
+    barriers: list = []
+    monkeypatch.setattr(ck, "_process", lambda: (index, 2))
+    monkeypatch.setattr(ck, "_barrier", barriers.append)
+    state = {"w": jnp.arange(6.0).reshape(2, 3)}
+    assert Checkpointer(tmp_path, keep=1).save(5, state, {"k": 1})
+    assert barriers == ["gn-ckpt-mkdir-5", "gn-ckpt-state-5", "gn-ckpt-commit-5"]
+    names = sorted(os.listdir(tmp_path))
+    if index == 0:
+        assert names == ["step_00000005"]
+        assert sorted(os.listdir(tmp_path / names[0])) == ["COMMIT.json", "meta.json", "state"]
+    else:
+        # Process 1 wrote its state into the agreed directory and committed nothing (with no
+        # real process 0 here, the directory stays partial: restore_latest skips it).
+        assert names == ["step_00000005.partial-multiprocess"]
+        assert os.listdir(tmp_path / names[0]) == ["state"]

@@ -15,7 +15,7 @@ config stores that object.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping, Protocol
+from typing import Any, Callable, ClassVar, Mapping, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,10 @@ class BatchPlan:
     aux_micro_batch: int = 0
 
 
+def _identity(tree: Any) -> Any:
+    return tree
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodContext:
     """What a method may know about the run when it is built."""
@@ -49,6 +53,9 @@ class MethodContext:
     num_devices: int = 1
     model_cfg: Any = None            # gn.model.ModelConfig, for methods that need layer structure
     reference_batch_size: int = 0    # train.batch_size: cost is reported relative to a step at this batch
+    # Pins a pytree (params, optimizer state) to the run's parameter shardings inside a jitted step
+    # (gn.train.sharding.constrainer); methods apply it to what their steps return.
+    constrain: Callable[[Any], Any] = _identity
 
 
 class Method(Protocol):

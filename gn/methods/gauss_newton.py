@@ -126,6 +126,8 @@ class GaussNewtonMethod(MethodBase):
         self.b_inner = ctx.batch_size // n
         self.total_steps = ctx.total_steps
         self._apply = ctx.apply_fn
+        # Pins θ̂, the inner optimizer state and the new θ to the run's parameter sharding (FSDP).
+        self._constrain = ctx.constrain
         self.partition = hp.partition
         self.plan = BatchPlan(train=n, micro_batch=self.b_inner, aux=hp.ls_batches, aux_micro_batch=self.b_inner)
         self.updates_per_step = n if hp.inner_solver == "optax" else 1
@@ -191,11 +193,12 @@ class GaussNewtonMethod(MethodBase):
             lr = hp.inner_learning_rate * inner_lr_factor(hp.inner_schedule, state.outer_step, i, hp.inner_steps,
                                                           self.total_steps, hp.inner_min_lr_ratio)
             theta_hat = jax.tree.map(lambda p, u: p + (lr * u).astype(p.dtype), theta_hat, updates)
-            return (theta_hat, opt), (loss0, value)
+            return self._constrain((theta_hat, opt)), (loss0, value)
 
         (theta_hat, opt), (loss0, qvals) = jax.lax.scan(body, (start, opt), (jnp.arange(hp.inner_steps), batches))
         metrics = {"train_loss": loss0.mean(), "inner_q_first": qvals[0] - loss0[0],
                    "inner_q_last": qvals[-1] - loss0[-1]}
+        theta_hat, opt = self._constrain((theta_hat, opt))
         return theta_hat, opt, metrics
 
     def _decay(self, theta):
@@ -236,8 +239,8 @@ class GaussNewtonMethod(MethodBase):
         inputs, targets = split_batch(flat)
         loss0, grads = jax.value_and_grad(lambda p: lm_loss(self._apply, p, flat))(theta)
         d, info = self._damped_solve(theta, inputs, targets, grads)
-        theta_hat = jax.tree.map(jnp.add, theta, d)
-        return theta_hat, state.inner_opt, {"train_loss": loss0, "cg_iters": info.iterations,
+        theta_hat = self._constrain(jax.tree.map(jnp.add, theta, d))
+        return theta_hat, self._constrain(state.inner_opt), {"train_loss": loss0, "cg_iters": info.iterations,
                                             "cg_residual": jnp.max(info.residual_norm)}
 
     def _line_search(self, theta, theta_hat, aux):
@@ -252,7 +255,7 @@ class GaussNewtonMethod(MethodBase):
         # A step the local model does not predict to decrease the loss is not trusted (a diverged inner
         # loop can still find a lucky α on the line-search batches): θ stays at θ_t.
         rejected = ~(jnp.isfinite(pred) & (pred > 0))
-        new = jax.tree.map(lambda m, p: jnp.where(rejected, p, m), moved, theta)
+        new = self._constrain(jax.tree.map(lambda m, p: jnp.where(rejected, p, m), moved, theta))
         alpha = jnp.where(rejected, 0.0, ls.alpha)
         actual = jnp.where(rejected, 0.0, ls.loss0 - ls.loss)
         metrics = {"alpha": alpha, "loss_before": ls.loss0, "loss_after": jnp.where(rejected, ls.loss0, ls.loss),
@@ -297,7 +300,7 @@ class GaussNewtonMethod(MethodBase):
             # A non-finite inner solution cannot be continued: the next inner loop restarts at θ_t.
             # A finite rejected one is kept (warm start): θ stays at θ_t and the next outer step
             # refines θ̂ further on fresh batches of the same model.
-            theta_hat, opt = params, self.tx.init(params)
+            theta_hat, opt = params, self._constrain(self.tx.init(params))
         state = GNState(inner_params=theta_hat, inner_opt=opt, outer_step=state.outer_step + 1)
         metrics = {**m_inner, **m_ls, "inner_time_s": t1 - t0, "linesearch_time_s": t2 - t1}
         k = self.hp.probe_every

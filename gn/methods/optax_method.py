@@ -42,6 +42,7 @@ class OptaxMethod(MethodBase):
         self.grad_evals_per_step = ctx.batch_size / (ctx.reference_batch_size or ctx.batch_size)
         self._apply = ctx.apply_fn
         self._extras = extras
+        self._constrain = ctx.constrain
         self.step = jax.jit(self._step)
 
     def init(self, params: Any) -> Any:
@@ -73,4 +74,5 @@ class OptaxMethod(MethodBase):
         params = optax.apply_updates(params, updates)
         metrics = {"train_loss": loss, "grad_norm": tree_norm(grads),
                    "update_norm": tree_norm(updates)}
-        return params, state, metrics
+        # The run's parameter sharding (FSDP) on the outputs, not whatever propagation chose.
+        return self._constrain(params), self._constrain(state), metrics

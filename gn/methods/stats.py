@@ -130,6 +130,7 @@ class StatsMethod(MethodBase):
         self.traces = 0          # times `step` was traced (diagnostics: recompilation)
         self._cfg = ctx.model_cfg
         self._stats, self._mask, self._fisher, self._t_cov, self._pi = stats, layer_mask, fisher, T_cov, pi
+        self._constrain = ctx.constrain
         self.step = jax.jit(self._step)
 
     def init(self, params: Any) -> StatsMethodState:
@@ -172,4 +173,5 @@ class StatsMethod(MethodBase):
                    "entropy": entropy}
         if self._pi is not None:
             metrics["pi"] = predictive_integrity(entropy, gnorm, *self._pi)
-        return params, StatsMethodState(safe_increment(state.count), opt), metrics
+        # The run's parameter sharding (FSDP) on the outputs, not whatever propagation chose.
+        return self._constrain(params), self._constrain(StatsMethodState(safe_increment(state.count), opt)), metrics

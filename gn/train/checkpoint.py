@@ -15,7 +15,18 @@ orbax alone is not enough for this: its own markers are not checked on a local
 filesystem and it will happily "restore" a checkpoint whose ``_METADATA`` was
 deleted, so completeness and integrity are decided by our ``COMMIT.json``.
 
-Single-process only: every file here is written by the calling process.
+Sharded state and several processes. The state is saved as global
+``jax.Array``s through orbax's StandardSave: each process writes only the
+shards it holds (nothing is gathered to one host), and a restore places every
+leaf onto the sharding of the caller's abstract target, so a checkpoint written
+on 8 devices with the parameters split 8 ways restores onto 1 device, or onto 4
+with a 4-way split. With ``jax.process_count() > 1`` every process must call
+``save`` and ``restore_latest`` (orbax's save is collective); the partial
+directory has a name all processes agree on, and only process 0 writes
+``meta.json`` and ``COMMIT.json``, renames, and prunes, between barriers. The
+directory must then be on a filesystem every process sees. Only one process is
+tested here (several simulated devices); the multi-process path follows orbax's
+documented contract but has not been run.
 """
 
 from __future__ import annotations
@@ -93,9 +104,14 @@ def _sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+@jax.jit
+def _finite_flags(leaves: list) -> list:
+    return [jax.numpy.isfinite(x).all() for x in leaves]
+
+
 def _non_finite_leaves(state: Any) -> list[str]:
     """Key paths of floating leaves of `state` that contain NaN/Inf."""
-    paths, flags = [], []
+    paths, flags, arrays = [], [], []
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         if isinstance(leaf, bool) or leaf is None:
             continue
@@ -109,15 +125,30 @@ def _non_finite_leaves(state: Any) -> list[str]:
         if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
             continue
         if isinstance(leaf, jax.Array):
-            # Reduce on device; fetch all flags in one transfer below.
-            flags.append(jax.numpy.isfinite(leaf).all())
+            arrays.append((jax.tree_util.keystr(path), leaf))
         else:
             flags.append(bool(np.isfinite(np.asarray(leaf)).all()))
-        paths.append(jax.tree_util.keystr(path))
-    if not flags:
-        return []
-    ok = jax.device_get(flags)
-    return [p for p, f in zip(paths, ok) if not bool(f)]
+            paths.append(jax.tree_util.keystr(path))
+    if arrays:
+        # One compiled program for every device array, reduced on device and fetched in one
+        # transfer. Not one program per leaf: on sharded arrays each is a collective, and many
+        # collective programs in flight at once can deadlock XLA:CPU's simulated devices.
+        paths += [p for p, _ in arrays]
+        flags += list(jax.device_get(_finite_flags([x for _, x in arrays])))
+    return [p for p, f in zip(paths, flags) if not bool(f)]
+
+
+def _process() -> tuple[int, int]:
+    """(this process's index, number of processes)."""
+    return jax.process_index(), jax.process_count()
+
+
+def _barrier(name: str) -> None:
+    """Wait for every process (a no-op with one process, the only case tested here)."""
+    if _process()[1] > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _default_sharding() -> jax.sharding.Sharding:
@@ -279,42 +310,27 @@ class Checkpointer:
         meta_bytes = json.dumps(meta, default=_json_default, indent=1).encode("utf-8")
 
         final = self._step_dir(step)
-        tmp = f"{final}.partial-{uuid.uuid4().hex[:12]}"
+        index, count = _process()
+        multi, primary = count > 1, index == 0
+        # Every process must write into the same partial directory: a fixed name when there are several.
+        tmp = f"{final}.partial-{'multiprocess' if multi else uuid.uuid4().hex[:12]}"
         try:
-            os.makedirs(tmp)
+            if primary:
+                shutil.rmtree(tmp, ignore_errors=True)   # a killed multi-process save's leftover
+                os.makedirs(tmp)
+            _barrier(f"gn-ckpt-mkdir-{step}")
             ocp = _ocp()
             with _quiet_orbax():
                 ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
                 try:
+                    # Each process writes its own shards; orbax's save is collective across processes.
                     ckptr.save(os.path.join(tmp, _STATE), args=ocp.args.StandardSave(state))
                 finally:
                     ckptr.close()
-            with open(os.path.join(tmp, _META), "wb") as f:
-                f.write(meta_bytes)
-            files: dict[str, list] = {}
-            for root, dirs, names in os.walk(tmp):
-                for name in names:
-                    full = os.path.join(root, name)
-                    _fsync_path(full)
-                    rel = os.path.relpath(full, tmp).replace(os.sep, "/")
-                    files[rel] = [os.path.getsize(full), _sha256(full)]
-                for d in dirs:
-                    _fsync_path(os.path.join(root, d))
-            commit = {"format": _FORMAT, "step": step, "files": files}
-            with open(os.path.join(tmp, _COMMIT), "w", encoding="utf-8") as f:
-                json.dump(commit, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_path(tmp)
-            if os.path.exists(final):
-                # Move the old one aside first: rename onto a non-empty dir fails.
-                old = f"{final}.replaced-{uuid.uuid4().hex[:12]}"
-                os.rename(final, old)
-                os.rename(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
-            _fsync_path(self.directory)
+            _barrier(f"gn-ckpt-state-{step}")
+            if primary:
+                self._commit(step, tmp, final, meta_bytes)
+            _barrier(f"gn-ckpt-commit-{step}")
         except OSError as exc:
             # Disk full, read-only, ...: the earlier checkpoints stay as they are.
             shutil.rmtree(tmp, ignore_errors=True)
@@ -323,8 +339,38 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self._bad.discard(step)
-        self._prune(step)
+        if primary:
+            self._prune(step)
         return True
+
+    def _commit(self, step: int, tmp: str, final: str, meta_bytes: bytes) -> None:
+        """Write meta.json and COMMIT.json into `tmp` (every file fsync'ed) and rename it to `final`."""
+        with open(os.path.join(tmp, _META), "wb") as f:
+            f.write(meta_bytes)
+        files: dict[str, list] = {}
+        for root, dirs, names in os.walk(tmp):
+            for name in names:
+                full = os.path.join(root, name)
+                _fsync_path(full)
+                rel = os.path.relpath(full, tmp).replace(os.sep, "/")
+                files[rel] = [os.path.getsize(full), _sha256(full)]
+            for d in dirs:
+                _fsync_path(os.path.join(root, d))
+        commit = {"format": _FORMAT, "step": step, "files": files}
+        with open(os.path.join(tmp, _COMMIT), "w", encoding="utf-8") as f:
+            json.dump(commit, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_path(tmp)
+        if os.path.exists(final):
+            # Move the old one aside first: rename onto a non-empty dir fails.
+            old = f"{final}.replaced-{uuid.uuid4().hex[:12]}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_path(self.directory)
 
     @staticmethod
     def _remove(path: str) -> None:

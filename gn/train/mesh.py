@@ -1,10 +1,24 @@
-"""Device mesh and batch sharding.
+"""Device mesh, batch sharding and parameter sharding (FSDP).
 
-The trainer always runs under a `jax.sharding.Mesh` with one 'data' axis over
-all devices (Auto axis types: under the Explicit default of `jax.make_mesh`,
-some cross-entropy gradients raise on jax 0.12). Parameters are replicated and
-batches sharded along their batch dimension; XLA inserts the gradient
-all-reduce. Multi-host: call `jax.distributed.initialize()` first (the CLI's
+The trainer runs under a 2-D `jax.sharding.Mesh` with axes ('data', 'fsdp')
+over all devices, of shape (devices / train.fsdp, train.fsdp). Both axes have
+Auto types: under the Explicit default of `jax.make_mesh` some cross-entropy
+gradients raise on jax 0.12, and Auto lets XLA's sharding propagation insert
+the collectives (gradient all-reduce, parameter all-gathers).
+
+* Batches: a [n, batch, T+1] stack is sharded along its batch dimension over
+  both axes (data × fsdp), so every device reads batch / devices sequences.
+* Parameters, optimizer state and EMA: sharded by a pure rule of each leaf's
+  shape (gn.train.sharding): the largest dimension divisible by the fsdp size
+  is split over 'fsdp'; small leaves (fewer than train.fsdp_min_size elements),
+  scalars and leaves with no divisible dimension are replicated. With
+  train.fsdp = 1 (the default) everything is replicated: data parallelism only,
+  numerically identical to the 1-D data mesh this replaced.
+* Checkpoints hold global arrays; they restore onto the *current* mesh's
+  shardings, so a run saved on 8 devices with fsdp = 8 resumes on 1 device or
+  on 4 devices with fsdp = 4 (gn.train.checkpoint).
+
+Multi-host: call `jax.distributed.initialize()` first (the CLI's
 `--distributed` flag); every host builds the same global batch from the same
 seed and `make_array_from_callback` places only its addressable shards.
 """
@@ -17,15 +31,34 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gn.errors import require
+
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)   # the batch dimension is split over both
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D data-parallel mesh over the first `num_devices` devices (default all)."""
+def check_mesh(num_devices: int, fsdp: int) -> None:
+    """ConfigError unless an fsdp axis of size `fsdp` fits `num_devices` devices."""
+    require(fsdp >= 1, f"train.fsdp must be a positive integer (1 = no parameter sharding), got {fsdp}.")
+    require(num_devices % fsdp == 0,
+            f"train.fsdp = {fsdp} does not divide the {num_devices} devices: the mesh is "
+            f"(data = devices / fsdp, fsdp); choose a divisor of {num_devices}.")
+
+
+def make_mesh(num_devices: int | None = None, fsdp: int = 1) -> Mesh:
+    """A (data, fsdp) mesh over the first `num_devices` devices (default all), fsdp of size `fsdp`."""
     devices = jax.devices()
     n = num_devices or len(devices)
-    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=devices[:n])
+    require(n <= len(devices), f"A mesh of {n} devices was asked for, but only {len(devices)} are visible.")
+    check_mesh(n, fsdp)
+    auto = jax.sharding.AxisType.Auto
+    return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES, axis_types=(auto, auto), devices=devices[:n])
+
+
+def fsdp_size(mesh: Mesh) -> int:
+    """Size of the mesh's fsdp axis (1 for a mesh without one)."""
+    return int(mesh.shape.get(FSDP_AXIS, 1))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -33,9 +66,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh, batch_axis: int = 1) -> NamedSharding:
-    """Sharding of a [n, batch, T+1] stack of batches along its batch axis."""
+    """Sharding of a [n, batch, T+1] stack of batches along its batch axis, over every mesh axis."""
     spec = [None] * (batch_axis + 1)
-    spec[batch_axis] = DATA_AXIS
+    spec[batch_axis] = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     return NamedSharding(mesh, P(*spec))
 
 

@@ -21,6 +21,7 @@ from gn.methods.base import MethodContext
 from gn.model import make_apply
 from gn.train import mesh as meshlib
 from gn.train.checkpoint import Checkpointer
+from gn.train.sharding import constrainer
 
 
 @dataclasses.dataclass
@@ -39,19 +40,27 @@ class Run:
     every: int          # reference steps per method step's multiple: eval/checkpoint cadence multiplier
 
 
-def prepare(cfg: Config, method_name: str) -> Run:
+def prepare(cfg: Config, method_name: str, *, num_devices: int | None = None) -> Run:
     """Validate the method, data and sharding, then build source, model and method.
 
     Everything that can be wrong with the input raises ConfigError here, before
-    any training compute.
+    any training compute. `num_devices`: use only the first devices (default all;
+    tests compare device counts within one process).
     """
     entry = cfg.method(method_name)
     gn_data.check_data(cfg.data)
-    mesh = meshlib.make_mesh()
+    tcfg = cfg.train
+    visible = num_devices or len(jax.devices())
+    mesh = meshlib.make_mesh(visible, tcfg.fsdp)      # ConfigError unless fsdp divides the devices
     n_dev = mesh.devices.size
-    batch_size = entry.batch_size or cfg.train.batch_size
+    where = f"the {n_dev} devices of the mesh" + (f" (data {n_dev // tcfg.fsdp} × fsdp {tcfg.fsdp})"
+                                                  if tcfg.fsdp > 1 else "")
+    batch_size = entry.batch_size or tcfg.batch_size
     require(batch_size % n_dev == 0,
-            f"The batch size {batch_size} is not divisible by the {n_dev} devices of the mesh; "
+            f"The batch size {batch_size} is not divisible by {where}: batches are split over every "
+            f"device; use a multiple of {n_dev}.")
+    require(tcfg.eval_batch_size % n_dev == 0,
+            f"train.eval_batch_size ({tcfg.eval_batch_size}) is not divisible by {where}; "
             f"use a multiple of {n_dev}.")
     steps, every = _scaled_steps(cfg.train, batch_size, entry.name)
     if cfg.train.init_from:
@@ -69,13 +78,14 @@ def prepare(cfg: Config, method_name: str) -> Run:
     apply_fn = make_apply(model_cfg)
     ctx = MethodContext(apply_fn=apply_fn, total_steps=steps, batch_size=batch_size,
                         grad_accum=cfg.train.grad_accum, num_devices=n_dev, model_cfg=model_cfg,
-                        reference_batch_size=cfg.train.batch_size)
+                        reference_batch_size=cfg.train.batch_size,
+                        constrain=constrainer(mesh, tcfg.fsdp_min_size))
     method = entry.build(ctx)
     plan = method.plan
     for count, micro in ((plan.train, plan.micro_batch), (plan.aux, plan.aux_micro_batch)):
         require(count == 0 or micro % n_dev == 0,
                 f"Method '{entry.name}' splits each step into batches of {micro} sequences, which is not "
-                f"divisible by the {n_dev} devices; choose batch sizes that are multiples of {n_dev}.")
+                f"divisible by {where}; choose batch sizes that are multiples of {n_dev}.")
     return Run(cfg, entry, method, source, model_cfg, apply_fn, mesh, batch_size, steps, every)
 
 

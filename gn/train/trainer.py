@@ -34,6 +34,7 @@ from gn.curvature.objective import lm_loss
 from gn.model import count_params, init_params
 from gn.train import interrupts, workdirs
 from gn.train import mesh as meshlib
+from gn.train import sharding
 from gn.train.checkpoint import Checkpointer
 from gn.train.loggers import close_metrics_log, open_metrics_log
 from gn.train.metrics import MetricsLog, summarize
@@ -106,11 +107,14 @@ def setup(run: Run, workdir: Path) -> Session:
     noise = (make_measure(run.apply_fn), NoiseScaleTracker()) if tcfg.noise_scale_every else None
     val = meshlib.put_batches(run.source.validation(tcfg.eval_batch_size), mesh)
 
-    params = meshlib.put_replicated(init_params(run.model_cfg, jax.random.PRNGKey(tcfg.seed)), mesh)
+    # Parameters, optimizer state and EMA by the sharding rule (replicated when train.fsdp = 1);
+    # the methods' steps pin their outputs to the same rule (MethodContext.constrain).
+    shard = lambda tree: sharding.shard_tree(tree, mesh, tcfg.fsdp_min_size)
+    params = shard(init_params(run.model_cfg, jax.random.PRNGKey(tcfg.seed)))
     if tcfg.init_from:
         params = warm_start(tcfg.init_from, params)
-    state = {"params": params, "opt_state": meshlib.put_replicated(method.init(params), mesh),
-             "rng": jax.random.PRNGKey(tcfg.seed + 1)}
+    state = {"params": params, "opt_state": shard(method.init(params)),
+             "rng": meshlib.put_replicated(jax.random.PRNGKey(tcfg.seed + 1), mesh)}
     if ema_update is not None:
         state["ema"] = params
 

@@ -11,7 +11,9 @@
 * Config drift. When `workdir/config.yaml` exists, the new resolved config (the
   one `setup` writes: this method only, model.vocab_size filled in) must equal
   it, except for `train.steps` (extend or shorten a run; schedules over the
-  total steps are then computed for the new length) and `train.progress`.
+  total steps are then computed for the new length), `train.progress` and the
+  parameter sharding (`train.fsdp`, `train.fsdp_min_size`: a checkpoint restores
+  onto any mesh).
   Otherwise ConfigError names every differing key (old -> new) and suggests
   `--branch`.
 * Finished runs. When summary.json exists and the run reached its last step, or
@@ -51,7 +53,8 @@ from gn.train.checkpoint import Checkpointer
 LOCK = "train.lock"
 BRANCH = "branch.json"
 # Keys that may differ from the stored config on resume.
-RESUMABLE_KEYS = ("train.steps", "train.progress")
+# The mesh layout is not part of a run: checkpoints restore onto any device count.
+RESUMABLE_KEYS = ("train.steps", "train.progress", "train.fsdp", "train.fsdp_min_size")
 # Stop reasons (summary.json) that end a run before its last step for good.
 FINAL_STOPS = ("max_tokens", "targets_reached")
 
