@@ -83,6 +83,10 @@ class ModelConfig:
     transpose) pass instead of keeping them (`jax.checkpoint`). `scan_layers` runs
     the blocks as one `lax.scan` over stacked block parameters, so compile time
     does not grow with depth; the parameter tree stays one entry per block.
+    `attn_chunk` (0: off; must divide the sequence length) computes attention
+    this many queries at a time, rematerialised, so one (batch, heads, attn_chunk,
+    seq) score block is alive instead of the whole (seq × seq) one
+    (`gn.model.attention`).
     `remat` and `scan_layers` leave logits and losses bit-identical (gradients to
     float32 summation order); `apply_with_layer_stats` (K-FAC statistics) ignores
     them and stays unrolled.
@@ -105,6 +109,7 @@ class ModelConfig:
     logits_chunk: int = 0
     remat: bool = False
     scan_layers: bool = False
+    attn_chunk: int = 0
 
     @property
     def n_kv_heads(self) -> int:
@@ -155,11 +160,11 @@ class ModelConfig:
                 + suggest(str(self.mlp), MLPS))
         if not isinstance(self.qk_norm, bool):
             raise ConfigError(f"{where}: 'qk_norm' must be true or false, got {self.qk_norm!r}.")
-        if not isinstance(self.logits_chunk, int) or isinstance(self.logits_chunk, bool) \
-                or self.logits_chunk < 0:
-            raise ConfigError(
-                f"{where}: 'logits_chunk' must be a non-negative integer (tokens per chunk; "
-                f"0 = no chunking), got {self.logits_chunk!r}.")
+        for name in ("logits_chunk", "attn_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(
+                    f"{where}: '{name}' must be a non-negative integer (0 = no chunking), got {value!r}.")
         for flag in ("remat", "scan_layers"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{where}: '{flag}' must be true or false, got {getattr(self, flag)!r}.")

@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gn.errors import ConfigError
+from gn.model.attention import accum_dtype as _accum_dtype, causal_attention
 from gn.model.config import ModelConfig
 from gn.model.init import INITIALIZERS, draw_leaves
 from gn.model.stack import run_blocks
@@ -92,11 +93,6 @@ def _compute_dtype(cfg: ModelConfig) -> Any:
     """The matmul input dtype under mixed precision; None for the plain model
     (`compute_dtype` unset or equal to `dtype`), whose code path is unchanged."""
     return jnp.dtype(cfg.compute_dtype) if cfg.mixed_precision else None
-
-
-def _accum_dtype(dtype: Any) -> Any:
-    # Accumulation and output dtype of a mixed-precision matmul: at least float32.
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def matmul(x: jax.Array, w: jax.Array, compute_dtype: Any = None) -> jax.Array:
@@ -150,36 +146,6 @@ def apply_rope(x: jax.Array, theta: float = 10000.0) -> jax.Array:
     x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return x * cos + rotated * sin
-
-
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, compute_dtype: Any = None) -> jax.Array:
-    """Causal softmax attention. q: (B, T, H, hd); k, v: (B, T, KV, hd) with H % KV == 0.
-
-    Query head h reads key/value head h // (H // KV) (the usual repeat-interleave
-    grouping). Returns (B, T, H, hd). With `compute_dtype` (mixed precision) the
-    inputs of both einsums (q, k; attention weights, v) are cast to it and the
-    scores and output are accumulated in float32 (at least); the output is float32.
-    """
-    b, t, h, hd = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, h // kv, hd)
-    if compute_dtype is not None:
-        acc = _accum_dtype(q.dtype)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", qg.astype(compute_dtype), k.astype(compute_dtype),
-                            preferred_element_type=acc) / math.sqrt(hd)
-        mask = np.tril(np.ones((t, t), dtype=bool))
-        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(compute_dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v.astype(compute_dtype), preferred_element_type=acc)
-        return out.reshape(b, t, h, hd)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k) / math.sqrt(hd)
-    # Softmax in at least float32: bf16 logits lose the small differences.
-    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
-    mask = np.tril(np.ones((t, t), dtype=bool))
-    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
-    return out.reshape(b, t, h, hd)
 
 
 class Dense2D(nn.Module):
@@ -246,7 +212,7 @@ class Attention(nn.Module):
         k = k.reshape(batch, seq, kv, hd)
         v = Dense2D(kv * hd, dt, cd, name="wv")(x).reshape(batch, seq, kv, hd)
         q, k = apply_rope(q, cfg.rope_theta), apply_rope(k, cfg.rope_theta)
-        out = causal_attention(q, k, v, cd).reshape(batch * seq, h * hd)
+        out = causal_attention(q, k, v, cd, cfg.attn_chunk).reshape(batch * seq, h * hd)
         return Dense2D(cfg.hidden, dt, cd, name="wo")(out)
 
 
