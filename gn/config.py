@@ -288,7 +288,8 @@ def validate(cfg: Config) -> None:
     require(cfg.data.seq_len <= cfg.model.max_seq_len,
             f"data.seq_len ({cfg.data.seq_len}) exceeds the model's maximum positions "
             f"model.max_seq_len ({cfg.model.max_seq_len}); lower data.seq_len or raise model.max_seq_len.")
-    require(not cfg.model.attn_chunk or cfg.data.seq_len % cfg.model.attn_chunk == 0,
+    require(not cfg.model.attn_chunk or cfg.data.seq_len <= cfg.model.attn_chunk
+            or cfg.data.seq_len % cfg.model.attn_chunk == 0,
             f"model.attn_chunk ({cfg.model.attn_chunk}) must divide data.seq_len ({cfg.data.seq_len}): "
             "attention is computed in equal chunks of queries.")
     if cfg.model.vocab_size is not None and cfg.data.source in ("embedded",) and cfg.data.tokenizer == "bpe":

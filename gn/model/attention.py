@@ -56,7 +56,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, compute_dtype: An
     (B, T, H, hd). With `compute_dtype` (mixed precision) the inputs of both
     einsums are cast to it and the scores and output accumulate in float32 (at
     least); the output is then float32. `q_chunk` > 0 (dividing T) processes
-    that many queries at a time with rematerialisation (see the module docstring).
+    that many queries at a time with rematerialisation (see the module docstring);
+    a sequence no longer than `q_chunk` is computed whole.
     """
     b, t, h, hd = q.shape
     kv = k.shape[2]
@@ -65,7 +66,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, compute_dtype: An
         out = _attend(qg, k, v, np.tril(np.ones((t, t), dtype=bool)), compute_dtype)
         return out.reshape(b, t, h, hd)
     if t % q_chunk:
-        raise ConfigError(f"model.attn_chunk ({q_chunk}) must divide the sequence length ({t}).")
+        raise ConfigError(f"model.attn_chunk ({q_chunk}) must divide the sequence length ({t}) when it "
+                          "is shorter than the sequence.")
     n = t // q_chunk
     chunks = jnp.moveaxis(qg.reshape(b, n, q_chunk, kv, h // kv, hd), 1, 0)
     key_pos = jnp.arange(t)

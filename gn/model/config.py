@@ -39,6 +39,12 @@ MLPS = ("swiglu", "gelu")
 # query and key projections before the head split, RMSNorm eps 1e-6.
 _PAPER_BLOCK = dict(mlp="gelu", qk_norm=True, norm_eps=1e-6, vocab_size=PAPER_VOCAB)
 
+# Paper scale is memory-bound (a GN step keeps tangents and cotangents of every
+# activation): the paper presets default to the memory-lean evaluation, which
+# computes the same function (see ModelConfig; docs/benchmarks.md has the memory
+# it saves). Override with e.g. `model.remat: false`.
+_LEAN = dict(logits_chunk=4096, attn_chunk=256, remat=True, scan_layers=True)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Tests and CPU quickstart: ~0.2M params with a 512-token vocab.
     "nano": dict(hidden=64, layers=2, heads=4, ffn=256, max_seq_len=256),
@@ -46,8 +52,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden=256, layers=4, heads=4, ffn=1024, max_seq_len=512),
     # The paper's LLaMA-45M (45.36M params, 12.6M non-embedding) and LLaMA-150M
     # (134.1M, 85.0M non-embedding); "non-embedding" excludes the embedding and the head.
-    "45m": dict(hidden=512, layers=4, heads=8, ffn=2048, max_seq_len=1024, **_PAPER_BLOCK),
-    "150m": dict(hidden=768, layers=12, heads=16, ffn=3072, max_seq_len=1024, **_PAPER_BLOCK),
+    "45m": dict(hidden=512, layers=4, heads=8, ffn=2048, max_seq_len=1024, **_PAPER_BLOCK, **_LEAN),
+    "150m": dict(hidden=768, layers=12, heads=16, ffn=3072, max_seq_len=1024, **_PAPER_BLOCK, **_LEAN),
     # The same widths with the SwiGLU block (not the paper's; what `45m`/`150m` meant
     # before): 49.7M / 162.6M params, 16.8M / 113.3M non-embedding.
     "45m_swiglu": dict(hidden=512, layers=4, heads=8, ffn=2048, max_seq_len=1024, vocab_size=T5_VOCAB),
@@ -83,7 +89,7 @@ class ModelConfig:
     transpose) pass instead of keeping them (`jax.checkpoint`). `scan_layers` runs
     the blocks as one `lax.scan` over stacked block parameters, so compile time
     does not grow with depth; the parameter tree stays one entry per block.
-    `attn_chunk` (0: off; must divide the sequence length) computes attention
+    `attn_chunk` (0: off; must divide a longer sequence length) computes attention
     this many queries at a time, rematerialised, so one (batch, heads, attn_chunk,
     seq) score block is alive instead of the whole (seq × seq) one
     (`gn.model.attention`).
