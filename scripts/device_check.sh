@@ -6,12 +6,17 @@
 #   bash scripts/device_check.sh --only bench_bf16,train   # a subset of the steps
 #
 # Steps (each under its own `timeout`, so one hang costs only its own budget):
-#   bench_f32     gn bench at the paper's 45m settings (b_inner 32, seq 1024, N 122), float32
-#   bench_bf16    the same with --compute-dtype bfloat16 (mixed precision, float32 params)
-#   compile_150m  gn bench --compile-only at 150m with b_inner 128 (XLA's memory, nothing run)
-#   train         gn train of GN at 45m (N 122, b_inner 32) for 3 outer steps on synthetic data
-#   devices       the multi-device equality test (tests/test_train.py -k devices) when
-#                 jax sees several devices; skipped (and reported so) otherwise
+#   bench_f32     gn bench at the paper's 45m settings (b_inner 32, seq 1024, N 122), float32, the
+#                 plain model (no logits chunking, no remat, no layer scan): the baseline
+#   bench_lean    the same with the memory-lean model (logits_chunk, remat, scan_layers) and
+#                 --compute-dtype bfloat16 (mixed precision, float32 params)
+#   compile_45m   gn bench --compile-only at 45m, b_inner 32, lean model (XLA's memory, nothing run)
+#   compile_150m  gn bench --compile-only at 150m with b_inner 128, lean model
+#   train         gn train of GN at 45m (N 122, b_inner 32, lean, bf16) for 3 outer steps on synthetic data
+#   first_150m    gn train of GN at 150m (b_inner 128, N 4, lean, bf16), 1 outer step: seconds from the
+#                 process start to the end of its first step
+#   devices       the multi-device equality tests (tests/test_sharding.py) when jax sees several
+#                 devices; skipped (and reported so) otherwise
 # The table goes to $OUT/device_check.md, or docs/device_check.md when $OUT is unset (or to
 # --out PATH); logs and raw JSON beside it in device_check_logs/.
 #
@@ -30,7 +35,7 @@ while [ $# -gt 0 ]; do
     --tiny) TINY=1 ;;
     --only) ONLY="$2"; shift ;;
     --out) OUTFILE="$2"; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "device_check.sh: unknown argument '$1' (--tiny, --only STEPS, --out PATH)" >&2; exit 2 ;;
   esac
   shift
@@ -45,19 +50,21 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$TINY" = 1 ]; then
   export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-  PRESET=nano; PRESET_BIG=nano; VOCAB=(--vocab-size 64); SEQ=16; BIN=2; BIN_BIG=4; N=2
+  PRESET=nano; PRESET_BIG=nano; VOCAB=(--vocab-size 64); SEQ=16; BIN=2; BIN_BIG=4; N=2; LEAN_CHUNK=8
   BENCH_EXTRA=(--repeats 2 --outer-repeats 1 --ls-grid 2 --ls-batches 1 --no-breakdown)
-  T_BENCH=300; T_BF16=300; T_COMPILE=300; T_TRAIN=300; T_DEVICES=300
+  T_BENCH=300; T_BF16=300; T_COMPILE=300; T_TRAIN=300; T_DEVICES=300; T_FIRST=300
 else
   export JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"
-  PRESET=45m; PRESET_BIG=150m; VOCAB=(); SEQ=1024; BIN=32; BIN_BIG=128; N=122
+  PRESET=45m; PRESET_BIG=150m; VOCAB=(); SEQ=1024; BIN=32; BIN_BIG=128; N=122; LEAN_CHUNK=4096
   BENCH_EXTRA=(--repeats 5 --outer-repeats 1 --no-breakdown)
-  T_BENCH=150; T_BF16=120; T_COMPILE=120; T_TRAIN=120; T_DEVICES=60
+  T_BENCH=130; T_BF16=110; T_COMPILE=60; T_TRAIN=100; T_DEVICES=60; T_FIRST=80
 fi
 if [ -n "${STEP_TIMEOUT_S:-}" ]; then
   T_BENCH=$STEP_TIMEOUT_S; T_BF16=$STEP_TIMEOUT_S; T_COMPILE=$STEP_TIMEOUT_S; T_TRAIN=$STEP_TIMEOUT_S
-  T_DEVICES=$STEP_TIMEOUT_S
+  T_DEVICES=$STEP_TIMEOUT_S; T_FIRST=$STEP_TIMEOUT_S
 fi
+PLAIN=(--model logits_chunk=0 --model remat=false --model scan_layers=false)
+LEAN=(--model logits_chunk=$LEAN_CHUNK --model remat=true --model scan_layers=true)
 
 wanted() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 
@@ -78,38 +85,48 @@ run_step() {
 
 BENCH=("$PY" -m gn.bench.cli --json --preset "$PRESET" "${VOCAB[@]}" --inner-batch "$BIN" --seq-len "$SEQ"
        --inner-steps "$N" "${BENCH_EXTRA[@]}")
-run_step bench_f32 "$T_BENCH" "${BENCH[@]}"
-run_step bench_bf16 "$T_BF16" "${BENCH[@]}" --compute-dtype bfloat16
-run_step compile_150m "$T_COMPILE" "$PY" -m gn.bench.cli --json --compile-only --preset "$PRESET_BIG" "${VOCAB[@]}" \
-  --inner-batch "$BIN_BIG" --seq-len "$SEQ" --inner-steps "$N"
+run_step bench_f32 "$T_BENCH" "${BENCH[@]}" "${PLAIN[@]}"
+run_step bench_lean "$T_BF16" "${BENCH[@]}" "${LEAN[@]}" --compute-dtype bfloat16
+COMPILE=("$PY" -m gn.bench.cli --json --compile-only "${VOCAB[@]}" --seq-len "$SEQ" --inner-steps "$N" "${LEAN[@]}")
+run_step compile_45m "$T_COMPILE" "${COMPILE[@]}" --preset "$PRESET" --inner-batch "$BIN"
+run_step compile_150m "$T_COMPILE" "${COMPILE[@]}" --preset "$PRESET_BIG" --inner-batch "$BIN_BIG"
 
-# GN at the 45m shapes on the synthetic language (its vocabulary, 64, is below the preset's 32000,
-# so the model keeps the paper's embedding and head), 3 outer steps of N inner steps of b_inner.
-TRAIN_CFG="$LOGS/train_config.yaml"
-cat > "$TRAIN_CFG" <<EOF
+# GN on the synthetic language (its vocabulary, 64, is below the preset's 32000, so the model keeps the
+# paper's embedding and head). train_config PRESET N B_INNER STEPS > file
+train_config() {
+cat <<EOF
 model:
-  preset: $PRESET
+  preset: $1
+  compute_dtype: bfloat16
+  logits_chunk: $LEAN_CHUNK
+  remat: true
+  scan_layers: true
 data:
   source: synthetic
   seq_len: $SEQ
   synthetic: {vocab_size: 64, order: 2, support: 4}
 train:
-  steps: 3
-  batch_size: $((N * BIN))
-  eval_every: 3
-  eval_batch_size: $BIN
+  steps: $4
+  batch_size: $(($2 * $3))
+  eval_every: $4
+  eval_batch_size: $3
   checkpoint_every: 1000
   progress: false
 methods:
-  - {name: gn, inner_steps: $N, ls_batches: 2}
+  - {name: gn, inner_steps: $2, ls_batches: 2}
 EOF
-rm -rf "$LOGS/train_run"
-run_step train "$T_TRAIN" "$PY" -m gn.cli train "$TRAIN_CFG" --method gn --workdir "$LOGS/train_run"
+}
+train_config "$PRESET" "$N" "$BIN" 3 > "$LOGS/train_config.yaml"
+rm -rf "$LOGS/train_run" "$LOGS/first_150m_run"
+run_step train "$T_TRAIN" "$PY" -m gn.cli train "$LOGS/train_config.yaml" --method gn --workdir "$LOGS/train_run"
+train_config "$PRESET_BIG" 4 "$BIN_BIG" 1 > "$LOGS/first_150m_config.yaml"
+run_step first_150m "$T_FIRST" "$PY" -m gn.cli train "$LOGS/first_150m_config.yaml" --method gn \
+  --workdir "$LOGS/first_150m_run"
 
 if wanted devices; then
   NDEV=$(timeout 60 "$PY" -c "import jax; print(jax.device_count())" 2>/dev/null || echo "?")
   if [ "$NDEV" != "?" ] && [ "$NDEV" -gt 1 ] 2>/dev/null; then
-    run_step devices "$T_DEVICES" "$PY" -m pytest -q -o addopts="" tests/test_train.py -k devices
+    run_step devices "$T_DEVICES" "$PY" -m pytest -q -o addopts="" tests/test_sharding.py
   else
     echo "skipped ($NDEV device)" > "$LOGS/devices.status"
   fi
@@ -156,36 +173,24 @@ def compile_numbers(r):
     slowest = max((v.get("compile_s") or 0 for v in c.values()), default=0)
     return ", ".join(parts) + f"; slowest compile {slowest:.0f} s"
 
-def train_numbers():
-    p = logs / "train_run" / "metrics.jsonl"
+def train_numbers(run="train_run", what="outer"):
+    p = logs / run / "metrics.jsonl"
     try:
-        rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
-    except (OSError, ValueError):
-        return "-"
-    steps = [r for r in rows if "step_time_s" in r]
-    if not steps:
-        return "-"
-    last = steps[-1]
-    times = ", ".join(f"{r['step_time_s']:.2f}" for r in steps)
-    loss = last.get("train_loss")
-    return (f"{len(steps)} outer steps, step times {times} s (first includes compile), "
-            f"final train loss {loss:.4f}" if isinstance(loss, float) else f"{len(steps)} outer steps, {times} s")
-
-def devices_numbers():
-    p = logs / "devices.out"
-    return p.read_text().strip().splitlines()[-1] if p.exists() and p.read_text().strip() else "-"
-
-size = "nano, b_inner 2, seq 16, N 2 (--tiny)" if tiny else "45m, b_inner 32, seq 1024, N 122"
+        lean = "logits_chunk, remat, scan_layers"
 rows = [
-    ("bench_f32", f"gn bench, float32 ({size})", bench_numbers(load("bench_f32"))),
-    ("bench_bf16", f"gn bench, compute_dtype bfloat16 ({size})", bench_numbers(load("bench_bf16"))),
-    ("compile_150m", "gn bench --compile-only, " + ("nano b_inner 4 (--tiny)" if tiny else "150m, b_inner 128, seq 1024"),
-     compile_numbers(load("compile_150m"))),
-    ("train", f"gn train gn, 3 outer steps, synthetic data ({size})", train_numbers()),
-    ("devices", "multi-device equality (tests/test_train.py -k devices)", devices_numbers()),
+    ("bench_f32", f"gn bench, float32, plain model ({size})", bench_numbers(load("bench_f32"))),
+    ("bench_lean", f"gn bench, compute_dtype bfloat16, {lean} ({size})", bench_numbers(load("bench_lean"))),
+    ("compile_45m", "gn bench --compile-only, " + ("nano b_inner 2 (--tiny)" if tiny else "45m, b_inner 32, seq 1024")
+     + f", {lean}", compile_numbers(load("compile_45m"))),
+    ("compile_150m", "gn bench --compile-only, " + ("nano b_inner 4 (--tiny)" if tiny else "150m, b_inner 128, seq 1024")
+     + f", {lean}", compile_numbers(load("compile_150m"))),
+    ("train", f"gn train gn, 3 outer steps, synthetic data, bf16, {lean} ({size})", train_numbers()),
+    ("first_150m", "gn train gn, 1 outer step, " + ("nano (--tiny)" if tiny else "150m, b_inner 128, N 4")
+     + f", bf16, {lean}; wall s = process start to exit", train_numbers("first_150m_run")),
+    ("devices", "multi-device equality (tests/test_sharding.py)", devices_numbers()),
 ]
 machine = "-"
-for name in ("bench_f32", "bench_bf16"):
+for name in ("bench_f32", "bench_lean"):
     r = load(name)
     if r and r.get("machine"):
         m = r["machine"]

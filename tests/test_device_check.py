@@ -1,6 +1,7 @@
 """`scripts/device_check.sh --tiny`: the GPU check script runs end to end on CPU (nano
 preset, tiny shapes) and writes its markdown table with a row for every step."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("bench_f32", "bench_bf16", "compile_150m", "train", "devices")
+STEPS = ("bench_f32", "bench_lean", "compile_45m", "compile_150m", "train", "first_150m", "devices")
 
 
 @pytest.mark.slow
@@ -28,11 +29,14 @@ def test_device_check_tiny_writes_every_row(tmp_path):
         assert rows[step][4] != "-", (step, table)          # numbers were parsed from its output
     # One CPU device here: the multi-device test is reported as skipped, not silently dropped.
     assert rows["devices"][2].startswith("skipped"), table
-    assert "compute_dtype bfloat16" in rows["bench_bf16"][1]
+    assert "compute_dtype bfloat16" in rows["bench_lean"][1]
     assert rows["bench_f32"][4].startswith("float32 matmuls")
-    assert rows["bench_bf16"][4].startswith("bfloat16 matmuls")    # the option reached the model
-    assert "GN inner" in rows["bench_bf16"][4] and "final train loss" in rows["train"][4]
-    assert (tmp_path / "device_check_logs" / "bench_bf16.out").exists()
+    assert rows["bench_lean"][4].startswith("bfloat16 matmuls")    # the option reached the model
+    assert "GN inner" in rows["bench_lean"][4] and "final train loss" in rows["train"][4]
+    assert "final train loss" in rows["first_150m"][4]
+    assert (tmp_path / "device_check_logs" / "bench_lean.out").exists()
+    lean = json.loads((tmp_path / "device_check_logs" / "compile_45m.out").read_text())
+    assert (lean["config"]["model"]["logits_chunk"], lean["config"]["model"]["remat"]) == (8, True)
 
 
 def test_device_check_rejects_unknown_arguments(tmp_path):
