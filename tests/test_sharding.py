@@ -7,13 +7,19 @@ tests/sharded_worker.py in a subprocess with
 Tolerance. A sharded step computes the same float32 numbers with its sums
 split over devices and reduced in another order (batch-mean losses and
 gradients over the data axis, matmuls whose contraction runs over a sharded
-dimension after the all-gather XLA chooses). Each reordered sum differs by a
-few ulps (~1e-7 relative); two or three optimizer steps, with Newton-Schulz,
-SOAP's eigh or a CG solve in between, amplify that to the measured ≤ 5e-6
-relative. RTOL = 2e-5 leaves room for that and is still more than two orders
-of magnitude below the loss difference between two families or two steps,
-which the tests also check (so a wrong rule, a dropped update or a
-mis-sharded batch cannot pass as round-off).
+dimension after the all-gather XLA chooses): each reordered sum differs by a
+few ulps (~1e-7 relative). Measured over two steps against 1 device (8 devices
+data-only, fsdp 8, data 2 × fsdp 4, 4 devices fsdp 4): adamw, muon, fog,
+diagfog, gn, gn_layerwise and gn with CG all ≤ 2.3e-7 relative. RTOL = 2e-6
+leaves ten times that, and is more than ten times below the loss difference
+between two families or two steps, which the tests also check (so a wrong rule,
+a dropped update or a mis-sharded batch cannot pass as round-off).
+
+SOAP is the exception, with its own SOAP_RTOL: its first preconditioner of a
+non-square matrix is rank-deficient, so `eigh` may return any basis of the null
+space (docs: DESIGN §8), and Adam's normalisation in that basis turns ulp-level
+differences into up to 5.6e-5 after two steps and 1.2e-4 after three, on 8
+devices without fsdp too. That is a property of SOAP, not of the sharding.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from gn.train.sharding import leaf_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "sharded_worker.py"
-RTOL = 2e-5
+RTOL = 2e-6
+SOAP_RTOL = 3e-4    # see the module docstring
 MIN_SIZE = 256      # train.fsdp_min_size of the worker's config (its model is tiny)
 
 FAMILIES = {        # one method of each family the trainer runs sharded
@@ -45,7 +52,9 @@ FAMILIES = {        # one method of each family the trainer runs sharded
     "fog": {"name": "fog"},
     "diagfog": {"name": "diagfog"},
     "gn": {"name": "gn", "inner_steps": 2},                       # optax inner loop + line search
-    "gn_layerwise": {"name": "gn_layerwise", "inner_steps": 2},
+    # Another inner rate than gn's: with one block the layerwise model is close to the full one,
+    # and equal settings would give losses within 2.3e-5 of gn's (not distinguishable at RTOL).
+    "gn_layerwise": {"name": "gn_layerwise", "inner_steps": 2, "inner_learning_rate": 0.02},
     "gn_cg": {"name": "gn_cg", "method": "gn", "inner_solver": "cg", "inner_steps": 1, "cg_iters": 5},
 }
 
@@ -87,22 +96,30 @@ def _check_layout(layout: dict, devices: int, fsdp: int) -> int:
 
 def _compare_families(out: dict, families, layouts) -> None:
     ref = {name: _losses(out[name]["1x1"]) for name in families}
+    failures = []            # every family and layout checked, then all failures reported at once
     for name in families:
+        rtol = SOAP_RTOL if families[name]["name"] == "soap" else RTOL
         for devices, fsdp in layouts:
             res = out[name][f"{devices}x{fsdp}"]
-            np.testing.assert_allclose(_losses(res), ref[name], rtol=RTOL, atol=0,
-                                       err_msg=f"{name} on {devices} devices, fsdp {fsdp}")
+            got = _losses(res)
+            rel = float(np.max(np.abs(got / ref[name] - 1.0)))
+            if not rel <= rtol:
+                failures.append(f"{name} on {devices} devices, fsdp {fsdp}: relative difference {rel:.2g} > {rtol:g}"
+                                f" ({got} vs {ref[name]})")
             n = _check_layout(res["layout"], devices, fsdp)
             if fsdp > 1:
                 assert n >= 10, f"{name}: only {n} leaves sharded over fsdp"
                 spec, shape, shards = res["layout"]["params"]["['embed']['embedding']"]
                 assert "fsdp" in spec and shards == [[shape[0] // fsdp, shape[1]]]
-    # The compared numbers are not trivially equal: families and steps differ far beyond RTOL.
+    assert not failures, "\n".join(failures)
+    # The compared numbers are not trivially equal: families and steps differ far beyond the tolerance
+    # (the closest pair, fog and diagfog, by 2.8e-4 relative).
+    tol = {name: SOAP_RTOL if families[name]["name"] == "soap" else RTOL for name in families}
     names = list(families)
     for a, b in zip(names, names[1:]):
-        assert abs(ref[a][-1] - ref[b][-1]) > 100 * RTOL * abs(ref[a][-1]), (a, b, ref[a], ref[b])
+        assert abs(ref[a][-1] - ref[b][-1]) > 10 * max(tol[a], tol[b]) * abs(ref[a][-1]), (a, b, ref[a], ref[b])
     for name in names:
-        assert abs(ref[name][1] - ref[name][0]) > 100 * RTOL * abs(ref[name][0]), (name, ref[name])
+        assert abs(ref[name][1] - ref[name][0]) > 10 * tol[name] * abs(ref[name][0]), (name, ref[name])
 
 
 # ------------------------------------------------------------------ the rule (in process)

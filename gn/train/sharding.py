@@ -68,13 +68,4 @@ def constrainer(mesh: Mesh, min_size: int = DEFAULT_MIN_SIZE) -> Callable[[Any],
     return lambda tree: jax.lax.with_sharding_constraint(tree, tree_shardings(tree, mesh, min_size))
 
 
-def describe(tree: Any) -> dict[str, str]:
-    """Key path → PartitionSpec string of each array leaf (diagnostics and tests)."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        sharding = getattr(leaf, "sharding", None)
-        out[jax.tree_util.keystr(path)] = str(getattr(sharding, "spec", "-"))
-    return out
-
-
-__all__ = ["DEFAULT_MIN_SIZE", "leaf_spec", "tree_shardings", "shard_tree", "constrainer", "describe"]
+__all__ = ["DEFAULT_MIN_SIZE", "leaf_spec", "tree_shardings", "shard_tree", "constrainer"]
