@@ -8,7 +8,7 @@
 # Steps (each under its own `timeout`, so one hang costs only its own budget):
 #   bench_f32     gn bench at the paper's 45m settings (b_inner 32, seq 1024, N 122), float32, the
 #                 plain model (no logits chunking, no remat, no layer scan): the baseline
-#   bench_lean    the same with the memory-lean model (logits_chunk, remat, scan_layers) and
+#   bench_lean    the same with the memory-lean model (logits_chunk, attn_chunk, remat, scan_layers) and
 #                 --compute-dtype bfloat16 (mixed precision, float32 params)
 #   compile_45m   gn bench --compile-only at 45m, b_inner 32, lean model (XLA's memory, nothing run)
 #   compile_150m  gn bench --compile-only at 150m with b_inner 128, lean model
@@ -21,7 +21,7 @@
 # --out PATH); logs and raw JSON beside it in device_check_logs/.
 #
 # Environment: PYTHON (default python3), STEP_TIMEOUT_S (default per step, below: the
-# full-size budget adds up to ~9.5 minutes), JAX_PLATFORMS (default cuda; cpu with --tiny).
+# full-size budget adds up to ~9 minutes), JAX_PLATFORMS (default cuda; cpu with --tiny).
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,21 +50,21 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$TINY" = 1 ]; then
   export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-  PRESET=nano; PRESET_BIG=nano; VOCAB=(--vocab-size 64); SEQ=16; BIN=2; BIN_BIG=4; N=2; LEAN_CHUNK=8
+  PRESET=nano; PRESET_BIG=nano; VOCAB=(--vocab-size 64); SEQ=16; BIN=2; BIN_BIG=4; N=2; LEAN_CHUNK=8; ATTN_CHUNK=8
   BENCH_EXTRA=(--repeats 2 --outer-repeats 1 --ls-grid 2 --ls-batches 1 --no-breakdown)
-  T_BENCH=300; T_BF16=300; T_COMPILE=300; T_TRAIN=300; T_DEVICES=300; T_FIRST=300
+  T_BENCH=300; T_BF16=300; T_COMPILE=300; T_TRAIN=300; T_DEVICES=300; T_FIRST=300; T_COMPILE_BIG=300
 else
   export JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"
-  PRESET=45m; PRESET_BIG=150m; VOCAB=(); SEQ=1024; BIN=32; BIN_BIG=128; N=122; LEAN_CHUNK=4096
-  BENCH_EXTRA=(--repeats 5 --outer-repeats 1 --no-breakdown)
-  T_BENCH=130; T_BF16=110; T_COMPILE=60; T_TRAIN=100; T_DEVICES=60; T_FIRST=80
+  PRESET=45m; PRESET_BIG=150m; VOCAB=(); SEQ=1024; BIN=32; BIN_BIG=128; N=122; LEAN_CHUNK=4096; ATTN_CHUNK=256
+  BENCH_EXTRA=(--repeats 3 --outer-repeats 1 --no-breakdown)
+  T_BENCH=130; T_BF16=130; T_COMPILE=50; T_TRAIN=80; T_DEVICES=30; T_FIRST=60; T_COMPILE_BIG=60
 fi
 if [ -n "${STEP_TIMEOUT_S:-}" ]; then
   T_BENCH=$STEP_TIMEOUT_S; T_BF16=$STEP_TIMEOUT_S; T_COMPILE=$STEP_TIMEOUT_S; T_TRAIN=$STEP_TIMEOUT_S
-  T_DEVICES=$STEP_TIMEOUT_S; T_FIRST=$STEP_TIMEOUT_S
+  T_DEVICES=$STEP_TIMEOUT_S; T_FIRST=$STEP_TIMEOUT_S; T_COMPILE_BIG=$STEP_TIMEOUT_S
 fi
-PLAIN=(--model logits_chunk=0 --model remat=false --model scan_layers=false)
-LEAN=(--model logits_chunk=$LEAN_CHUNK --model remat=true --model scan_layers=true)
+PLAIN=(--model logits_chunk=0 --model attn_chunk=0 --model remat=false --model scan_layers=false)
+LEAN=(--model logits_chunk=$LEAN_CHUNK --model attn_chunk=$ATTN_CHUNK --model remat=true --model scan_layers=true)
 
 wanted() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 
@@ -85,11 +85,11 @@ run_step() {
 
 BENCH=("$PY" -m gn.bench.cli --json --preset "$PRESET" "${VOCAB[@]}" --inner-batch "$BIN" --seq-len "$SEQ"
        --inner-steps "$N" "${BENCH_EXTRA[@]}")
-run_step bench_f32 "$T_BENCH" "${BENCH[@]}" "${PLAIN[@]}"
-run_step bench_lean "$T_BF16" "${BENCH[@]}" "${LEAN[@]}" --compute-dtype bfloat16
+# Most important first: a step that runs out of the call's time loses only what comes after it.
 COMPILE=("$PY" -m gn.bench.cli --json --compile-only "${VOCAB[@]}" --seq-len "$SEQ" --inner-steps "$N" "${LEAN[@]}")
 run_step compile_45m "$T_COMPILE" "${COMPILE[@]}" --preset "$PRESET" --inner-batch "$BIN"
-run_step compile_150m "$T_COMPILE" "${COMPILE[@]}" --preset "$PRESET_BIG" --inner-batch "$BIN_BIG"
+run_step bench_lean "$T_BF16" "${BENCH[@]}" "${LEAN[@]}" --compute-dtype bfloat16
+run_step bench_f32 "$T_BENCH" "${BENCH[@]}" "${PLAIN[@]}"
 
 # GN on the synthetic language (its vocabulary, 64, is below the preset's 32000, so the model keeps the
 # paper's embedding and head). train_config PRESET N B_INNER STEPS > file
@@ -99,6 +99,7 @@ model:
   preset: $1
   compute_dtype: bfloat16
   logits_chunk: $LEAN_CHUNK
+  attn_chunk: $ATTN_CHUNK
   remat: true
   scan_layers: true
 data:
@@ -122,6 +123,7 @@ run_step train "$T_TRAIN" "$PY" -m gn.cli train "$LOGS/train_config.yaml" --meth
 train_config "$PRESET_BIG" 4 "$BIN_BIG" 1 > "$LOGS/first_150m_config.yaml"
 run_step first_150m "$T_FIRST" "$PY" -m gn.cli train "$LOGS/first_150m_config.yaml" --method gn \
   --workdir "$LOGS/first_150m_run"
+run_step compile_150m "$T_COMPILE_BIG" "${COMPILE[@]}" --preset "$PRESET_BIG" --inner-batch "$BIN_BIG"
 
 if wanted devices; then
   NDEV=$(timeout 60 "$PY" -c "import jax; print(jax.device_count())" 2>/dev/null || echo "?")
@@ -176,7 +178,24 @@ def compile_numbers(r):
 def train_numbers(run="train_run", what="outer"):
     p = logs / run / "metrics.jsonl"
     try:
-        lean = "logits_chunk, remat, scan_layers"
+        rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+    except (OSError, ValueError):
+        return "-"
+    steps = [r for r in rows if "step_time_s" in r]
+    if not steps:
+        return "-"
+    last = steps[-1]
+    times = ", ".join(f"{r['step_time_s']:.2f}" for r in steps)
+    loss = last.get("train_loss")
+    return (f"{len(steps)} {what} steps, step times {times} s (first includes compile), "
+            f"final train loss {loss:.4f}" if isinstance(loss, float) else f"{len(steps)} {what} steps, {times} s")
+
+def devices_numbers():
+    p = logs / "devices.out"
+    return p.read_text().strip().splitlines()[-1] if p.exists() and p.read_text().strip() else "-"
+
+size = "nano, b_inner 2, seq 16, N 2 (--tiny)" if tiny else "45m, b_inner 32, seq 1024, N 122"
+lean = "logits_chunk, attn_chunk, remat, scan_layers"
 rows = [
     ("bench_f32", f"gn bench, float32, plain model ({size})", bench_numbers(load("bench_f32"))),
     ("bench_lean", f"gn bench, compute_dtype bfloat16, {lean} ({size})", bench_numbers(load("bench_lean"))),

@@ -36,7 +36,8 @@ def test_device_check_tiny_writes_every_row(tmp_path):
     assert "final train loss" in rows["first_150m"][4]
     assert (tmp_path / "device_check_logs" / "bench_lean.out").exists()
     lean = json.loads((tmp_path / "device_check_logs" / "compile_45m.out").read_text())
-    assert (lean["config"]["model"]["logits_chunk"], lean["config"]["model"]["remat"]) == (8, True)
+    c = lean["config"]
+    assert (c["logits_chunk"], c["attn_chunk"], c["remat"], c["scan_layers"]) == (8, 8, True, True)
 
 
 def test_device_check_rejects_unknown_arguments(tmp_path):
