@@ -198,3 +198,18 @@ def test_compile_only_with_compute_dtype(capsys):
     assert vg["output_bytes"] >= 4 * c["num_params"] + 4
     assert cli.main(args) == 0
     assert "bfloat16 matmuls, float32 params" in capsys.readouterr().out
+
+
+def test_model_flags_reach_the_model_config():
+    """--logits-chunk / --remat / --scan-layers set the ModelConfig fields; the chunked apply is a SplitApply."""
+    from gn.bench.gn_step import model_for_bench
+    from gn.split import SplitApply
+
+    args = cli.build_parser().parse_args(["bench", "--compile-only", "--logits-chunk", "64", "--remat",
+                                          "--scan-layers", "--model", "hidden=32"])
+    ov = cli.model_overrides(args)
+    assert ov == {"hidden": 32, "logits_chunk": 64, "remat": True, "scan_layers": True}
+    mcfg = model_for_bench("nano", None, ov, 16)
+    assert (mcfg.logits_chunk, mcfg.remat, mcfg.scan_layers, mcfg.hidden) == (64, True, True, 32)
+    assert isinstance(make_apply(mcfg), SplitApply)
+    assert cli.model_overrides(cli.build_parser().parse_args(["bench"])) == {}

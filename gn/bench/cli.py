@@ -91,7 +91,8 @@ def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def cmd_bench(args) -> None:
+def model_overrides(args) -> dict:
+    """ModelConfig fields set by the command line: --model KEY=VALUE, then the dedicated flags."""
     from gn.bench.gn_step import parse_overrides
 
     overrides = parse_overrides(args.model_set)
@@ -104,6 +105,11 @@ def cmd_bench(args) -> None:
         overrides["remat"] = True
     if args.scan_layers:
         overrides["scan_layers"] = True
+    return overrides
+
+
+def cmd_bench(args) -> None:
+    overrides = model_overrides(args)
     log = _log   # progress goes to stderr; stdout holds only the table or the JSON
     if args.compile_only and args.target == "optimizers":
         raise ConfigError("--compile-only applies to the GN step benchmark (no target), not to 'optimizers'.")

@@ -40,6 +40,10 @@ per chunk ("batched", "unrolled") or 1 × (c × V) ("sequential").
 Mixed precision: the head's own matmul keeps its compute dtype; curvature,
 reductions and the head-leaf cotangent sums are in at least float32.
 
+Rows are the flattened positions (batch × sequence, row-major), so a chunk may span
+sequences; under a batch-sharded mesh XLA may have to move rows between devices
+for that reshape (not measured).
+
 Not chunked (full logits): custom losses (`CustomLoss` or a callable) on a
 SplitApply fall back to `apply(params, inputs)`; so do callers that ask the
 model for logits themselves (K-FAC's `apply_with_layer_stats`, entropy
