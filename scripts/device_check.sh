@@ -57,7 +57,7 @@ else
   export JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"
   PRESET=45m; PRESET_BIG=150m; VOCAB=(); SEQ=1024; BIN=32; BIN_BIG=128; N=122; LEAN_CHUNK=4096; ATTN_CHUNK=256
   BENCH_EXTRA=(--repeats 3 --outer-repeats 1 --no-breakdown)
-  T_BENCH=130; T_BF16=130; T_COMPILE=50; T_TRAIN=80; T_DEVICES=30; T_FIRST=60; T_COMPILE_BIG=60
+  T_BENCH=130; T_BF16=200; T_COMPILE=120; T_TRAIN=80; T_DEVICES=30; T_FIRST=70; T_COMPILE_BIG=120
 fi
 if [ -n "${STEP_TIMEOUT_S:-}" ]; then
   T_BENCH=$STEP_TIMEOUT_S; T_BF16=$STEP_TIMEOUT_S; T_COMPILE=$STEP_TIMEOUT_S; T_TRAIN=$STEP_TIMEOUT_S
@@ -105,6 +105,7 @@ model:
 data:
   source: synthetic
   seq_len: $SEQ
+  val_sequences: $3
   synthetic: {vocab_size: 64, order: 2, support: 4}
 train:
   steps: $4
