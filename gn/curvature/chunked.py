@@ -40,9 +40,9 @@ per chunk ("batched", "unrolled") or 1 × (c × V) ("sequential").
 Mixed precision: the head's own matmul keeps its compute dtype; curvature,
 reductions and the head-leaf cotangent sums are in at least float32.
 
-Rows are the flattened positions (batch × sequence, row-major), so a chunk may span
-sequences; under a batch-sharded mesh XLA may have to move rows between devices
-for that reshape (not measured).
+Rows are the flattened positions (batch × sequence, row-major); chunk k takes
+every n_c-th row from row k on (`_chunk`), so under a batch-sharded mesh each
+chunk is spread over all devices and needs no data movement.
 
 Not chunked (full logits): custom losses (`CustomLoss` or a callable) on a
 SplitApply fall back to `apply(params, inputs)`; so do callers that ask the
@@ -80,17 +80,27 @@ class Rows(NamedTuple):
 
 
 def _chunk(x, n: int, c: int):
-    """(n, ...) → (n_c, c, ...), zero-padded."""
+    """(n, ...) → (n_c, c, ...), zero-padded; chunk k holds rows k, k + n_c, k + 2 n_c, ...
+
+    Strided rather than contiguous: a batch-sharded row axis splits the major
+    factor c of (c, n_c), so every chunk has rows on every device and slicing
+    chunk k is local to each device (contiguous chunks would live on one device).
+    """
     nc = -(-n // c)
     pad = nc * c - n
     if pad:
         x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-    return x.reshape((nc, c) + x.shape[1:])
+    return jnp.swapaxes(x.reshape((c, nc) + x.shape[1:]), 0, 1)
+
+
+def _rows(xc, n: int):
+    """Inverse of `_chunk`: (n_c, c, ...) → (n, ...), dropping the padding."""
+    return jnp.swapaxes(xc, 0, 1).reshape((-1,) + xc.shape[2:])[:n]
 
 
 def _unchunk(x, n: int, lead: tuple):
     """(n_c, c, ...) → lead + (...), dropping the padding."""
-    return x.reshape((-1,) + x.shape[2:])[:n].reshape(lead + x.shape[2:])
+    return _rows(x, n).reshape(lead + x.shape[2:])
 
 
 def make_rows(targets, mask, loss: str, chunk: int, dtype) -> Rows:
@@ -296,7 +306,7 @@ class ChunkedLinearization:
     def _unchunk_rows(self, hc):
         """Inverse of _chunk_rows."""
         hc = jnp.moveaxis(hc, -2, 1)                       # (n_c, c, ..., D)
-        h = hc.reshape((-1,) + hc.shape[2:])[:self.rows.n]  # (n, ..., D)
+        h = _rows(hc, self.rows.n)                         # (n, ..., D)
         h = jnp.moveaxis(h, 0, -2)                         # (..., n, D)
         return h.reshape(h.shape[:-2] + self.lead + h.shape[-1:])
 
