@@ -204,3 +204,34 @@ def test_notes_and_summary_tell_rejected_steps_from_small_steps():
     assert len(small) == 1 and "smallest line-search step" in small[0]
     summary = m.summarize([{"step": 1, **rejected}, {"step": 2, **edge}, {"step": 3, **edge, "ls_at_edge": 0.0}])
     assert summary["rejected_steps"] == 1 and summary["ls_at_edge_steps"] == 2
+
+
+def test_a_step_that_raises_the_line_search_loss_is_noted_or_rejected(monkeypatch):
+    """The paper's rule takes the best α even when it raises the loss on the line-search batches
+    (as on the H200 check, docs/device_check.md); with ls_reject_increase the step is rejected."""
+    import gn.methods.gauss_newton as gnm
+
+    real = gnm.line_search
+
+    def worse(*args, **kwargs):      # the same search, with every evaluated loss 1.0 higher than at θ_t
+        r = real(*args, **kwargs)
+        return r._replace(loss=r.loss0 + 1.0)
+
+    monkeypatch.setattr(gnm, "line_search", worse)
+    theta = init_params(CFG, jax.random.PRNGKey(0))
+    for reject in (False, True):
+        m = _method(inner_steps=2, inner_learning_rate=0.05, ls_reject_increase=reject)
+        hat, _, _ = m._inner(theta, m.init(theta), _batches(1, 2))
+        new, rejected, metrics = m._search(theta, hat, _batches(2, 2))
+        metrics = {k: float(v) for k, v in metrics.items()}
+        assert metrics["pred_decrease"] > 0                       # the model alone would accept it
+        assert bool(rejected) is reject
+        if reject:
+            assert metrics["alpha"] == 0.0 and metrics["actual_decrease"] == 0.0
+            for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(theta)):
+                np.testing.assert_array_equal(a, b)
+            assert "ls_reject_increase" in m.notes(1, metrics)[0]
+        else:
+            assert metrics["alpha"] > 0 and metrics["actual_decrease"] == pytest.approx(-1.0)
+            (note,) = m.notes(1, metrics)
+            assert "raised the line-search loss by 1" in note and m.notes(2, metrics) == []   # once

@@ -135,6 +135,7 @@ class GaussNewtonMethod(MethodBase):
         self.tx = inner_optimizer_config(hp, name).transform(lambda step: 1.0)
         self._edge_noted = False
         self._rejection_noted = False
+        self._increase_noted = False
         self._num_blocks = None
         ref = ctx.reference_batch_size or ctx.batch_size
         self._ref_scale = self.b_inner / ref
@@ -255,6 +256,9 @@ class GaussNewtonMethod(MethodBase):
         # A step the local model does not predict to decrease the loss is not trusted (a diverged inner
         # loop can still find a lucky α on the line-search batches): θ stays at θ_t.
         rejected = ~(jnp.isfinite(pred) & (pred > 0))
+        if hp.ls_reject_increase:
+            # Even the best α of the grid raised the loss on fresh data: the direction is not trusted.
+            rejected = rejected | ~(ls.loss <= ls.loss0)
         new = self._constrain(jax.tree.map(lambda m, p: jnp.where(rejected, p, m), moved, theta))
         alpha = jnp.where(rejected, 0.0, ls.alpha)
         actual = jnp.where(rejected, 0.0, ls.loss0 - ls.loss)
@@ -314,9 +318,15 @@ class GaussNewtonMethod(MethodBase):
         if metrics.get("step_rejected"):
             if not self._rejection_noted:
                 self._rejection_noted = True
-                notes.append(f"{self.name}: step {step} rejected (predicted decrease "
-                             f"{metrics['pred_decrease']:.3g} <= 0): θ kept, the inner solution refined next step; "
-                             "summary.json counts rejected steps")
+                why = (f"predicted decrease {metrics['pred_decrease']:.3g} <= 0" if metrics["pred_decrease"] <= 0
+                       else "the best line-search step raised the loss; ls_reject_increase")
+                notes.append(f"{self.name}: step {step} rejected ({why}): θ kept, the inner solution refined "
+                             "next step; summary.json counts rejected steps")
+        elif metrics.get("actual_decrease", 0.0) < 0 and not self._increase_noted:
+            self._increase_noted = True
+            notes.append(f"{self.name}: step {step} raised the line-search loss by {-metrics['actual_decrease']:.3g} "
+                         f"at its best step α={metrics['alpha']:.3g} and was taken (the paper's rule); "
+                         "ls_reject_increase: true rejects such steps")
         elif metrics.get("ls_at_edge") and not self._edge_noted:
             self._edge_noted = True
             notes.append(f"{self.name}: step {step} chose the smallest line-search step α={metrics['alpha']:.3g}; "

@@ -52,6 +52,8 @@ class GNConfig(MethodConfig):
     ls_grid: int = opt(5, "line-search grid α ∈ {2^(−i/2) : i < ls_grid}")
     ls_batches: int = opt(2, "fresh batches the line search reads")
     ls_extend: int = opt(0, "extra downward grid chunks while the loss improves")
+    ls_reject_increase: bool = opt(False, "reject a step whose best α still raises the line-search loss "
+                                          "(θ kept; off: accepted, as in the paper, with a note)")
     ls_vectorize: bool = opt(True, "evaluate all α in one vmapped call (false: one by one, less memory)")
     cg_iters: int = opt(50, "CG iterations (cg solver and probe)")
     cg_tol: float = opt(1e-6, "CG relative residual tolerance")
