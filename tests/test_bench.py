@@ -151,7 +151,7 @@ def test_bench_inner_step_is_the_methods_scan_body():
 def test_compile_only_compiles_every_function_and_runs_nothing(capsys, monkeypatch):
     """`gn bench --compile-only` on nano: every benchmarked function is compiled on abstract arguments,
     XLA's buffer sizes are reported, and nothing is executed or transferred to the device."""
-    from gn.bench.gn_step import COMPILE_ONLY_FUNCTIONS
+    from gn.bench.compile_only import COMPILE_ONLY_FUNCTIONS
 
     def refuse(*args, **kwargs):
         raise AssertionError("--compile-only executed a compiled function")
@@ -202,7 +202,7 @@ def test_compile_only_with_compute_dtype(capsys):
 
 def test_model_flags_reach_the_model_config():
     """--logits-chunk / --remat / --scan-layers set the ModelConfig fields; the chunked apply is a SplitApply."""
-    from gn.bench.gn_step import model_for_bench
+    from gn.bench.harness import model_for_bench
     from gn.split import SplitApply
 
     args = cli.build_parser().parse_args(["bench", "--compile-only", "--logits-chunk", "64", "--remat",

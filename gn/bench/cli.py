@@ -93,7 +93,7 @@ def _log(msg: str) -> None:
 
 def model_overrides(args) -> dict:
     """ModelConfig fields set by the command line: --model KEY=VALUE, then the dedicated flags."""
-    from gn.bench.gn_step import parse_overrides
+    from gn.bench.harness import parse_overrides
 
     overrides = parse_overrides(args.model_set)
     if args.compute_dtype is not None:
@@ -126,7 +126,8 @@ def cmd_bench(args) -> None:
         res = run_optimizer_bench(cfg, log=log)
         print(json.dumps(res, indent=1) if args.json else format_optimizer_table(res))
         return
-    from gn.bench.gn_step import GNBenchConfig, format_compile_table, format_gn_table, run_compile_only, run_gn_bench
+    from gn.bench.compile_only import format_compile_table, run_compile_only
+    from gn.bench.gn_step import GNBenchConfig, format_gn_table, run_gn_bench
 
     cfg = GNBenchConfig(preset=args.preset, vocab_size=args.vocab_size, model_overrides=overrides,
                         inner_batch=args.inner_batch, seq_len=args.seq_len, inner_steps=args.inner_steps,

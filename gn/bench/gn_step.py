@@ -30,8 +30,6 @@ repeats. On CPU a standalone jitted call re-faults its temp buffer on every call
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
 import statistics
 import time
 from typing import Any, Callable, Mapping
@@ -40,12 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gn.bench.harness import (compile_aot, machine_info, model_for_bench, peak_memory, precision, random_tokens,
+                              ratio, time_round_robin, tune_malloc)
 from gn.errors import require
 
 PAPER_INNER_STEPS = 122
-
-# Vocabulary used when the preset leaves it to the data source.
-DEFAULT_VOCAB = {"nano": 512, "tiny": 4096}
 
 GOALS = (
     # (name, metric, threshold, description)
@@ -55,152 +52,6 @@ GOALS = (
     ("layerwise_le_0.6x_blocks_times_gn", "gn_layerwise_inner_over_blocks_times_gn_inner", 0.6,
      "gn_layerwise inner step <= 0.6 x num_blocks x gn inner step"),
 )
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-def machine_info() -> dict:
-    """Where the numbers were taken: CPU, cores usable, backend, versions."""
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    dev = jax.devices()[0]
-    return {"cpu": cpu, "cores_usable": cores, "platform": platform.platform(),
-            "python": platform.python_version(), "jax": jax.__version__,
-            "backend": dev.platform, "device": getattr(dev, "device_kind", str(dev)),
-            "device_count": jax.device_count()}
-
-
-def peak_memory() -> tuple[int | None, str]:
-    """(peak_bytes_in_use of device 0, explanation); None where the backend reports none (CPU)."""
-    dev = jax.devices()[0]
-    try:
-        stats = dev.memory_stats()
-    except Exception:   # some backends raise instead of returning None
-        stats = None
-    if stats and "peak_bytes_in_use" in stats:
-        return int(stats["peak_bytes_in_use"]), (
-            f"{dev.platform}: memory_stats()['peak_bytes_in_use'], process-wide peak over the whole benchmark")
-    return None, (f"the {dev.platform} backend reports no memory_stats(), so no peak is measured; "
-                  "'compiled' gives XLA's per-function buffer sizes instead")
-
-
-def tune_malloc() -> bool:
-    """Keep freed heap memory in the process (glibc only): mallopt(M_MMAP_MAX, 0) and a 1 GiB
-    M_TRIM_THRESHOLD. Returns whether it was applied.
-
-    On CPU, XLA allocates each executable's temp buffer per call; above glibc's mmap threshold
-    (at most 32 MiB) that is a fresh mmap, page-faulted in and unmapped on every call. A
-    standalone jitted step then costs far more than the same step inside `lax.scan` (which
-    allocates once). Opt-in (`gn bench --tune-malloc`); the default measures the untuned process.
-    """
-    import ctypes
-    import ctypes.util
-
-    if platform.system() != "Linux":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):
-        return False
-
-
-def compile_aot(jitted: Any, *args, compiler_options: Mapping[str, Any] | None = None) -> tuple[Callable, dict]:
-    """Ahead-of-time compile `jitted` for `args`; return (compiled, XLA statistics).
-
-    The compiled executable is what gets timed, so compiling once gives both. A
-    function already compiled by a call hits JAX's cache (compile_s ~ 0).
-    `compiler_options` (e.g. {"xla_backend_optimization_level": 0}) only speed up
-    smoke tests; timings taken with them are not representative.
-    """
-    t0 = time.perf_counter()
-    lowered = jitted.lower(*args)
-    compiled = lowered.compile(dict(compiler_options)) if compiler_options else lowered.compile()
-    stats: dict[str, Any] = {"compile_s": time.perf_counter() - t0}
-    try:
-        cost = compiled.cost_analysis()
-        if isinstance(cost, (list, tuple)):
-            cost = cost[0] if cost else {}
-        stats["flops"] = float(cost["flops"]) if cost and "flops" in cost else None
-    except Exception:
-        stats["flops"] = None
-    try:
-        mem = compiled.memory_analysis()
-        stats["temp_bytes"] = int(mem.temp_size_in_bytes)
-        stats["argument_bytes"] = int(mem.argument_size_in_bytes)
-        stats["output_bytes"] = int(mem.output_size_in_bytes)
-    except Exception:
-        stats.update(temp_bytes=None, argument_bytes=None, output_bytes=None)
-    return compiled, stats
-
-
-def time_round_robin(fns: Mapping[str, Callable[[], Any]], repeats: int, *, warmup: int = 1,
-                     counts: Mapping[str, int] | None = None,
-                     budget_s: float | None = None) -> dict[str, list[float]]:
-    """Wall times of each thunk: `warmup` untimed calls each, then `repeats` rounds in
-    which every thunk is called once (results blocked on). `counts[name]` caps how many
-    rounds a thunk takes part in; with `budget_s`, a thunk leaves the rounds once its
-    timed calls add up to that many seconds (for the slow ones)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            jax.block_until_ready(fn())
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(repeats):
-        for name, fn in fns.items():
-            if counts is not None and r >= counts.get(name, repeats):
-                continue
-            if budget_s is not None and sum(samples[name]) >= budget_s:
-                continue
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            samples[name].append(time.perf_counter() - t0)
-    return samples
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
-
-
-def model_for_bench(preset: str, vocab_size: int | None, overrides: Mapping[str, Any], seq_len: int):
-    """ModelConfig of a preset with a vocabulary (DEFAULT_VOCAB when the preset has none)."""
-    from gn.model import PRESETS, model_config
-
-    require(preset in PRESETS, f"unknown model preset {preset!r}; valid presets are {', '.join(PRESETS)}.")
-    ov = dict(overrides)
-    vocab = vocab_size or ov.pop("vocab_size", None) or PRESETS[preset].get("vocab_size") \
-        or DEFAULT_VOCAB.get(preset, 512)
-    ov["vocab_size"] = vocab
-    max_len = ov.get("max_seq_len", PRESETS[preset].get("max_seq_len", seq_len))
-    ov["max_seq_len"] = max(max_len, seq_len)
-    return model_config(preset, **ov)
-
-
-def random_tokens(rng: np.random.Generator, shape: tuple, vocab: int) -> jnp.ndarray:
-    return jnp.asarray(rng.integers(0, vocab, size=shape), jnp.int32)
-
-
-def parse_overrides(items: list[str] | None) -> dict:
-    """['hidden=32', 'layers=1'] -> {'hidden': 32, 'layers': 1} (YAML scalars)."""
-    import yaml
-
-    out = {}
-    for item in items or []:
-        require("=" in item, f"model override '{item}' must look like KEY=VALUE, e.g. hidden=32.")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 # --------------------------------------------------------------------------- the GN benchmark
@@ -254,110 +105,13 @@ def inner_step_fn(method) -> Callable:
 
     return step
 
-
-COMPILE_ONLY_FUNCTIONS = ("value_and_grad", "adamw_step", "muon_step", "gn_inner_step",
-                          "gn_prox_linear_inner_step", "gn_layerwise_inner_step", "gn_inner_loop", "linesearch")
-
-
-def run_compile_only(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str], None] | None = None) -> dict:
-    """`gn bench --compile-only`: compile every benchmarked function, run none of them.
-
-    Each function (`COMPILE_ONLY_FUNCTIONS`: value_and_grad, one AdamW and one Muon
-    step, one inner step of gn / gn_prox_linear / gn_layerwise, gn's whole jitted
-    inner loop of N steps, and the line search) is lowered on abstract arguments
-    (`jax.ShapeDtypeStruct`s from `jax.eval_shape`: no parameter, batch or optimizer
-    state is ever materialised) and compiled with `jax.jit(...).lower(...).compile()`.
-    Reported per function under `compiled`: compile seconds, XLA's FLOP count and
-    `memory_analysis()` temp / argument / output bytes (also on CPU), plus their sum
-    `total_bytes`, a lower bound of the call's live memory. Nothing is executed on
-    the device, so paper-sized shapes can be checked for memory on a machine that
-    could not run them.
-    """
-    from gn import curvature
-    from gn.model import count_params, init_params, make_apply
-    from gn.curvature.objective import lm_loss
-
-    cfg.validate()
-    say = log or (lambda msg: None)
-    mcfg = model_for_bench(cfg.preset, cfg.vocab_size, cfg.model_overrides, cfg.seq_len)
-    apply = make_apply(mcfg)
-    b, T, N = cfg.inner_batch, cfg.seq_len, cfg.inner_steps
-
-    adamw, muon, gn, prox, lw = _bench_methods(cfg, mcfg, apply)
-
-    key = jax.eval_shape(lambda: jax.random.PRNGKey(cfg.seed))
-    params = jax.eval_shape(lambda k: init_params(mcfg, k), key)
-    tokens = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-    batch, scalar = tokens(b, T + 1), jax.ShapeDtypeStruct((), jnp.int32)
-    say(f"model {cfg.preset}: {count_params(mcfg):,} params (abstract), vocab {mcfg.vocab_size}; "
-        f"b_inner {b} x seq {T}, N {N}; compile only")
-    compiled: dict[str, dict] = {}
-
-    def add(name, jitted, *args):
-        say(f"compiling {name}")
-        _, stats = compile_aot(jitted, *args, compiler_options=cfg.compiler_options)
-        parts = (stats.get("temp_bytes"), stats.get("argument_bytes"), stats.get("output_bytes"))
-        stats["total_bytes"] = sum(parts) if None not in parts else None
-        compiled[name] = stats
-
-    loss_fn = lambda p, bt: lm_loss(apply, p, bt)  # noqa: E731
-    add("value_and_grad", jax.jit(jax.value_and_grad(loss_fn)), params, batch)
-    for name, m in (("adamw_step", adamw), ("muon_step", muon)):
-        add(name, m.step, params, jax.eval_shape(m.init, params), tokens(1, b, T + 1), None, key)
-    for name, m in (("gn", gn), ("gn_prox_linear", prox), ("gn_layerwise", lw)):
-        opt = jax.eval_shape(lambda p, m=m: m.init(p).inner_opt, params)
-        add(f"{name}_inner_step", jax.jit(inner_step_fn(m)), params, params, opt, batch, scalar, scalar)
-    add("gn_inner_loop", gn._inner, params, jax.eval_shape(gn.init, params), tokens(N, b, T + 1))
-    add("linesearch", gn._search, params, params, tokens(gn.hp.ls_batches, b, T + 1))
-    return {
-        "benchmark": "gn_step_compile_only",
-        "config": {"preset": cfg.preset, "vocab_size": mcfg.vocab_size, "hidden": mcfg.hidden,
-                   "layers": mcfg.layers, "ffn": mcfg.ffn, "mlp": mcfg.mlp, "qk_norm": mcfg.qk_norm,
-                   "dtype": mcfg.dtype, "compute_dtype": mcfg.compute_dtype,
-                   "logits_chunk": mcfg.logits_chunk, "attn_chunk": mcfg.attn_chunk, "remat": mcfg.remat,
-                   "scan_layers": mcfg.scan_layers,
-                   "num_params": count_params(mcfg), "non_embedding_params": count_params(mcfg, non_embedding=True),
-                   "inner_batch": b, "seq_len": T, "inner_steps": N, "ls_grid": gn.hp.ls_grid,
-                   "ls_batches": gn.hp.ls_batches, "layerwise_block_mode": lw.hp.block_mode,
-                   "inner_optimizer": gn.hp.inner_optimizer,
-                   "compiler_options": dict(cfg.compiler_options) if cfg.compiler_options else None},
-        "machine": machine_info(),
-        "num_blocks": len(curvature.make_partition(params, lw.partition)[1]),
-        "compiled": compiled,
-    }
-
-
-def _precision(c: Mapping[str, Any]) -> str:
-    # ", bfloat16 matmuls" in the table's title under mixed precision; "" otherwise.
-    cd = c.get("compute_dtype")
-    return f", {cd} matmuls, {c.get('dtype')} params" if cd and cd != c.get("dtype") else ""
-
-
-def format_compile_table(res: dict) -> str:
-    """Aligned table of `run_compile_only`'s result: one row per compiled function."""
-    c = res["config"]
-    mib = lambda x: "-" if x is None else f"{x / 2**20:,.1f}"  # noqa: E731
-    lines = [f"gn bench --compile-only: {c['preset']} ({c['num_params']:,} params, vocab {c['vocab_size']}"
-             f"{_precision(c)}), "
-             f"b_inner {c['inner_batch']} x seq {c['seq_len']}, N {c['inner_steps']}; "
-             f"{res['machine']['backend']} (nothing executed)",
-             f"{'function':<28}{'temp MiB':>12}{'args MiB':>12}{'out MiB':>12}{'total MiB':>12}"
-             f"{'GFLOP':>10}{'compile s':>11}"]
-    for name, st in res["compiled"].items():
-        flops = "-" if st.get("flops") is None else f"{st['flops'] / 1e9:,.2f}"
-        lines.append(f"{name:<28}{mib(st.get('temp_bytes')):>12}{mib(st.get('argument_bytes')):>12}"
-                     f"{mib(st.get('output_bytes')):>12}{mib(st.get('total_bytes')):>12}{flops:>10}"
-                     f"{st['compile_s']:>11.1f}")
-    return "\n".join(lines)
-
-
 def _build(name: str, hparams: dict, ctx):
     from gn.methods import registry
 
     return registry.build(registry.resolve_entry({"name": name, **hparams}), ctx)
 
 
-def _bench_methods(cfg: "GNBenchConfig", mcfg: Any, apply: Callable) -> tuple:
+def bench_methods(cfg: "GNBenchConfig", mcfg: Any, apply: Callable) -> tuple:
     """AdamW and Muon at the inner batch; GN, GN-prox-linear and layerwise GN at N inner batches."""
     from gn.methods.base import MethodContext
 
@@ -397,7 +151,7 @@ def run_gn_bench(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str], N
     b, T, N = cfg.inner_batch, cfg.seq_len, cfg.inner_steps
     V = mcfg.vocab_size
 
-    adamw, muon, gn, prox, lw = _bench_methods(cfg, mcfg, apply)
+    adamw, muon, gn, prox, lw = bench_methods(cfg, mcfg, apply)
 
     params = init_params(mcfg, jax.random.PRNGKey(cfg.seed))
     rng = np.random.default_rng(cfg.seed)
@@ -564,7 +318,7 @@ def format_gn_table(res: dict) -> str:
     """The result as a readable table."""
     c, m = res["config"], res["machine"]
     lines = [f"gn bench: preset {c['preset']} ({c['num_params']:,} params, vocab {c['vocab_size']}"
-             f"{_precision(c)}), "
+             f"{precision(c)}), "
              f"b_inner {c['inner_batch']} x seq {c['seq_len']}, N = {c['inner_steps']} inner steps, "
              f"line search grid {c['ls_grid']} x {c['ls_batches']} batches; "
              f"medians of {c['repeats']} repeats (outer step: {c['outer_repeats']})",
@@ -590,8 +344,8 @@ def format_gn_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["GNBenchConfig", "GOALS", "PAPER_INNER_STEPS", "compile_aot", "format_gn_table", "inner_step_fn",
-           "machine_info", "peak_memory", "ratio", "run_gn_bench", "time_round_robin"]
+__all__ = ["GNBenchConfig", "GOALS", "PAPER_INNER_STEPS", "bench_methods", "format_gn_table", "inner_step_fn",
+           "run_gn_bench"]
 
 
 if __name__ == "__main__":   # pragma: no cover - convenience

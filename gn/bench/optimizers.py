@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from gn.bench.gn_step import (compile_aot, machine_info, model_for_bench, random_tokens, ratio, time_round_robin,
+from gn.bench.harness import (compile_aot, machine_info, model_for_bench, random_tokens, ratio, time_round_robin,
                               tune_malloc)
 from gn.errors import ConfigError, require
 
@@ -43,7 +43,7 @@ class OptimizerBenchConfig:
     methods: tuple[str, ...] | None = None      # None: every registered non-GN method
     exclude: tuple[str, ...] = ()               # names left out (e.g. methods too slow for the preset)
     time_budget_s: float = 60.0                 # per method: timed repeats stop once they add up to this
-    tune_malloc: bool = False                   # see gn.bench.gn_step.tune_malloc
+    tune_malloc: bool = False                   # see gn.bench.harness.tune_malloc
     seed: int = 0
 
     def validate(self) -> None:
