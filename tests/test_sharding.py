@@ -70,9 +70,10 @@ def _worker(*args: str, devices: int = 8, timeout: int = 600) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-def _train(tmp_path: Path, families: dict, layouts: list, errors: list = ()) -> dict:
+def _train(tmp_path: Path, families: dict, layouts: list, errors: list = (), overrides: dict | None = None) -> dict:
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"steps": 2, "families": families, "layouts": layouts, "errors": list(errors)}))
+    spec.write_text(json.dumps({"steps": 2, "families": families, "layouts": layouts, "errors": list(errors),
+                                "overrides": overrides or {}}))
     _worker("train", str(spec), str(tmp_path / "out.json"))
     return json.loads((tmp_path / "out.json").read_text())
 
@@ -162,6 +163,16 @@ def test_families_match_one_device_when_sharded(tmp_path):
     assert msgs[0] and "train.fsdp = 3 does not divide the 8 devices" in msgs[0]
     assert msgs[1] and "batch size 4 is not divisible by the 8 devices of the mesh (data 1 × fsdp 8)" in msgs[1]
     assert msgs[2] and "train.eval_batch_size (12) is not divisible" in msgs[2]
+
+
+@pytest.mark.slow
+def test_memory_lean_model_matches_one_device_when_sharded(tmp_path):
+    """The paper presets' memory-lean evaluation (chunked logits and attention, remat, layer scan)
+    sharded over (data 2, fsdp 4): the same losses as on one device, every leaf by the rule."""
+    families = {k: FAMILIES[k] for k in ("adamw", "fog", "gn", "gn_layerwise")}
+    lean = {"model": {"layers": 2, "logits_chunk": 24, "attn_chunk": 8, "remat": True, "scan_layers": True}}
+    out = _train(tmp_path, families, [[1, 1], [8, 4]], overrides=lean)
+    _compare_families(out, families, [[8, 4]])
 
 
 def test_checkpoint_restores_onto_other_device_counts(tmp_path):
