@@ -17,7 +17,8 @@ pass (`jax.linearize`) and one transpose pass (`jax.linear_transpose`).
 """
 
 from gn.curvature.cg import CGInfo, block_conjugate_gradient, conjugate_gradient
-from gn.curvature.chunked import ChunkedLinearization, model_loss
+from gn.curvature.chunked import ChunkedLinearization
+from gn.curvature.chunked_loss import model_loss
 from gn.curvature.ggn import (
     BLOCK_MODES,
     BlockLinearization,

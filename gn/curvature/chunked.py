@@ -1,21 +1,7 @@
-"""Losses and Gauss-Newton products of a `SplitApply` model, `chunk` tokens at a time.
+"""Gauss-Newton products of a `SplitApply` model, `chunk` tokens at a time.
 
-A `gn.split.SplitApply` writes the model as z = head(θ, h), h = body(θ, x), with
-h of shape P + (D,) for P the token positions and a head acting row by row
-(the LM head matmul, (n, D) → (n, V)). The n = |P| rows are padded to n_c·c
-(c = min(chunk, n)) and split into chunks R_1..R_{n_c}; a padded row has weight
-0. With s_i = m_i / max(Σ m, 1) the whole batch's loss weights (1/n unmasked),
-the mean loss is a sum of chunk terms,
-
-    ℓ(θ) = Σ_k Σ_{i∈R_k} s_i l_i(head(θ, h_i)),
-
-so only one (c × V) block of logits is alive at a time (`lax.scan` over chunks).
-
-Loss and gradient (`model_loss`, a custom VJP): the forward scan also forms, per
-chunk, g_k = s (softmax(z_k) − e_y) and its pullback through the head,
-(θ̄_k, h̄_k) = (∂head/∂(θ, h))ᵀ g_k; then ∇ℓ = Σ_k θ̄_k + J_bodyᵀ h̄. Three head
-matmuls per chunk, as without chunking, and nothing (c × V) is kept for the
-backward pass (the residuals are h̄, of h's size, and θ̄ of the head's leaves).
+z = head(θ, h), h = body(θ, x); rows, chunks, their weights and the chunked loss
+are in `gn.curvature.chunked_loss` (its docstring has the notation).
 
 Gauss-Newton models (`ChunkedLinearization`): the body alone is linearised at
 θ0 (h0 and ḣ = J_body d, one primal pass, residuals kept). Per chunk, with the
@@ -40,188 +26,24 @@ per chunk ("batched", "unrolled") or 1 × (c × V) ("sequential").
 Mixed precision: the head's own matmul keeps its compute dtype; curvature,
 reductions and the head-leaf cotangent sums are in at least float32.
 
-Rows are the flattened positions (batch × sequence, row-major); chunk k takes
-every n_c-th row from row k on (`_chunk`), so under a batch-sharded mesh each
-chunk is spread over all devices and needs no data movement.
-
 Not chunked (full logits): custom losses (`CustomLoss` or a callable) on a
 SplitApply fall back to `apply(params, inputs)`; so do callers that ask the
 model for logits themselves (K-FAC's `apply_with_layer_stats`, entropy
 diagnostics).
 """
 
+
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from gn.curvature import losses as _losses
 from gn.split import SplitApply
-
-
-def chunkable(apply_fn, loss) -> bool:
-    """Whether `apply_fn` and `loss` take the chunked path (a SplitApply with a built-in loss)."""
-    return isinstance(apply_fn, SplitApply) and isinstance(loss, str) and loss in _losses.LOSSES
-
-
-# --------------------------------------------------------------------------- rows and chunks
-
-class Rows(NamedTuple):
-    """Per-row targets, weights s_i and kept flags, chunked to (n_c, c, ...); padding has s = 0, keep False."""
-
-    targets: jax.Array
-    scale: jax.Array
-    keep: jax.Array
-    n: int
-    chunk: int
-
-
-def _chunk(x, n: int, c: int):
-    """(n, ...) → (n_c, c, ...), zero-padded; chunk k holds rows k, k + n_c, k + 2 n_c, ...
-
-    Strided rather than contiguous: a batch-sharded row axis splits the major
-    factor c of (c, n_c), so every chunk has rows on every device and slicing
-    chunk k is local to each device (contiguous chunks would live on one device).
-    """
-    nc = -(-n // c)
-    pad = nc * c - n
-    if pad:
-        x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-    return jnp.swapaxes(x.reshape((c, nc) + x.shape[1:]), 0, 1)
-
-
-def _rows(xc, n: int):
-    """Inverse of `_chunk`: (n_c, c, ...) → (n, ...), dropping the padding."""
-    return jnp.swapaxes(xc, 0, 1).reshape((-1,) + xc.shape[2:])[:n]
-
-
-def _unchunk(x, n: int, lead: tuple):
-    """(n_c, c, ...) → lead + (...), dropping the padding."""
-    return _rows(x, n).reshape(lead + x.shape[2:])
-
-
-def make_rows(targets, mask, loss: str, chunk: int, dtype) -> Rows:
-    """Flatten the positions, give every row its weight s_i = m_i / max(Σ m, 1) and chunk them."""
-    pos = tuple(targets.shape if loss == "cross_entropy" else targets.shape[:-1])
-    if mask is not None and tuple(mask.shape) != pos:
-        raise ValueError(f"mask must have shape {pos}, got {tuple(mask.shape)}.")
-    n = math.prod(pos)
-    c = max(min(chunk, n), 1)
-    t = targets.reshape((n,) + tuple(targets.shape[len(pos):]))
-    if mask is None:
-        scale = jnp.full((n,), 1.0 / max(n, 1), dtype)
-        keep = jnp.ones((n,), bool)
-    else:
-        m = mask.reshape(n).astype(dtype)
-        scale = m / jnp.maximum(jnp.sum(m), 1.0)
-        keep = mask.reshape(n) > 0
-    return Rows(_chunk(t, n, c), _chunk(scale, n, c), _chunk(keep, n, c), n, c)
-
-
-def _check_hidden(h, targets, loss):
-    pos = tuple(targets.shape if loss == "cross_entropy" else targets.shape[:-1])
-    if tuple(h.shape[:-1]) != pos:
-        raise ValueError(f"the body's output {tuple(h.shape)} must be the target positions {pos} + (D,).")
-
-
-# --------------------------------------------------------------------------- the head as a function of its leaves
-
-def used_leaves(fn: Callable, leaves: list, treedef, x) -> list[int]:
-    """Indices of the parameter leaves that fn(params, x) reads, from its jaxpr (abstract trace).
-
-    A leaf counts as read when any equation takes it as input, so the answer is
-    conservative. Restricting the head's tangents and cotangents to these leaves
-    keeps (e.g.) the embedding table out of every chunk's carry.
-    """
-    structs = [jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) for v in leaves]
-    xs = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    jaxpr = jax.make_jaxpr(lambda ls, xx: fn(treedef.unflatten(ls), xx))(structs, xs).jaxpr
-    read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
-    return [i for i, v in enumerate(jaxpr.invars[:len(leaves)]) if id(v) in read]
-
-
-class Head:
-    """head(θ, h) as a function of the leaves it reads: `fn(sub, h)`, sub = [θ_i for i in idx]."""
-
-    def __init__(self, head: Callable, params, h_row):
-        self.head = head
-        self.leaves, self.treedef = jax.tree.flatten(params)
-        self.idx = used_leaves(head, self.leaves, self.treedef, h_row)
-
-    def sub(self, leaves: list) -> list:
-        return [leaves[i] for i in self.idx]
-
-    def fn(self, sub: list, h):
-        # The other leaves are passed but, by construction of idx, never read (nor traced).
-        full = list(self.leaves)
-        for i, x in zip(self.idx, sub):
-            full[i] = x
-        return self.head(self.treedef.unflatten(full), h)
-
-
-def _acc_dtype(x):
-    return jnp.promote_types(x.dtype, jnp.float32)
-
-
-def _zeros_acc(tree):
-    return jax.tree.map(lambda x: jnp.zeros(x.shape, _acc_dtype(x)), tree)
-
-
-def _tree_add(acc, x):
-    return jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc, x)
-
-
-def _out_dtype(head: Head, h):
-    return jax.eval_shape(head.fn, head.sub(head.leaves), jax.ShapeDtypeStruct((1, h.shape[-1]), h.dtype)).dtype
-
-
-# --------------------------------------------------------------------------- loss and gradient
-
-def head_loss(split: SplitApply, params, h, targets, mask=None, loss: str = "cross_entropy"):
-    """ℓ = Σ_k Σ_{i∈R_k} s_i l_i(head(θ, h_i)) chunk by chunk, differentiable in params and h (custom VJP)."""
-    _check_hidden(h, targets, loss)
-    h2 = h.reshape(-1, h.shape[-1])
-    head = Head(split.head, params, h2[:1])
-    zdt = _out_dtype(head, h2)
-    dt = _losses._compute_dtype(zdt)
-    rows = make_rows(targets, mask, loss, split.chunk, dt)
-    xs_rows = (rows.targets, rows.scale, rows.keep)
-    sub0 = head.sub(head.leaves)
-
-    @jax.custom_vjp
-    def value(sub, hc):
-        def step(acc, xs):
-            h_c, t_c, s_c, k_c = xs
-            return acc + _losses.weighted_loss(head.fn(sub, h_c).astype(dt), t_c, s_c, k_c, loss), None
-        return jax.lax.scan(step, jnp.zeros((), dt), (hc, *xs_rows))[0]
-
-    def fwd(sub, hc):
-        def step(carry, xs):
-            acc, gsub = carry
-            h_c, t_c, s_c, k_c = xs
-            z, pull = jax.vjp(head.fn, sub, h_c)
-            curv = _losses.weighted_curvature(z.astype(dt), t_c, s_c, k_c, loss)
-            gs, gh = pull(curv.grad.astype(z.dtype))
-            return (acc + curv.value, _tree_add(gsub, gs)), gh
-        (val, gsub), gh = jax.lax.scan(step, (jnp.zeros((), dt), _zeros_acc(sub)), (hc, *xs_rows))
-        return val, (gsub, gh)
-
-    def bwd(res, ct):
-        gsub, gh = res
-        return ([(ct * g).astype(s.dtype) for g, s in zip(gsub, sub0)], (ct * gh).astype(gh.dtype))
-
-    value.defvjp(fwd, bwd)
-    return value(sub0, _chunk(h2, rows.n, rows.chunk))
-
-
-def model_loss(apply_fn, params, inputs, targets, mask=None, loss: _losses.LossSpec = "cross_entropy"):
-    """ℓ(apply_fn(params, inputs)) with `losses.mean_loss`; chunked (never forming the logits) for a SplitApply."""
-    if chunkable(apply_fn, loss):
-        return head_loss(apply_fn, params, apply_fn.body(params, inputs), targets, mask, loss)
-    return _losses.mean_loss(apply_fn(params, inputs), targets, mask, loss)
+from gn.curvature.chunked_loss import (Head, check_hidden, chunk_rows, make_rows, out_dtype, tree_add, unchunk_rows,
+                                       used_leaves, zeros_acc)
 
 
 # --------------------------------------------------------------------------- Gauss-Newton models
@@ -284,14 +106,14 @@ class ChunkedLinearization:
             h0 = lins[0][0] if lins else body(params, inputs)
         else:
             h0, self.body_jvp, self.body_vjp = _linearize(lambda p: body(p, inputs), params)
-        _check_hidden(h0, targets, loss)
+        check_hidden(h0, targets, loss)
         self.lead = tuple(h0.shape[:-1])
         h2 = h0.reshape(-1, h0.shape[-1])
         self.head = Head(split.head, params, h2[:1])
-        zdt = _out_dtype(self.head, h2)
+        zdt = out_dtype(self.head, h2)
         self.dt = _losses._compute_dtype(zdt)
         self.rows = make_rows(targets, mask, loss, split.chunk, self.dt)
-        self.h0c = _chunk(h2, self.rows.n, self.rows.chunk)
+        self.h0c = chunk_rows(h2, self.rows.n, self.rows.chunk)
         self.sub0 = self.head.sub(self.leaves)
 
     # -- helpers
@@ -300,13 +122,13 @@ class ChunkedLinearization:
         extra = h.ndim - len(self.lead) - 1
         h = h.reshape(h.shape[:extra] + (self.rows.n, h.shape[-1]))
         h = jnp.moveaxis(h, extra, 0)                      # (n, ..., D)
-        hc = _chunk(h, self.rows.n, self.rows.chunk)       # (n_c, c, ..., D)
+        hc = chunk_rows(h, self.rows.n, self.rows.chunk)       # (n_c, c, ..., D)
         return jnp.moveaxis(hc, 1, -2)                     # (n_c, ..., c, D)
 
     def _unchunk_rows(self, hc):
         """Inverse of _chunk_rows."""
         hc = jnp.moveaxis(hc, -2, 1)                       # (n_c, c, ..., D)
-        h = _rows(hc, self.rows.n)                         # (n, ..., D)
+        h = unchunk_rows(hc, self.rows.n)                         # (n, ..., D)
         h = jnp.moveaxis(h, 0, -2)                         # (..., n, D)
         return h.reshape(h.shape[:-2] + self.lead + h.shape[-1:])
 
@@ -380,9 +202,9 @@ class ChunkedLinearization:
                 bmap = jax.vmap if mode == "batched" else (lambda f: lambda *a: jax.lax.map(lambda t: f(*t), a))
                 v, gs, gh = bmap(one)(tang[0], tchunks[0])
                 v = jnp.sum(v)
-            return (acc_v + v, acc_l0 + curv.value, _tree_add(acc_g, gs)), gh
+            return (acc_v + v, acc_l0 + curv.value, tree_add(acc_g, gs)), gh
 
-        g0 = _zeros_acc(tang[0]) if mode in ("batched", "sequential") else _zeros_acc(sub0)
+        g0 = zeros_acc(tang[0]) if mode in ("batched", "sequential") else zeros_acc(sub0)
         init = (jnp.zeros((), dt), jnp.zeros((), dt), g0)
         (value, loss0, gsub), hbar = jax.lax.scan(step, init, (self.h0c, *self._rows_xs(), xs_t))
         return value, self._transpose(hbar, gsub, head_ids), loss0

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from gn.curvature import chunked as _chunked
+from gn.curvature.chunked_loss import chunkable
 from gn.curvature import losses as _losses
 from gn.curvature.partition import block_ids
 from gn.errors import ConfigError, suggest
@@ -170,7 +171,7 @@ def ggn_operator(apply_fn, params, inputs, targets, *, mask=None, loss: _losses.
     _losses.check_loss(loss)
     check_block_mode(block_mode)
     ids, blocks = block_ids(params, partition)
-    if _chunked.chunkable(apply_fn, loss):
+    if chunkable(apply_fn, loss):
         # A SplitApply: Σ_k (∂head)ᵀ H_k ż_k chunk by chunk, then the body's transpose (gn.curvature.chunked).
         return _chunked.ggn_operator(apply_fn, params, inputs, targets, mask=mask, loss=loss, ids=ids,
                                      num_blocks=len(blocks), block_mode=block_mode)

@@ -3,7 +3,7 @@
 A batch is an int32 array [batch, seq_len + 1] of packed tokens: inputs are
 window[:, :-1], targets window[:, 1:], every position counted. The loss is
 `losses.mean_loss`, the one definition the Gauss-Newton models linearise; for a
-`gn.split.SplitApply` model it is evaluated chunk by chunk (`chunked.model_loss`).
+`gn.split.SplitApply` model it is evaluated chunk by chunk (`chunked_loss.model_loss`).
 `mean_entropy` needs full logits (not chunked).
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from gn.curvature.chunked import model_loss
+from gn.curvature.chunked_loss import model_loss
 from gn.curvature.losses import mean_loss
 from gn.split import SplitApply
 
@@ -30,7 +30,7 @@ def lm_loss(apply_fn: ApplyFn, params: Any, batch: jnp.ndarray) -> jnp.ndarray:
     """Mean next-token softmax cross-entropy (nats per token) on a [B, T+1] batch.
 
     For a `gn.split.SplitApply` model the loss and its gradient are computed
-    `chunk` tokens at a time (`chunked.model_loss`): no (tokens × vocabulary)
+    `chunk` tokens at a time (`chunked_loss.model_loss`): no (tokens × vocabulary)
     logits are formed, in the value or in the gradient.
     """
     inputs, targets = split_batch(batch)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from gn.curvature import chunked as _chunked
+from gn.curvature.chunked_loss import chunkable
 from gn.curvature import losses as _losses
 from gn.curvature.ggn import BlockLinearization, check_block_mode
 from gn.curvature.partition import block_ids
@@ -81,7 +82,7 @@ def quadratic_model(apply_fn, params0, inputs, targets, *, mask=None, loss: _los
             + suggest(str(kind), KINDS))
     ids, blocks = block_ids(params0, partition)
     num_blocks = len(blocks)
-    if _chunked.chunkable(apply_fn, loss):
+    if chunkable(apply_fn, loss):
         # A SplitApply: the same model, evaluated `chunk` tokens at a time (gn.curvature.chunked).
         cmodel = _chunked.ChunkedLinearization(apply_fn, params0, inputs, targets, mask, loss, ids,
                                                num_blocks, block_mode)
