@@ -55,7 +55,7 @@ MUTANTS = {
         ["tests/test_gn_trust.py"]),
     "masked_logits_not_masked": (
         "gn/curvature/losses.py",
-        "p = jnp.where(_expand(mask) > 0, p, 0.0)",
+        "p = jnp.where(_expand(keep), p, 0.0)",
         "p = p",
         ["tests/test_methods.py"]),
     "curvature_ce_hessian_drops_the_rank_one_term": (
@@ -92,6 +92,21 @@ MUTANTS = {
         "gn/methods/gauss_newton.py",
         "rejected = ~(jnp.isfinite(pred) & (pred > 0))",
         "rejected = jnp.asarray(False)",
+        ["tests/test_gn_trust.py"]),
+    "attention_chunk_mask_excludes_the_diagonal": (
+        "gn/model/attention.py",
+        "mask = (start + jnp.arange(q_chunk))[:, None] >= key_pos[None, :]",
+        "mask = (start + jnp.arange(q_chunk))[:, None] > key_pos[None, :]",
+        ["tests/test_attention.py"]),
+    "chunked_rows_unstrided_on_the_way_back": (
+        "gn/curvature/chunked_loss.py",
+        "return jnp.swapaxes(xc, 0, 1).reshape((-1,) + xc.shape[2:])[:n]",
+        "return xc.reshape((-1,) + xc.shape[2:])[:n]",
+        ["tests/test_chunked.py"]),
+    "ls_reject_increase_ignored": (
+        "gn/methods/gauss_newton.py",
+        "rejected = rejected | ~(ls.loss <= ls.loss0)",
+        "rejected = rejected",
         ["tests/test_gn_trust.py"]),
 }
 
