@@ -113,7 +113,8 @@ class GNProxLinearConfig(GNConfig):
 @dataclasses.dataclass(frozen=True)
 class GNLayerwiseConfig(GNConfig):
     name: ClassVar[str] = "gn_layerwise"
-    description: ClassVar[str] = ("Layerwise GN: block-diagonal GN model (embedding, each block, norm+head), "
+    description: ClassVar[str] = ("Layerwise GN: block-diagonal GN model (embedding, each block, the final norm in "
+                                  "the last block, head), "
                                   "all blocks in one compiled step")
     partition: Optional[str] = opt("transformer_blocks", "block-diagonal model: per_tensor, top_level, "
                                                          "transformer_blocks (the paper's: embedding, each block "

@@ -3,7 +3,7 @@
 The blocks are applied as a pure function `block(p, x) -> x` of one block's
 parameters `p` (the tree under "block_i") and the residual stream x. Nothing here
 changes the parameter tree: with `scan`, the per-block trees are stacked along a
-new leading axis (`jnp.stack` per leaf) inside the traced function, so the
+new leading axis (`stack_trees`) inside the traced function, so the
 caller's parameters, their gradients, optimizer states, masks, the layerwise
 partition and checkpoints keep one entry per block. Stacking is linear, so
 `jax.grad`, `jax.jvp`, `jax.linearize` and `jax.linear_transpose` go through it
