@@ -15,8 +15,9 @@
 #   train         gn train of GN at 45m (N 122, b_inner 32, lean, bf16) for 3 outer steps on synthetic data
 #   first_150m    gn train of GN at 150m (b_inner 128, N 4, lean, bf16), 1 outer step: seconds from the
 #                 process start to the end of its first step
-#   devices       the multi-device equality tests (tests/test_sharding.py) when jax sees several
-#                 devices; skipped (and reported so) otherwise
+#   devices       the sharded-equality tests (tests/test_sharding.py) when jax sees several
+#                 devices; skipped (and reported so) otherwise. The tests simulate 8 CPU devices
+#                 (XLA_FLAGS), so on the device machine they check its jax version, not its GPUs
 # The table goes to $OUT/device_check.md, or docs/device_check.md when $OUT is unset (or to
 # --out PATH); logs and raw JSON beside it in device_check_logs/.
 #
@@ -57,7 +58,7 @@ else
   export JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"
   PRESET=45m; PRESET_BIG=150m; VOCAB=(); SEQ=1024; BIN=32; BIN_BIG=128; N=122; LEAN_CHUNK=4096; ATTN_CHUNK=256
   BENCH_EXTRA=(--repeats 3 --outer-repeats 1 --no-breakdown)
-  T_BENCH=130; T_BF16=200; T_COMPILE=120; T_TRAIN=80; T_DEVICES=30; T_FIRST=70; T_COMPILE_BIG=120
+  T_BENCH=130; T_BF16=200; T_COMPILE=120; T_TRAIN=80; T_DEVICES=150; T_FIRST=70; T_COMPILE_BIG=120
 fi
 if [ -n "${STEP_TIMEOUT_S:-}" ]; then
   T_BENCH=$STEP_TIMEOUT_S; T_BF16=$STEP_TIMEOUT_S; T_COMPILE=$STEP_TIMEOUT_S; T_TRAIN=$STEP_TIMEOUT_S
