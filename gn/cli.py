@@ -94,10 +94,11 @@ def cmd_analyze(args) -> None:
         raise ConfigError(f"--targets must be comma-separated numbers, got '{args.targets}'.") from None
     if args.table:
         require(not args.fixed_tokens, "--fixed-tokens needs run directories (their loss curves), not --table.")
-        result = analyze_table(args.table, targets=targets)
+        result = analyze_table(args.table, targets=targets, b_ref=args.cbs_reference_batch, space=args.fit)
         out = Path(args.out) if args.out else Path(args.table).parent
     else:
-        result = analyze_runs(args.dirs, targets=targets, fixed_tokens=args.fixed_tokens)
+        result = analyze_runs(args.dirs, targets=targets, fixed_tokens=args.fixed_tokens,
+                              b_ref=args.cbs_reference_batch, space=args.fit, read=args.read)
         out = Path(args.out) if args.out else Path(args.dirs[0])
     files = write_outputs(result, out)
     if args.json:
@@ -150,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="print the analysis as one JSON object on stdout")
     a.add_argument("--fixed-tokens", action="store_true", help="also compare final loss per batch at fixed tokens")
     a.add_argument("--targets", help="comma-separated target losses, e.g. 3.5,3.25 (default: the runs' config)")
+    a.add_argument("--cbs-reference-batch", type=float, default=None,
+                   help="B_ref of Zhang et al.'s CBS = 1.2·B_ref + 0.2·E_min/S_min (default: the smallest batch)")
+    a.add_argument("--fit", choices=("wls", "log"), default="wls",
+                   help="McCandlish fit: wls (1/S² weights, default) or log (least squares on log S, as Zhang et al.)")
+    a.add_argument("--read", choices=("auto", "raw", "ema"), default="auto",
+                   help="validation loss a crossing is read from: auto (the EMA's when logged), raw or ema")
     a.set_defaults(fn=cmd_analyze)
     from gn.bench.cli import add_bench_parser
 

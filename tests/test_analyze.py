@@ -75,27 +75,20 @@ def test_fit_exact_without_noise():
     assert fit["B_crit"] == pytest.approx(E_MIN / S_MIN, rel=1e-9)
 
 
-def test_fit_with_noise_recovers_truth_inside_bootstrap_interval():
+def test_fit_with_noise_recovers_truth_inside_seed_interval():
+    from gn.studies import intervals
+
     rows = _synthetic_rows(noise=0.05)
-    b, s = [r["batch_size"] for r in rows], [r["steps_to_target"] for r in rows]
-    res = cbs.bootstrap_fit(b, s, n_boot=400)
+    cells = {}
+    for r in rows:
+        cells.setdefault(r["batch_size"], {}).setdefault(r["learning_rate"], []).append(r["steps_to_target"])
+    res = intervals.seed_bootstrap(cells, n_boot=400)
     assert res["S_min"] == pytest.approx(S_MIN, rel=0.15)
     assert res["E_min"] == pytest.approx(E_MIN, rel=0.15)
     assert res["B_crit"] == pytest.approx(E_MIN / S_MIN, rel=0.25)
-    assert cbs.bootstrap_fit(b, s, n_boot=400)["B_crit_ci"] == res["B_crit_ci"]   # fixed RNG seed
-    # coverage over independent noise draws: a nominal 95% interval from 3 seeds per batch should hold
-    # the truth most of the time (a broken resampler gives near-zero width and ~0 coverage)
-    truth = {"S_min": S_MIN, "E_min": E_MIN, "B_crit": E_MIN / S_MIN}
-    hits = dict.fromkeys(truth, 0)
-    draws = 30
-    for k in range(draws):
-        rows = _synthetic_rows(noise=0.05, rng_seed=1000 + k)
-        res = cbs.bootstrap_fit([r["batch_size"] for r in rows], [r["steps_to_target"] for r in rows], n_boot=200)
-        for key, t in truth.items():
-            lo, hi = res[f"{key}_ci"]
-            assert lo <= res[key] <= hi
-            hits[key] += lo < t < hi
-    assert all(h >= 0.7 * draws for h in hits.values()), hits
+    assert intervals.seed_bootstrap(cells, n_boot=400)["B_crit_ci"] == res["B_crit_ci"]   # fixed RNG seed
+    lo, hi = res["B_crit_ci"]
+    assert lo < res["B_crit"] < hi and res["ci_method"] == intervals.SEED_BOOTSTRAP
 
 
 def test_fit_guards_nonpositive_s_min():
@@ -107,13 +100,13 @@ def test_fit_guards_nonpositive_s_min():
 
 # ---------------------------------------------------------------- Zhang CBS
 
-def test_zhang_cbs_log_interpolated():
+def test_zhang_cbs_raw_variant_log_interpolated():
     # reference B=4, S=100 -> linear scaling 400/B. Excess 27.5*16/400 - 1 = 0.1 at B=16 and
     # 8.125*64/400 - 1 = 0.3 at B=64: 20% is halfway in log B between 16 and 64 -> B = 32.
-    z = cbs.zhang_cbs([4, 16, 64], [100.0, 27.5, 8.125])
+    z = cbs.zhang_cbs_raw([4, 16, 64], [100.0, 27.5, 8.125])
     assert z["excess"]["16"] == pytest.approx(0.1) and z["excess"]["64"] == pytest.approx(0.3)
     assert z["cbs"] == pytest.approx(32.0)
-    assert cbs.zhang_cbs([4, 16], [100.0, 25.0])["above_grid"]          # perfect scaling: never exceeds
+    assert cbs.zhang_cbs_raw([4, 16], [100.0, 25.0])["above_grid"]          # perfect scaling: never exceeds
 
 
 # ---------------------------------------------------------------- best lr
@@ -207,9 +200,13 @@ def test_analyze_runs_on_fake_dirs(tmp_path):
     assert best[64]["tokens_mean"] == pytest.approx(15.0 * 64 * 16)
     assert res["methods"]["adamw"]["n_diverged"] == 2 and res["counts"]["runs"] == 10
     gn_best = res["methods"]["gn"]["targets"]["3.5"]["best"][0]
-    # 5 -> 3.4 over steps 0..5: 3.5 is reached 1.5/1.6 of the way
-    assert gn_best["steps_mean"] == pytest.approx(5 * 1.5 / 1.6)
-    assert res["ratios"]["3.5"]["adamw/gn"]["16"] == pytest.approx(10.0 / (5 * 1.5 / 1.6))
+    # 5 -> 3.4 over steps 0..5: GN moves only at whole outer steps, so it crosses at step 5 (the
+    # first evaluation at or below), never at the interpolated 5·1.5/1.6; its bracket is [0, 5]
+    assert gn_best["steps_mean"] == 5.0 and gn_best["crossing_rule"] == "first_at_or_below"
+    assert gn_best["units"]["steps"]["n_wide"] == 2            # evaluated every 5 steps: bracket > 1 step
+    assert res["ratios"]["3.5"]["adamw/gn"]["16"] == pytest.approx(10.0 / 5.0)
+    # interpolated at 15 inside the bracket [10, 20]: 10 steps wide, more than 25 % of 15, so flagged
+    assert best[64]["crossing_rule"] == "interpolated" and best[64]["units"]["steps"]["n_wide"] == 2
     ft = {e["batch_size"]: e for e in res["fixed_tokens"]["adamw"]}
     assert ft[16]["final_val_loss_mean"] == 2 and ft[16]["n_diverged"] == 0
     files = write_outputs(res, tmp_path / "out")
@@ -251,24 +248,7 @@ def test_sweep_run_json_takes_precedence_and_cli_json_on_runs(tmp_path):
     assert list(out["methods"]) == ["gn-cg"]
     best = out["methods"]["gn-cg"]["targets"]["3.5"]["best"]
     assert [e["learning_rate"] for e in best] == [0.25, 0.25] and best[0]["seeds"] == [7]
-    assert [e["steps_mean"] for e in best] == pytest.approx([15.0, 10 * 1.5 / 1.6])
+    assert [e["steps_mean"] for e in best] == pytest.approx([20.0, 10.0])   # whole outer steps
     assert set(out["methods"]["gn-cg"]["targets"]["3.5"]["fit"]) >= {"S_min", "E_min", "B_crit", "B_crit_ci"}
     assert (root / "analysis.json").is_file()          # default --out: the first input directory
     assert main(["analyze", str(root), "--targets", "3.5,abc"]) == 2
-
-
-def test_grid_bootstrap_covers_the_lr_grid_with_one_seed():
-    from gn.studies import cbs as C
-    s_min, e_min = 10.0, 2000.0
-    truth = {B: s_min + e_min / B for B in (32, 128, 512, 2048)}
-    # best lr hits the curve; the neighbours are 30 % and 60 % slower
-    cells = {B: {0.5: [S * 1.3], 1.0: [S], 2.0: [S * 1.6]} for B, S in truth.items()}
-    out = C.bootstrap_fit_grid(cells, n_boot=300, seed=1)
-    assert abs(out["S_min"] - s_min) < 1e-6 and abs(out["E_min"] - e_min) < 1e-3
-    lo, hi = out["B_crit_ci"]
-    assert lo <= out["B_crit"] <= hi and hi > lo            # the grid's coarseness widens the interval
-    flat = {B: {1.0: [S]} for B, S in truth.items()}        # one point per batch: nothing to resample
-    lo, hi = C.bootstrap_fit_grid(flat, n_boot=50)["B_crit_ci"]
-    assert abs(lo - hi) < 1e-9
-    unreached = {**cells, 2048: {1.0: [None]}}
-    assert C.bootstrap_fit_grid(unreached, n_boot=20)["n_batches"] == 3

@@ -10,7 +10,7 @@ from optax import contrib
 from gn import curvature, optim
 from gn.model import init_params, make_apply, model_config
 from gn.optim.transforms import muon_dimension_numbers
-from gn.optim._lwgn import fog_gn, layerwise_gn_direction
+from gn.optim._lwgn import _restricted_partition, fog_gn, layerwise_gn_direction
 from gn.optim.masks import is_hidden_matrix, map_with_path
 from gn.curvature.objective import split_batch
 from tests.dense_reference import block_diagonal, dense_ggn
@@ -46,13 +46,42 @@ def test_layerwise_direction_equals_dense_block_diagonal_solve(partition):
 
 
 def test_fog_gn_is_muon_applied_to_the_layerwise_direction():
+    """fog_gn = Muon(LwGN⁻¹ g): the same direction (the same restricted partition,
+    the same 30-iteration float32 solve) fed to contrib.muon gives fog_gn's update.
+
+    Both sides run the same operations eagerly; measured difference 0 (jax 0.10.2,
+    CPU). The 1e-6 relative tolerance leaves room for an op-order change only: two
+    *independent* unconverged float32 solves (e.g. per_tensor over all leaves, whose
+    batched block product has a different vmap width) differ by up to 1e-3 after
+    Newton-Schulz, which is why this test does not compare against one.
+    """
     params, batch = _setup(1)
     x, y = split_batch(batch)
     grads = jax.grad(lambda p: curvature.mean_loss(APPLY(p, x), y))(params)
     tx = fog_gn(0.1, APPLY, damping=1e-2, max_iters=30)
     upd, _ = tx.update(grads, tx.init(params), params, inputs=x, targets=y)
-    nat = layerwise_gn_direction(APPLY, params, x, y, grads, damping=1e-2, max_iters=30)
+    part = _restricted_partition(is_hidden_matrix, "per_tensor")
+    nat = layerwise_gn_direction(APPLY, params, x, y, grads, partition=part, damping=1e-2, max_iters=30)
     mixed = jax.tree.map(lambda k, d, g: d if k else g, map_with_path(is_hidden_matrix, grads), nat, grads)
     muon = contrib.muon(0.1, muon_weight_dimension_numbers=muon_dimension_numbers, adam_b2=0.95)
     want, _ = muon.update(mixed, muon.init(params), params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), upd, want)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), upd, want)
+
+
+def test_restricted_partition_solves_the_hidden_blocks_like_per_tensor():
+    """The restricted partition (hidden matrices per tensor, the rest one block) leaves
+    each hidden matrix's block solve unchanged: converged (tol 1e-12, 200 iterations),
+    it equals the per_tensor solve there. Measured: 1.3e-6 of the largest entry
+    (float32 rounding); tolerance 1e-4. The rest block differs (it couples leaves)."""
+    params, batch = _setup(1)
+    x, y = split_batch(batch)
+    grads = jax.grad(lambda p: curvature.mean_loss(APPLY(p, x), y))(params)
+    kw = dict(damping=1e-2, max_iters=200, tol=1e-12)
+    full = layerwise_gn_direction(APPLY, params, x, y, grads, partition="per_tensor", **kw)
+    part = layerwise_gn_direction(APPLY, params, x, y, grads,
+                                  partition=_restricted_partition(is_hidden_matrix, "per_tensor"), **kw)
+    hidden = map_with_path(is_hidden_matrix, grads)
+    assert any(jax.tree.leaves(hidden))
+    for k, a, b in zip(jax.tree.leaves(hidden), jax.tree.leaves(part), jax.tree.leaves(full)):
+        if k:
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(jnp.abs(b).max()))

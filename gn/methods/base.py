@@ -110,6 +110,22 @@ class MethodConfig:
     family: ClassVar[str] = ""
     description: ClassVar[str] = ""
     unused: ClassVar[tuple[str, ...]] = ()
+    # What batch studies and the analysis need to know about a method's steps (gn.studies reads
+    # these instead of keeping lists of method names; adding a method is its config class):
+    lr_key: ClassVar[str] = "learning_rate"    # the hyperparameter a sweep's lr grid sets
+    lr_batch_power: ClassVar[float] = 0.5      # default sweep rule lr0·(B/B0)^p (Adam-like: √B)
+    whole_outer_steps: ClassVar[bool] = False  # parameters move only at whole outer steps, so a
+                                               # target is crossed at a whole step, never inside one
+
+    def sequential_updates(self, batch_size: int) -> int:
+        """Sequential parameter updates one outer step of `batch_size` sequences makes (1 for a
+        plain optimizer; the trainer's small-batch control multiplies it by B / its own batch)."""
+        del batch_size
+        return 1
+
+    def update_batch(self, batch_size: int) -> int:
+        """Sequences each of those sequential updates reads."""
+        return batch_size
 
     def validate(self, where: str) -> None:
         """Raise ConfigError naming the key of any invalid value."""

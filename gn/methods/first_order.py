@@ -122,6 +122,7 @@ class AdamConfig(AdamWConfig):
 @dataclasses.dataclass(frozen=True)
 class SGDConfig(OptimizerConfig):
     name: ClassVar[str] = "sgd"
+    lr_batch_power: ClassVar[float] = 1.0   # SGD-like: linear scaling, lr ∝ B (Goyal et al. 2017)
     description: ClassVar[str] = "SGD with optional (Nesterov) momentum"
     learning_rate: float = opt(0.3, "peak learning rate")
     momentum: float = opt(0.9, "heavy-ball momentum (0 = none)")
@@ -176,6 +177,7 @@ class LambConfig(OptimizerConfig):
 @dataclasses.dataclass(frozen=True)
 class LarsConfig(OptimizerConfig):
     name: ClassVar[str] = "lars"
+    lr_batch_power: ClassVar[float] = 1.0   # SGD-like: linear scaling, lr ∝ B (Goyal et al. 2017)
     description: ClassVar[str] = "LARS: layerwise trust-ratio SGD with momentum (You et al. 2017)"
     learning_rate: float = opt(1.0, "peak learning rate")
     momentum: float = opt(0.9, "heavy-ball momentum")

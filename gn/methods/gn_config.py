@@ -29,6 +29,11 @@ class GNConfig(MethodConfig):
 
     family: ClassVar[str] = "gauss_newton"
     kind: ClassVar[str] = "gn"          # curvature.quadratic_model kind
+    lr_key: ClassVar[str] = "inner_learning_rate"
+    # b_inner is fixed in a batch study; the outer batch grows through N, so the inner lr does not scale
+    lr_batch_power: ClassVar[float] = 0.0
+    # θ_{t+1} = θ_t + α·Δ only after the inner loop and the line search: nothing moves inside a step
+    whole_outer_steps: ClassVar[bool] = True
 
     inner_steps: int = opt(8, "N inner steps per outer step, each on batch_size / N sequences")
     inner_solver: str = opt("optax", "optax (inner loop of inner_optimizer) or cg (Hessian-free solve)")
@@ -90,6 +95,14 @@ class GNConfig(MethodConfig):
 
     def unused_reason(self) -> str:
         return " with inner_solver: cg (a Hessian-free solve over the whole outer batch has no inner loop)"
+
+    def sequential_updates(self, batch_size: int) -> int:
+        """N inner updates (inner loop); one damped solve (cg), whose cg_iters products are sequential."""
+        del batch_size
+        return 1 if self.inner_solver == "cg" else self.inner_steps
+
+    def update_batch(self, batch_size: int) -> int:
+        return batch_size // self.sequential_updates(batch_size)
 
     def build(self, ctx: MethodContext, name: str) -> "GaussNewtonMethod":
         return GaussNewtonMethod(name, self, ctx, kind=self.kind)

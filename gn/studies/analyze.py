@@ -22,16 +22,33 @@ from typing import Iterable, Sequence
 import yaml
 
 from gn.errors import ConfigError, require
-from gn.studies import cbs
+from gn.methods import registry
+from gn.studies import cbs, diagnostics, intervals
 from gn.studies.cbs_plots import write_plots
 from gn.studies.report import write_report
 from gn.train.metrics import MetricsLog, target_key
 
-# metrics.jsonl field -> name of the to-target quantity in the analysis
+# metrics.jsonl field -> name of the to-target quantity in the analysis. `compute` is derived:
+# grad_evals (value_and_grad equivalents at the run's batch) × batch size = forward-backward
+# passes over one sequence, comparable across batch sizes.
 AXES = {"step": "steps", "outer_step": "outer_steps", "tokens": "tokens", "aux_tokens": "aux_tokens",
-        "updates": "updates", "grad_evals": "grad_evals", "wall_time_s": "wall_time_s"}
-# methods whose step size lives in `inner_learning_rate` (the outer step is a GN solve)
-GN_METHODS = {"gn", "gn_prox_linear", "gn_layerwise"}
+        "updates": "updates", "grad_evals": "grad_evals", "compute": "compute", "wall_time_s": "wall_time_s"}
+UNITS = {"steps": "the method's own steps (metrics `step`)",
+         "outer_steps": "outer steps (one GN solve + line search, or B/b sequential updates of the control)",
+         "updates": "sequential parameter updates (GN inner steps; the control's small-batch steps)",
+         "grad_evals": "value_and_grad equivalents at the run's batch (inner loop, line search, CG products, "
+                       "K-FAC statistics; FLOP estimate)",
+         "compute": "forward-backward passes over one sequence (grad_evals × batch size)",
+         "tokens": "training tokens", "aux_tokens": "auxiliary tokens (line-search data, not trained on)",
+         "wall_time_s": "wall time in seconds without compilation"}
+# Units in which the McCandlish fit S(B) = S_min + E_min/B is made (a count of sequential steps).
+FIT_UNITS = ("steps", "outer_steps", "updates")
+# An interpolated crossing whose bracket (last evaluation above to first at or below) is wider
+# than this fraction of the crossing is flagged: the evaluation cadence, not the method, sets it.
+BRACKET_LIMIT = 0.25
+# wls: weighted least squares in 1/B, weights 1/S² (closed form, vectorised bootstrap);
+# log: unweighted least squares on log S (Zhang et al.'s curve_fit of log(a + b/B)).
+FIT_SPACES = ("wls", "log")
 TABLE_REQUIRED = ("method", "batch_size", "learning_rate", "seed", "target", "steps_to_target")
 
 
@@ -62,7 +79,10 @@ def _read_json(p: Path) -> dict:
         raise ConfigError(f"cannot read '{p}': {exc}") from None
 
 
-def load_run(d: Path) -> dict:
+READS = ("auto", "raw", "ema")
+
+
+def load_run(d: Path, read: str = "auto") -> dict:
     """One run directory as a dict: method, batch_size, learning_rate, seed,
     diverged, targets (from config.yaml) and evals (the metrics records with a
     validation loss). sweep_run.json, when present, names method, batch,
@@ -75,38 +95,58 @@ def load_run(d: Path) -> dict:
     hp = summary.get("hparams") or {}
     reg = summary.get("registered_method", summary.get("method"))
     lr_keys = ("learning_rate", "inner_learning_rate")
-    if reg in GN_METHODS:
+    if reg in registry.names() and registry.get(reg).lr_key != lr_keys[0]:
         lr_keys = lr_keys[::-1]
     lr = sweep.get("learning_rate", next((hp[k] for k in lr_keys if hp.get(k) is not None), None))
     require(lr is not None, f"run '{d}' names no learning rate (neither sweep_run.json nor summary.json hparams).")
     batch = sweep.get("batch_size", summary.get("batch_size", train.get("batch_size")))
     require(batch is not None, f"run '{d}' names no batch size.")
     rows = MetricsLog(d / "metrics.jsonl").read()
+    evals = [r for r in rows if r.get("val_loss") is not None]
+    for r in evals:
+        if r.get("grad_evals") is not None:
+            r["compute"] = float(r["grad_evals"]) * float(batch)
+    # With weight averaging on, the EMA is what a crossing is read from by default (the paper
+    # evaluates it); `read` = raw or ema forces one (ema: ConfigError for a run without an EMA).
+    has_ema = bool(evals) and all(r.get("val_loss_ema") is not None for r in evals)
+    require(read != "ema" or has_ema, f"--read ema: run '{d}' logged no val_loss_ema (train.ema_decay was 0).")
+    read = "val_loss_ema" if has_ema and read != "raw" else "val_loss"
+    whole = bool(reg in registry.names() and registry.get(reg).whole_outer_steps)
+    last = evals[-1] if evals else {}
+    per_outer = (float(last["updates"]) / float(last["outer_step"])
+                 if last.get("updates") and last.get("outer_step") else None)
     return {"dir": str(d), "method": str(sweep.get("method", summary.get("method", d.name))),
+            "registered": reg, "whole_outer_steps": whole, "read_from": read, "updates_per_outer_step": per_outer,
             "batch_size": _num(batch), "learning_rate": float(lr), "seed": sweep.get("seed", train.get("seed", 0)),
             "diverged": bool(summary.get("diverged", False)) or any(r.get("diverged") for r in rows),
             "targets": [float(t) for t in train.get("target_losses") or []],
-            "evals": [r for r in rows if r.get("val_loss") is not None]}
+            "evals": evals}
 
 
 def run_rows(run: dict, targets: Sequence[float]) -> list[dict]:
-    """One row per target: every axis at the interpolated crossing of the
-    validation loss. A diverged run counts as not reached, whatever its curve
-    did before it diverged."""
+    """One row per target: every axis at the crossing of the validation loss (the EMA's when
+    the run averaged weights), at the method's resolution (`cbs.crossing_resolved`): the first
+    evaluation at or below the target for a method that moves only at whole outer steps,
+    the linear interpolation otherwise; each with its bracket. A diverged run counts as not
+    reached, whatever its curve did before it diverged."""
     ev = run["evals"]
     axes = {field: [r.get(field) for r in ev] for field in AXES}
     out = []
     for t in targets:
-        hit = cbs.crossing_axes(axes, [r["val_loss"] for r in ev], t)
+        hit = cbs.crossing_resolved(axes, [r[run["read_from"]] for r in ev], t, whole_steps=run["whole_outer_steps"])
         row = {k: run[k] for k in ("method", "batch_size", "learning_rate", "seed", "diverged")}
         row["target"] = target_key(t)
-        row.update({AXES[f]: (None if run["diverged"] else v) for f, v in hit.items()})
+        row.update({AXES[f]: (None if run["diverged"] else v) for f, v in hit["value"].items()})
+        row["bracket"] = {AXES[f]: (None if run["diverged"] else v) for f, v in hit["bracket"].items()}
+        row["crossing_rule"], row["read_from"] = hit["rule"], run["read_from"]
+        row["updates_per_outer_step"] = run["updates_per_outer_step"]
         out.append(row)
     return out
 
 
 def _final_loss(run: dict) -> float | None:
-    vals = [r["val_loss"] for r in run["evals"] if math.isfinite(r["val_loss"])]
+    key = run.get("read_from", "val_loss")
+    vals = [r[key] for r in run["evals"] if r.get(key) is not None and math.isfinite(r[key])]
     return None if run["diverged"] or not vals else vals[-1]
 
 
@@ -153,45 +193,164 @@ def read_table(path: str | Path) -> list[dict]:
 
 # ---------------------------------------------------------------- analysis
 
-def _best_entry(b: dict, axes: Iterable[str]) -> dict:
-    """A best_per_batch result as JSON: per-seed steps and means of other axes."""
-    e = {"batch_size": b["batch_size"], "learning_rate": b["learning_rate"], "steps_mean": b["mean"],
-         "steps_mean_reached": b["mean_reached"], "steps_se": b["se"], "steps": b["values"], "seeds": b["seeds"],
-         "n_seeds": b["n_seeds"], "n_reached": b["n_reached"], "lr_grid": b["lr_grid"],
-         "lr_at_edge": b["lr_at_edge"], "edge": b["edge"]}
-    for a in axes:
-        vals = [r.get(a) for r in b["rows"] if cbs._finite(r.get(a))]
-        if vals and a != "steps":
-            e[f"{a}_mean"] = sum(vals) / len(vals)
-    return e
-
-
-def _analyze_target(rows: list[dict], *, n_boot: int) -> dict:
-    """Best lr per batch, McCandlish fit (+bootstrap) and Zhang CBS for one method and target."""
-    axes = sorted({k for r in rows for k in r if k in AXES.values()})
-    best = [_best_entry(b, axes) for b in cbs.best_per_batch(rows, "steps")]
-    cells: dict = {}
+def _bracket_flags(rows: list[dict], unit: str) -> dict:
+    """Runs whose crossing bracket in `unit` is wider than BRACKET_LIMIT of the crossing (for
+    interpolated crossings), or spans more than one step (whole-step crossings)."""
+    wide = 0
+    widths = []
     for r in rows:
-        cells.setdefault(r["batch_size"], {}).setdefault(r["learning_rate"], []).append(r["steps"])
-    fit = cbs.bootstrap_fit_grid(cells, n_boot=n_boot, seed=0)
-    reached = [e for e in best if e["steps_mean_reached"] is not None]
-    zhang = cbs.zhang_cbs([e["batch_size"] for e in reached], [e["steps_mean_reached"] for e in reached])
-    return {"best": best, "fit": fit, "zhang_cbs": zhang,
-            "unreached_batches": [e["batch_size"] for e in best if e["n_reached"] == 0]}
+        br, v = (r.get("bracket") or {}).get(unit), r.get(unit)
+        if not br or br[0] is None or br[1] is None or not v:
+            continue
+        w = br[1] - br[0]
+        widths.append(w / v)
+        whole = r.get("crossing_rule") == "first_at_or_below"
+        step_w = (r.get("bracket") or {}).get("steps")
+        if (whole and step_w and step_w[1] - step_w[0] > 1) or (not whole and w > BRACKET_LIMIT * v):
+            wide += 1
+    return {"n_wide": wide, "max_rel_width": max(widths) if widths else None}
 
 
-def _ratios(methods: dict, targets: list[str]) -> dict:
-    """steps(a)/steps(b) at each batch both reached, for every pair of methods."""
+def _unit_stats(b: dict, units: Iterable[str]) -> dict:
+    """Per unit: mean, s.e. and t-interval over the seeds of a best-lr cell, and bracket flags."""
     out = {}
-    for t in targets:
-        per = {m: {e["batch_size"]: e["steps_mean_reached"] for e in methods[m]["targets"].get(t, {}).get("best", [])
-                   if e["steps_mean_reached"] is not None} for m in methods}
-        out[t] = {f"{a}/{b}": {f"{B:g}": per[a][B] / per[b][B] for B in sorted(set(per[a]) & set(per[b]))}
-                  for a, b in combinations(sorted(methods), 2)}
+    for u in units:
+        vals = [r.get(u) for r in b["rows"]]
+        st = intervals.t_interval([float(v) for v in vals if cbs._finite(v)])
+        st["values"] = [None if not cbs._finite(v) else float(v) for v in vals]
+        st.update(_bracket_flags(b["rows"], u))
+        out[u] = st
     return out
 
 
-def analyze_rows(rows: list[dict], targets: list[str], *, source: dict, n_boot: int = 1000) -> dict:
+def _best_entry(b: dict, units: Iterable[str]) -> dict:
+    """A best_per_batch result as JSON: per-seed steps, and every unit with its t-interval."""
+    st = intervals.t_interval([v for v in b["values"] if v is not None])
+    e = {"batch_size": b["batch_size"], "learning_rate": b["learning_rate"], "steps_mean": b["mean"],
+         "steps_mean_reached": b["mean_reached"], "steps_se": b["se"], "steps_ci": st["ci"], "steps": b["values"],
+         "seeds": b["seeds"], "n_seeds": b["n_seeds"], "n_reached": b["n_reached"], "lr_grid": b["lr_grid"],
+         "lr_at_edge": b["lr_at_edge"], "edge": b["edge"],
+         "crossing_rule": next((r.get("crossing_rule") for r in b["rows"] if r.get("crossing_rule")), None),
+         "read_from": next((r.get("read_from") for r in b["rows"] if r.get("read_from")), None),
+         "updates_per_outer_step": next((r.get("updates_per_outer_step") for r in b["rows"]
+                                         if r.get("updates_per_outer_step")), None),
+         "units": _unit_stats(b, units)}
+    for u, v in e["units"].items():
+        if u != "steps" and v["mean"] is not None:
+            e[f"{u}_mean"] = v["mean"]
+    return e
+
+
+def _grows_with_batch(best: list[dict]) -> bool:
+    """Do the sequential updates per outer step grow with B across this method's batches?"""
+    per = [(e["batch_size"], e["updates_per_outer_step"]) for e in best if e.get("updates_per_outer_step")]
+    return len({round(p, 6) for _, p in per}) > 1
+
+
+def _fit_unit(rows: list[dict], unit: str, best: list[dict], *, n_boot: int, b_ref: float | None,
+              grows: bool, space: str = "wls") -> dict:
+    """The McCandlish fit in one unit: the lr chosen per batch in that unit, a seed-bootstrap
+    interval (lr choice redone per replicate), diagnostics and Zhang's CBS from the fit."""
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault(float(r["batch_size"]), {}).setdefault(r["learning_rate"], []).append(r.get(unit))
+    fit = intervals.seed_bootstrap(cells, n_boot=n_boot, seed=0, space=space)
+    per = {e["batch_size"]: e for e in cbs.best_per_batch(rows, unit)}
+    pts = [(float(B), e["mean"], e["se"]) for B, e in sorted(per.items()) if e["mean"] is not None]
+    ref = b_ref if b_ref is not None else (pts[0][0] if pts else None)
+    # by construction: a count of outer steps when each outer step's sequential work grows with B,
+    # or a count of updates each on a fixed batch: neither has B as its parallel width
+    claimed = not (grows and unit in FIT_UNITS)
+    min_step = 1.0
+    if unit == "updates" and best and best[0].get("updates_per_outer_step") and \
+            best[0].get("crossing_rule") == "first_at_or_below":
+        min_step = min(e["updates_per_outer_step"] or 1.0 for e in best)
+    diag = diagnostics.fit_diagnostics([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], fit,
+                                       min_step=min_step, b_ref=ref, by_construction=not claimed,
+                                       lr_edges=[float(B) for B, e in sorted(per.items())
+                                                 if e["edge"] in ("low", "high")],
+                                       single_lr=all(e["edge"] == "only" for e in per.values()))
+    out = {"unit": unit, "claimed": claimed, **fit, "diagnostics": diag,
+           "zhang_cbs": cbs.zhang_cbs_fit(fit, ref) if ref is not None else None}
+    if not claimed:
+        out["B_crit_claimed"] = None
+    return out
+
+
+def _analyze_target(rows: list[dict], *, n_boot: int, b_ref: float | None = None, space: str = "wls") -> dict:
+    """Best lr per batch with every unit, the McCandlish fit in each step unit (seed bootstrap,
+    diagnostics, Zhang's CBS from the fit) and the raw-data Zhang variant, for one method and target."""
+    units = [u for u in AXES.values() if any(r.get(u) is not None for r in rows)]
+    best = [_best_entry(b, units) for b in cbs.best_per_batch(rows, "steps")]
+    grows = _grows_with_batch(best)
+    fits = {u: _fit_unit(rows, u, best, n_boot=n_boot, b_ref=b_ref, grows=grows, space=space)
+            for u in FIT_UNITS if u in units}
+    reached = [e for e in best if e["steps_mean_reached"] is not None]
+    main = fits["steps"]
+    return {"best": best, "fit": {**main, "ok": main["B_crit"] is not None and main["S_min"] is not None
+                                  and main["S_min"] > 0, "note": _note(main)},
+            "fits": fits, "zhang_cbs": main["zhang_cbs"],
+            "zhang_cbs_raw": cbs.zhang_cbs_raw([e["batch_size"] for e in reached],
+                                               [e["steps_mean_reached"] for e in reached]),
+            "per_step_work_grows_with_batch": grows,
+            "unreached_batches": [e["batch_size"] for e in best if e["n_reached"] == 0]}
+
+
+def _note(fit: dict) -> str:
+    if fit["S_min"] is None:
+        return "no fit: fewer than two batches reached the target"
+    if fit["S_min"] <= 0:
+        return "S_min <= 0: steps fall like 1/B over the whole grid, B_crit is beyond the largest batch"
+    if fit["E_min"] <= 0:
+        return "E_min <= 0: larger batches do not save steps"
+    return ""
+
+
+def _ratios(methods: dict, targets: list[str]) -> dict:
+    """cost(a)/cost(b) in every unit at each batch both reached, for every pair of methods
+    (means over reached seeds at each method's best lr). `steps` (each method's own) is the
+    historical key; `by_unit` has all."""
+    out, by_unit = {}, {}
+    for t in targets:
+        def per(m, unit):
+            return {e["batch_size"]: e["units"][unit]["mean"]
+                    for e in methods[m]["targets"].get(t, {}).get("best", [])
+                    if e["n_reached"] and unit in e["units"] and e["units"][unit]["mean"]}
+        units = sorted({u for m in methods for e in methods[m]["targets"].get(t, {}).get("best", [])
+                        for u in e["units"]})
+        pairs = {}
+        for a, b in combinations(sorted(methods), 2):
+            pa, pb = per(a, "steps"), per(b, "steps")
+            pairs[f"{a}/{b}"] = {f"{B:g}": pa[B] / pb[B] for B in sorted(set(pa) & set(pb))}
+        out[t] = pairs
+        by_unit[t] = {
+            u: {f"{a}/{b}": {f"{B:g}": per(a, u)[B] / per(b, u)[B] for B in sorted(set(per(a, u)) & set(per(b, u)))}
+                for a, b in combinations(sorted(methods), 2)} for u in units}
+    return out, by_unit
+
+
+DEFINITIONS = {
+    "fit": "McCandlish et al. 2018: S(B) = S_min + E_min/B, B_crit = E_min/S_min; weighted least squares in 1/B "
+           "(weights 1/S^2) to the mean over seeds at each batch's best lr (chosen in the fit's unit); made in "
+           "each step unit (steps, outer_steps, updates). claimed = false where the method's sequential updates "
+           "per outer step grow with B, so the count falls as 1/B by construction: no B_crit there.",
+    "interval": intervals.SEED_BOOTSTRAP + "; spread widened by sqrt(n/(n-1)); 95% percentile interval (RNG "
+                "seed 0). With one run per cell: " + intervals.RESIDUAL_BOOTSTRAP + ", or none with fewer than "
+                "three batches. Means over seeds carry a Student-t 95% interval with their n.",
+    "crossing": "methods that move only at whole outer steps (Gauss-Newton) cross at the first evaluation at or "
+                "below the target; others are interpolated linearly between the evaluations around it. Each "
+                "crossing has a bracket (last evaluation above, first at or below); n_wide counts runs whose "
+                f"bracket exceeds {BRACKET_LIMIT:g} of the crossing (interpolated) or one step (whole steps). Read "
+                "from the EMA's validation loss when the run averaged weights (read_from).",
+    "zhang_cbs": "Zhang et al. 2024, as their code computes it: from the fitted curve, the batch where "
+                 "S(B)·B = 1.2·S(B_ref)·B_ref, i.e. 1.2·B_ref + 0.2·E_min/S_min; B_ref from "
+                 "--cbs-reference-batch (default: the smallest batch). zhang_cbs_raw interpolates the measured "
+                 "steps instead (a variant). Neither is comparable with B_crit.",
+    "units": UNITS}
+
+
+def analyze_rows(rows: list[dict], targets: list[str], *, source: dict, n_boot: int = 2000,
+                 b_ref: float | None = None, space: str = "wls") -> dict:
     """The analysis of steps-to-target rows (shared by run directories and tables)."""
     methods = {}
     for m in sorted({r["method"] for r in rows}):
@@ -200,18 +359,12 @@ def analyze_rows(rows: list[dict], targets: list[str], *, source: dict, n_boot: 
         for t in targets:
             trs = [r for r in mine if r["target"] == t]
             if trs:
-                res["targets"][t] = _analyze_target(trs, n_boot=n_boot)
+                res["targets"][t] = _analyze_target(trs, n_boot=n_boot, b_ref=b_ref, space=space)
         methods[m] = res
-    return {"source": source, "targets": targets, "methods": methods, "ratios": _ratios(methods, targets),
-            "definitions": {
-                "fit": "McCandlish et al. 2018: S(B) = S_min + E_min/B, B_crit = E_min/S_min; weighted least squares "
-                       "in 1/B (weights 1/S^2) over every reached seed at each batch's best lr; 95% percentile "
-                       "bootstrap resampling seeds within each batch size (RNG seed 0).",
-                "zhang_cbs": "Zhang et al. 2024: batch where steps exceed linear scaling from the smallest batch by "
-                             "20% (log-interpolated); a different quantity from B_crit.",
-                "steps": "the method's own steps at its batch size (metrics `step`), interpolated linearly between "
-                         "the evaluations around the target crossing; unreached or diverged runs count as worst when "
-                         "choosing the lr and are left out of the fit. The bootstrap does not redo the lr choice."}}
+    ratios, by_unit = _ratios(methods, targets)
+    return {"source": source, "targets": targets, "methods": methods, "ratios": ratios,
+            "ratios_by_unit": by_unit, "definitions": DEFINITIONS,
+            "settings": {"n_boot": n_boot, "cbs_reference_batch": b_ref, "fit_space": space}}
 
 
 def _targets_for(runs: list[dict], targets: Sequence[float] | None) -> list[float]:
@@ -222,14 +375,22 @@ def _targets_for(runs: list[dict], targets: Sequence[float] | None) -> list[floa
     return found
 
 
+def _check_options(b_ref: float | None, space: str) -> None:
+    require(b_ref is None or (math.isfinite(b_ref) and b_ref > 0),
+            f"--cbs-reference-batch must be a positive batch size, got {b_ref}.")
+    require(space in FIT_SPACES, f"--fit must be one of {', '.join(FIT_SPACES)}, got '{space}'.")
+
+
 def analyze_runs(dirs: Sequence[str | Path], *, targets: Sequence[float] | None = None, fixed_tokens: bool = False,
-                 n_boot: int = 1000) -> dict:
+                 n_boot: int = 2000, b_ref: float | None = None, space: str = "wls", read: str = "auto") -> dict:
     """Analyse run directories (or parents holding them): see the module docstring."""
-    runs = [load_run(d) for d in find_run_dirs(dirs)]
+    _check_options(b_ref, space)
+    require(read in READS, f"--read must be one of {', '.join(READS)}, got '{read}'.")
+    runs = [load_run(d, read) for d in find_run_dirs(dirs)]
     ts = _targets_for(runs, targets)
     rows = [row for run in runs for row in run_rows(run, ts)]
     out = analyze_rows(rows, [target_key(t) for t in ts], source={"kind": "runs", "dirs": [r["dir"] for r in runs]},
-                       n_boot=n_boot)
+                       n_boot=n_boot, b_ref=b_ref, space=space)
     for m, res in out["methods"].items():
         res["n_runs"] = sum(r["method"] == m for r in runs)
         res["n_diverged"] = sum(r["method"] == m and r["diverged"] for r in runs)
@@ -257,14 +418,17 @@ def fixed_token_table(runs: list[dict]) -> dict:
     return out
 
 
-def analyze_table(csv_path: str | Path, *, targets: Sequence[float] | None = None, n_boot: int = 1000) -> dict:
+def analyze_table(csv_path: str | Path, *, targets: Sequence[float] | None = None, n_boot: int = 2000,
+                  b_ref: float | None = None, space: str = "wls") -> dict:
     """Analyse a steps-to-target CSV; targets are keyed exactly as written in it."""
+    _check_options(b_ref, space)
     rows = read_table(csv_path)
     ts = list(dict.fromkeys(r["target"] for r in rows))
     if targets:
         ts = [t for t in ts if any(math.isclose(float(t), float(x)) for x in targets)]
         require(bool(ts), f"none of --targets {list(targets)} is in the table's target column.")
-    out = analyze_rows(rows, ts, source={"kind": "table", "path": str(csv_path)}, n_boot=n_boot)
+    out = analyze_rows(rows, ts, source={"kind": "table", "path": str(csv_path)}, n_boot=n_boot, b_ref=b_ref,
+                       space=space)
     out["counts"] = {"rows": len(rows), "not_reached": sum(r["steps"] is None for r in rows)}
     return out
 

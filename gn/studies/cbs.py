@@ -1,12 +1,15 @@
-"""Critical batch size: target crossings, the McCandlish fit, its bootstrap,
-Zhang et al.'s CBS and the best learning rate per batch size (DESIGN.md §6).
+"""Critical batch size: target crossings, the McCandlish fit, Zhang et al.'s CBS
+and the best learning rate per batch size (DESIGN.md §6). Intervals are in
+`gn.studies.intervals`, fit diagnostics in `gn.studies.diagnostics`.
 
 Pure numpy, no JAX: these functions run on tables of finished runs. Two
 definitions of a critical batch appear here and they are never mixed:
 
 * McCandlish et al. (2018): S(B) = S_min + E_min/B, B_crit = E_min/S_min.
 * Zhang et al. (2024): the batch where steps exceed perfect linear scaling
-  from the smallest batch by a threshold (20%); roughly 0.2·B_crit + 1.2·B_ref.
+  from a reference batch B_ref by a threshold (20%). From the fitted curve
+  (their code) that is CBS = 1.2·B_ref + 0.2·E_min/S_min (`zhang_cbs_fit`);
+  `zhang_cbs_raw` interpolates the measured steps instead (a variant, labelled).
 """
 
 from __future__ import annotations
@@ -91,6 +94,33 @@ def crossing_axes(axes: dict[str, Sequence[float]], values: Sequence[float], tar
     return out
 
 
+def crossing_resolved(axes: dict[str, Sequence[float]], values: Sequence[float], target: float, *,
+                      whole_steps: bool) -> dict:
+    """The crossing on every axis at the resolution the method has, with its bracket.
+
+    `bracket[axis]` = [a at the last evaluation above the target, a at the first at or below
+    it] (the same value twice when the first evaluation is already at or below). A method that
+    moves only at whole outer steps (`whole_steps`: Gauss-Newton's θ changes once per outer
+    step, after the line search) crosses at that first evaluation at or below the target — an
+    upper bound that is exact when it evaluates every outer step; no interpolation inside a
+    step. For the others `value[axis]` is the linear interpolation of `crossing_axes`.
+    Returns {"value": {...}, "bracket": {...}, "rule": "first_at_or_below"|"interpolated"}
+    with None everywhere when never reached."""
+    hit = crossing_fraction(values, target)
+    rule = "first_at_or_below" if whole_steps else "interpolated"
+    if hit is None:
+        return {"value": {k: None for k in axes}, "bracket": {k: None for k in axes}, "rule": rule}
+    i, f = hit
+    lo_i = i - 1 if f > 0 else i
+
+    def at(a, j):
+        return None if a[j] is None else float(a[j])
+    bracket = {k: [at(a, lo_i), at(a, i)] for k, a in axes.items()}
+    value = ({k: at(a, i) for k, a in axes.items()} if whole_steps
+             else crossing_axes(axes, values, target))
+    return {"value": value, "bracket": bracket, "rule": rule}
+
+
 def fit_mccandlish(batch: Sequence[float], steps: Sequence[float], weights: Sequence[float] | None = None) -> dict:
     """Fit S(B) = S_min + E_min/B (McCandlish et al. 2018) by weighted least
     squares, which is linear in u = 1/B:
@@ -128,118 +158,30 @@ def fit_mccandlish(batch: Sequence[float], steps: Sequence[float], weights: Sequ
     return out
 
 
-def _b_crit_or_inf(fit: dict) -> float:
-    # S_min -> 0+ sends B_crit to +inf, so a non-positive S_min ranks above every finite value
-    if fit["S_min"] is None:
-        return math.nan
-    if fit["S_min"] <= 0:
-        return math.inf
-    return fit["E_min"] / fit["S_min"]
+def zhang_cbs_fit(fit: dict, b_ref: float, threshold: float = 0.2) -> dict:
+    """Zhang et al.'s (2024) CBS from a fitted S(B) = S_min + E_min/B, as their code computes it
+    (hlzhang109/critical-batch-size, plots/chinchilla.ipynb): the batch B where steps exceed
+    linear scaling from B_ref by `threshold`,
 
+        S(B)·B = (1 + t)·S(B_ref)·B_ref   ⇔   B = (1 + t)·B_ref + t·E_min/S_min.
 
-def _percentile_interval(x: np.ndarray, level: float) -> list:
-    """Order-statistic percentile interval; works with +-inf entries (no
-    interpolation between infinities, which would give nan)."""
-    x = np.sort(x[~np.isnan(x)])
-    if x.size == 0:
-        return [None, None]
-    a = (1.0 - level) / 2
-    lo = x[int(math.floor(a * (x.size - 1)))]
-    hi = x[int(math.ceil((1 - a) * (x.size - 1)))]
-    return [float(lo), float(hi)]
-
-
-def _inflate(s: np.ndarray, groups: list[np.ndarray], idx: np.ndarray) -> np.ndarray:
-    """Resampled steps with their spread about the batch's mean scaled by
-    sqrt(n/(n-1)): a plain resample of n seeds has (n-1)/n of the seeds'
-    variance, which with 3 seeds makes a 95% interval cover only ~80%."""
-    out = s[idx].copy()
-    pos = 0
-    for g in groups:
-        n = g.size
-        if n > 1:
-            m = s[g].mean()
-            out[pos:pos + n] = m + math.sqrt(n / (n - 1)) * (out[pos:pos + n] - m)
-        pos += n
-    return out
-
-
-def bootstrap_fit(batch: Sequence[float], steps: Sequence[float], *, n_boot: int = 1000, level: float = 0.95,
-                  seed: int = 0, weights: Sequence[float] | None = None) -> dict:
-    """Percentile bootstrap of the McCandlish fit. Each replicate resamples,
-    with replacement and within each batch size, that batch's points (seeds or
-    grid points), so every batch size keeps its count, widens their spread
-    about the batch mean by sqrt(n/(n-1)) (the resample's variance deficit;
-    see `_inflate`), then refits
-    S(B) = S_min + E_min/B. The interval is the (1-level)/2 and (1+level)/2
-    percentiles of the replicates; a replicate with S_min <= 0 counts as
-    B_crit = +inf (an unbounded upper end is reported as inf). Uses a fixed
-    RNG seed, so the result is reproducible. Returns the point fit plus
-    S_min_ci, E_min_ci, B_crit_ci and n_boot.
-    """
-    b = np.asarray(batch, dtype=float)
-    s = np.asarray(steps, dtype=float)
-    w = None if weights is None else np.asarray(weights, dtype=float)
-    out = fit_mccandlish(b, s, w)
-    groups = [np.flatnonzero(b == v) for v in np.unique(b)]
-    rng = np.random.default_rng(seed)
-    reps = np.full((n_boot, 3), np.nan)
-    if out["n_batches"] >= 2:
-        for k in range(n_boot):
-            idx = np.concatenate([rng.choice(g, size=g.size, replace=True) for g in groups])
-            f = fit_mccandlish(b[idx], _inflate(s, groups, idx), None if w is None else w[idx])
-            if f["S_min"] is not None:
-                reps[k] = (f["S_min"], f["E_min"], _b_crit_or_inf(f))
-    out.update(S_min_ci=_percentile_interval(reps[:, 0], level), E_min_ci=_percentile_interval(reps[:, 1], level),
-               B_crit_ci=_percentile_interval(reps[:, 2], level), n_boot=n_boot, ci_level=level,
-               boot_invalid=int(np.sum(~np.isfinite(reps[:, 2]))))
-    return out
-
-
-def bootstrap_fit_grid(cells: dict, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
-    """Percentile bootstrap of the McCandlish fit over seeds AND learning-rate grid points.
-
-    `cells[B][lr]` lists steps to target per seed (None: not reached). Each
-    replicate, at every batch size: resamples that batch's lr grid points with
-    replacement, resamples each chosen point's seeds with replacement, takes the
-    best (lowest mean steps; an unreached seed makes a point unreachable) and fits
-    S(B) = S_min + E_min/B to the best points. So the interval also covers the
-    coarseness of the lr grid, and exists with one seed. The point estimate is
-    the fit to the best lr per batch (mean over seeds), as in `best_per_batch`.
-    """
-    rng = np.random.default_rng(seed)
-
-    def best(batch_cells, resample):
-        out = np.inf
-        lrs = list(batch_cells)
-        chosen = rng.choice(len(lrs), size=len(lrs), replace=True) if resample else range(len(lrs))
-        for i in chosen:
-            vals = batch_cells[lrs[i]]
-            pick = [vals[j] for j in rng.choice(len(vals), size=len(vals), replace=True)] if resample else vals
-            if pick and all(v is not None and np.isfinite(v) for v in pick):
-                out = min(out, float(np.mean(pick)))
+    Monotone in B_crit = E_min/S_min, so its interval is that of B_crit mapped through the same
+    line. None when the fit has no positive S_min."""
+    out = {"definition": f"Zhang et al. 2024 from the fitted curve: S(B)·B = {1 + threshold:g}·S(B_ref)·B_ref, "
+                         f"i.e. {1 + threshold:g}·B_ref + {threshold:g}·E_min/S_min",
+           "threshold": threshold, "B_ref": float(b_ref), "cbs": None, "cbs_ci": [None, None]}
+    bc = fit.get("B_crit")
+    if bc is None or not math.isfinite(bc):
         return out
-
-    def fit(resample):
-        pts = [(float(B), best(c, resample)) for B, c in sorted(cells.items())]
-        pts = [(b, s) for b, s in pts if np.isfinite(s)]
-        return fit_mccandlish([p[0] for p in pts], [p[1] for p in pts])
-
-    out = fit(False)
-    reps = np.full((n_boot, 3), np.nan)
-    if out["n_batches"] >= 2:
-        for k in range(n_boot):
-            f = fit(True)
-            if f["S_min"] is not None:
-                reps[k] = (f["S_min"], f["E_min"], _b_crit_or_inf(f))
-    out.update(S_min_ci=_percentile_interval(reps[:, 0], level), E_min_ci=_percentile_interval(reps[:, 1], level),
-               B_crit_ci=_percentile_interval(reps[:, 2], level), n_boot=n_boot, ci_level=level,
-               boot_invalid=int(np.sum(~np.isfinite(reps[:, 2]))), ci_over="seeds and learning-rate grid points")
+    line = lambda x: None if x is None else ((1 + threshold) * b_ref + threshold * x)   # noqa: E731
+    out["cbs"] = line(bc)
+    out["cbs_ci"] = [line(x) for x in fit.get("B_crit_ci") or [None, None]]
+    out["B_ref_over_B_crit"] = b_ref / bc
     return out
 
 
-def zhang_cbs(batch: Sequence[float], steps: Sequence[float], threshold: float = 0.2) -> dict:
-    """Critical batch size as defined by Zhang et al. (2024): with the smallest
+def zhang_cbs_raw(batch: Sequence[float], steps: Sequence[float], threshold: float = 0.2) -> dict:
+    """A raw-data variant of Zhang et al.'s CBS (not their computation: see `zhang_cbs_fit`): with the smallest
     batch B_ref and its steps S_ref as reference, perfect linear scaling is
     S_lin(B) = S_ref·B_ref/B and the excess is r(B) = S(B)/S_lin(B) - 1. The
     CBS is the batch where r first reaches `threshold` (20%), interpolated
@@ -256,7 +198,8 @@ def zhang_cbs(batch: Sequence[float], steps: Sequence[float], threshold: float =
     keep = np.isfinite(b) & np.isfinite(s) & (b > 0) & (s > 0)
     b, s = b[keep], s[keep]
     grid = np.unique(b)
-    out = {"definition": f"Zhang et al. 2024: steps exceed linear scaling from the smallest batch by {threshold:.0%}",
+    out = {"definition": f"raw-data variant: measured steps exceed linear scaling from the smallest batch by "
+                         f"{threshold:.0%} (log-interpolated between grid points; not Zhang et al.'s fitted CBS)",
            "threshold": threshold, "cbs": None, "above_grid": False, "B_ref": None, "S_ref": None, "excess": {}}
     if grid.size < 2:
         return out

@@ -26,54 +26,127 @@ def _ci(ci) -> str:
     return f"[{_f(ci[0])}, {_f(ci[1])}]"
 
 
+# units shown in the cost tables, in order, with short headers
+COST_UNITS = (("steps", "own steps"), ("outer_steps", "outer steps"), ("updates", "seq. updates"), ("compute", "compute (seq. fwd-bwd)"),
+              ("tokens", "tokens"), ("aux_tokens", "aux tokens"), ("wall_time_s", "wall s"))
+
+
+def _mci(st: dict | None, spec: str = ".4g") -> str:
+    """mean [t-interval] (n), or the single value."""
+    if not st or st.get("mean") is None:
+        return "–"
+    if st.get("ci") and st["ci"][0] is not None:
+        return f"{_f(st['mean'], spec)} [{_f(st['ci'][0], spec)}, {_f(st['ci'][1], spec)}]"
+    return _f(st["mean"], spec)
+
+
 def _best_section(result: dict) -> list[str]:
-    lines = ["## Best learning rate per method and batch size", "",
-             "Steps to target at the best lr (mean ± s.e. over seeds; unreached seeds are left out of the mean "
-             "and counted). `edge` marks a best lr at the low/high end of that batch's grid: widen the grid.", ""]
+    lines = ["## Costs to target in every unit", "",
+             "At each batch's best lr (chosen by the method's own steps): mean over the seeds that reached, with a "
+             "Student-t 95% interval; `reached` is seeds reached / run. Crossing: `whole` = first evaluation at or "
+             "below the target (a method that moves only at whole outer steps), `interp` = linear between "
+             "evaluations. `wide` counts runs whose crossing bracket exceeds the stated limit (see Definitions): "
+             "their value is set by the evaluation cadence. `edge` marks a best lr at the end of its grid.", ""]
     for t in result["targets"]:
         rows = []
         for m, res in result["methods"].items():
             for e in res["targets"].get(t, {}).get("best", []):
-                se = f" ± {_f(e['steps_se'], '.3g')}" if e["steps_se"] is not None else ""
+                u = e.get("units") or {}
+                wide = (u.get("steps") or {}).get("n_wide", 0)
+                rule = {"first_at_or_below": "whole", "interpolated": "interp"}.get(e.get("crossing_rule"), "–")
                 rows.append([m, _f(e["batch_size"], "g"), _f(e["learning_rate"], ".3g"),
-                             _f(e["steps_mean_reached"]) + se, f"{e['n_reached']}/{e['n_seeds']}",
-                             _f(e.get("tokens_mean")), e["edge"] or ""])
+                             f"{e['n_reached']}/{e['n_seeds']}", *[_mci(u.get(k)) for k, _ in COST_UNITS], rule,
+                             wide or "", e["edge"] or ""])
+        head = ["method", "batch", "best lr", "reached", *[h for _, h in COST_UNITS], "crossing", "wide", "edge"]
+        # drop unit columns no row has (a table carries only steps, maybe tokens)
+        keep = [j for j in range(len(head)) if j < 4 or j >= 4 + len(COST_UNITS) or any(r[j] != "–" for r in rows)]
         lines += [f"### target {t}", ""]
-        lines += _table(["method", "batch", "best lr", "steps", "reached", "tokens", "edge"], rows)
+        lines += _table([head[j] for j in keep], [[r[j] for j in keep] for r in rows])
     return lines
 
 
+def _ci_kind(method: str | None) -> str:
+    if not method:
+        return "–"
+    return next((k for k in ("seed bootstrap", "residual bootstrap") if method.startswith(k)), "none")
+
+
+def _warn_text(diag: dict) -> str:
+    return "; ".join(w["text"] for w in diag.get("warnings", [])) or "–"
+
+
 def _fit_section(result: dict) -> list[str]:
-    lines = ["## Critical batch size", "",
-             "McCandlish et al. (2018) fit S(B) = S_min + E_min/B, B_crit = E_min/S_min, with a 95% bootstrap "
-             "interval over seeds and learning-rate grid points (each replicate resamples both and refits). "
-             "The Zhang et al. (2024) CBS (steps 20% above linear scaling from the smallest "
-             "batch) is a different quantity: do not compare it with B_crit.", ""]
+    lines = ["## Critical batch size, per unit", "",
+             "McCandlish et al. (2018) S(B) = S_min + E_min/B, B_crit = E_min/S_min, fitted in each step unit. "
+             "`claimed: no` where the method's sequential updates per outer step grow with B (the count falls as "
+             "1/B by construction there): the fitted number is shown in parentheses and is not a B_crit. "
+             "Intervals are 95% (method in column `CI`). Zhang et al.'s CBS (from the fit, with its reference "
+             "batch) is a different quantity from B_crit.", ""]
     rows = []
     for m, res in result["methods"].items():
         for t, r in res["targets"].items():
-            fit, z = r["fit"], r["zhang_cbs"]
-            zc = _f(z["cbs"], ".4g") if z["cbs"] is not None else ("> grid" if z["above_grid"] else "–")
-            rows.append([m, t, f"{_f(fit['S_min'])} {_ci(fit.get('S_min_ci'))}",
-                         f"{_f(fit['E_min'])} {_ci(fit.get('E_min_ci'))}",
-                         f"{_f(fit['B_crit'])} {_ci(fit.get('B_crit_ci'))}", zc, fit["note"] or "ok"])
-    return lines + _table(["method", "target", "S_min [95% CI]", "E_min [95% CI]", "B_crit (McCandlish) [95% CI]",
-                           "CBS (Zhang, 20%)", "fit"], rows)
+            for unit, fit in (r.get("fits") or {"steps": r["fit"]}).items():
+                bc = f"{_f(fit['B_crit'])} {_ci(fit.get('B_crit_ci'))}"
+                if not fit.get("claimed", True):
+                    bc = f"({bc}) not claimed"
+                z = fit.get("zhang_cbs") or {}
+                zc = (f"{_f(z.get('cbs'))} {_ci(z.get('cbs_ci'))} @B_ref={_f(z.get('B_ref'), 'g')}"
+                      if z.get("cbs") is not None else "–")
+                diag = fit.get("diagnostics") or {}
+                res_txt = " / ".join(f"{100 * v['rel']:+.1f}%" for v in (diag.get("residuals") or {}).values()) or "–"
+                rows.append([m, t, unit, f"{_f(fit['S_min'])} {_ci(fit.get('S_min_ci'))}", bc,
+                             _ci_kind(fit.get("ci_method")), zc, res_txt,
+                             _f(diag.get("rel_rms"), ".2g"), _warn_text(diag)])
+    lines += _table(["method", "target", "unit", "S_min [95% CI]", "B_crit [95% CI]", "CI", "CBS (Zhang, fit)",
+                     "residuals by B", "rel. RMS", "warnings"], rows)
+    raw = [[m, t, _f(r["zhang_cbs_raw"]["cbs"]) if r.get("zhang_cbs_raw", {}).get("cbs") is not None else
+            ("> grid" if r.get("zhang_cbs_raw", {}).get("above_grid") else "–")]
+           for m, res in result["methods"].items() for t, r in res["targets"].items() if "zhang_cbs_raw" in r]
+    if raw:
+        lines += ["Raw-data variant of Zhang's CBS (measured steps interpolated from the smallest batch; not "
+                  "their computation):", ""] + _table(["method", "target", "CBS (raw variant)"], raw)
+    return lines
 
 
 def _ratio_section(result: dict) -> list[str]:
-    lines = ["## Step ratios between methods", "",
-             "steps(a)/steps(b) at each batch size, best lr of each (mean over reached seeds).", ""]
+    lines = ["## Cost ratios between methods, per unit", "",
+             "cost(a)/cost(b) at each batch size, best lr of each (mean over reached seeds), in every unit: a "
+             "method's advantage in outer steps need not survive in sequential updates or compute.", ""]
+    by_unit = result.get("ratios_by_unit") or {t: {"steps": p} for t, p in result["ratios"].items()}
     any_rows = False
-    for t, pairs in result["ratios"].items():
-        batches = sorted({float(b) for r in pairs.values() for b in r})
-        if not batches:
-            continue
-        any_rows = True
-        lines += [f"### target {t}", ""]
-        lines += _table(["a/b"] + [f"B={b:g}" for b in batches],
-                        [[p] + [_f(r.get(f"{b:g}"), ".3g") for b in batches] for p, r in pairs.items()])
+    for t, units in by_unit.items():
+        for unit, pairs in units.items():
+            batches = sorted({float(b) for r in pairs.values() for b in r})
+            if not batches or unit in ("steps", "grad_evals"):
+                continue
+            any_rows = True
+            lines += [f"### target {t}, {unit}", ""]
+            lines += _table(["a/b"] + [f"B={b:g}" for b in batches],
+                            [[p] + [_f(r.get(f"{b:g}"), ".3g") for b in batches] for p, r in pairs.items() if r])
+    if not any_rows:   # a table has only each method's own steps
+        for t, pairs in result["ratios"].items():
+            batches = sorted({float(b) for r in pairs.values() for b in r})
+            if batches:
+                any_rows = True
+                lines += [f"### target {t}, steps", ""]
+                lines += _table(["a/b"] + [f"B={b:g}" for b in batches],
+                                [[p] + [_f(r.get(f"{b:g}"), ".3g") for b in batches] for p, r in pairs.items()])
     return lines if any_rows else lines + ["(no batch size where two methods both reached a target)", ""]
+
+
+def _definitions(result: dict) -> list[str]:
+    d = result.get("definitions") or {}
+    lines = ["## Definitions", ""]
+    for k in ("fit", "interval", "crossing", "zhang_cbs"):
+        if k in d:
+            lines.append(f"- **{k}**: {d[k]}")
+    for u, text in (d.get("units") or {}).items():
+        lines.append(f"- unit `{u}`: {text}")
+    reads = sorted({e.get("read_from") for res in result["methods"].values() for r in res["targets"].values()
+                    for e in r["best"] if e.get("read_from")})
+    if reads:
+        lines.append(f"- crossings read from: {', '.join(reads)}")
+    return lines + [""]
 
 
 def _fixed_section(result: dict) -> list[str]:
@@ -107,6 +180,7 @@ def render_report(result: dict) -> str:
     lines += _best_section(result) + _fit_section(result) + _ratio_section(result)
     if result.get("fixed_tokens"):
         lines += _fixed_section(result)
+    lines += _definitions(result)
     return "\n".join(lines)
 
 

@@ -54,15 +54,14 @@ ENTRY_KEYS = ("name", "method", "lr", "b_inner", "batch_sizes", "seeds", "vary")
 LR_KEYS = ("center", "base_batch", "power", "points", "factor", "values")
 SECTIONS = ("model", "data", "train")
 GN_FAMILY = "gauss_newton"
-SGD_LIKE = ("sgd", "lars")          # lr ∝ B (linear scaling); every other non-GN method: lr ∝ √B
 HORIZON_SCHEDULES = ("cosine", "wsd", "global_cosine", "global_inner_cosine")
 
 
-def default_power(registered: str, family: str) -> float:
-    """The exponent p of the lr rule lr0·(B/B0)^p for a registered method."""
-    if family == GN_FAMILY:
-        return 0.0
-    return 1.0 if registered in SGD_LIKE else 0.5
+def default_power(registered: str, family: str | None = None) -> float:
+    """The exponent p of the lr rule lr0·(B/B0)^p for a registered method: its config's
+    `lr_batch_power` (0.5 Adam-like, 1.0 SGD-like, 0.0 Gauss-Newton at a fixed b_inner)."""
+    del family
+    return registry.get(registered).lr_batch_power
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +105,7 @@ class SweepMethod:
     @property
     def lr_key(self) -> str:
         """The hyperparameter the lr grid sets."""
-        return "inner_learning_rate" if self.is_gn else "learning_rate"
+        return registry.get(self.registered).lr_key
 
 
 @dataclasses.dataclass(frozen=True)
