@@ -24,7 +24,7 @@ import yaml
 from gn.data.config import DataConfig
 from gn.errors import ConfigError, os_error, require, suggest
 from gn.methods import registry
-from gn.methods.registry import MethodEntry
+from gn.methods.registry import TARGET_FROM, MethodEntry
 from gn.model.config import PRESETS as MODEL_PRESETS
 from gn.model.config import ModelConfig
 from gn.structs import build_dataclass, check_keys, plain
@@ -76,6 +76,11 @@ class TrainConfig:
     # after the evaluation at which every target loss has been reached.
     max_tokens: int = 0
     stop_at_target: bool = False
+    # The validation loss that stop_at_target and summary.json's *_to_target read: "ema" (the weight
+    # average; the paper evaluates and stops on it), "raw" (the parameters), "both" (stop once both have
+    # reached every target, to-target from raw: the behaviour before this option), "auto" (ema when
+    # ema_decay > 0, else raw). A method entry may set its own `target_from`.
+    target_from: str = "auto"
     # Metric destinations beside metrics.jsonl: "tensorboard" (WORKDIR/tb), "wandb" (gn/train/loggers.py).
     loggers: tuple[str, ...] = ()
     # Parameter sharding (gn/train/mesh.py): the mesh is (data = devices / fsdp, fsdp); with fsdp > 1
@@ -104,6 +109,7 @@ class TrainConfig:
         require(self.max_tokens >= 0, f"train.max_tokens must be >= 0 (0 = no budget), got {self.max_tokens}.")
         require(not self.stop_at_target or bool(self.target_losses),
                 "train.stop_at_target needs train.target_losses: there is no target to stop at.")
+        check_target_from(self.target_from, self.ema_decay, "train.target_from")
         require(len(set(self.loggers)) == len(self.loggers), f"train.loggers lists a logger twice: {self.loggers}.")
         check_loggers(self.loggers)
         require(self.fsdp >= 1, f"train.fsdp must be a positive integer (1 = no parameter sharding), got {self.fsdp}.")
@@ -280,11 +286,31 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
     return cfg
 
 
+def check_target_from(value: Any, ema_decay: float, where: str) -> None:
+    """ConfigError naming the key unless `value` is a target reading this run can make."""
+    require(value in TARGET_FROM, f"{where} must be one of {', '.join(TARGET_FROM)}, got {value!r}."
+            + suggest(str(value), TARGET_FROM))
+    require(value not in ("ema", "both") or ema_decay > 0,
+            f"{where}: {value} reads the EMA's validation loss, but train.ema_decay is 0 (no EMA); set "
+            "train.ema_decay > 0 or use raw.")
+
+
+def target_keys(target_from: str, ema_decay: float) -> tuple[str, ...]:
+    """The metrics a target is read from: stop_at_target waits for all of them; summary.json's
+    *_to_target reads the first."""
+    if target_from == "auto":
+        target_from = "ema" if ema_decay > 0 else "raw"
+    return {"ema": ("val_loss_ema",), "raw": ("val_loss",), "both": ("val_loss", "val_loss_ema")}[target_from]
+
+
 def validate(cfg: Config) -> None:
     """Validate every section and the constraints between them."""
     cfg.model.validate()
     cfg.data.validate()
     cfg.train.validate()
+    for entry in cfg.methods:
+        if entry.target_from is not None:
+            check_target_from(entry.target_from, cfg.train.ema_decay, f"methods.{entry.name}.target_from")
     require(cfg.data.seq_len <= cfg.model.max_seq_len,
             f"data.seq_len ({cfg.data.seq_len}) exceeds the model's maximum positions "
             f"model.max_seq_len ({cfg.model.max_seq_len}); lower data.seq_len or raise model.max_seq_len.")

@@ -8,6 +8,7 @@ under a {"params": ...} wrapper mean the same parameters.
 
     param_name(path)        'block_0/attn/wq/kernel'
     is_hidden_matrix(p, x)  2-D weights in the body (not embeddings, not the head)
+    is_embedding_or_head(p) the token embedding or the output head
 """
 
 from __future__ import annotations
@@ -58,9 +59,14 @@ def top_level(path: Sequence[Any] | str) -> str:
     return keys[0] if keys else ""
 
 
+def is_embedding_or_head(path: Sequence[Any] | str) -> bool:
+    """The token embedding or the output head (top-level 'embed*' or 'lm_head*')."""
+    return top_level(path).startswith(EMBED_PREFIXES)
+
+
 def is_hidden_matrix(path: Sequence[Any] | str, leaf: Any) -> bool:
     """2-D weights inside the network body: not the embedding or the output head."""
-    return getattr(leaf, "ndim", 0) == 2 and not top_level(path).startswith(EMBED_PREFIXES)
+    return getattr(leaf, "ndim", 0) == 2 and not is_embedding_or_head(path)
 
 
 def map_with_path(fn: Callable[[str, Any], Any], tree: Any) -> Any:

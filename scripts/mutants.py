@@ -108,6 +108,32 @@ MUTANTS = {
         "rejected = rejected | ~(ls.loss <= ls.loss0)",
         "rejected = rejected",
         ["tests/test_gn_trust.py"]),
+    # The paper's protocol (issue 15; tests/test_paper_protocol.py).
+    "paper_acceptance_ignored": (
+        "gn/methods/gauss_newton.py",
+        "rejected = (ls.alpha <= 0) | ~_all_finite(moved)",
+        "rejected = ~(jnp.isfinite(pred) & (pred > 0))",
+        ["tests/test_paper_protocol.py"]),
+    "paper_acceptance_takes_a_nonfinite_step": (
+        "gn/methods/gauss_newton.py",
+        "rejected = (ls.alpha <= 0) | ~_all_finite(moved)",
+        "rejected = jnp.asarray(False)",
+        ["tests/test_paper_protocol.py"]),
+    "paper_routing_nadam_on_embedding_and_head": (
+        "gn/methods/paper_inner.py",
+        'nesterov=eh["nesterov"]',
+        "nesterov=True",
+        ["tests/test_paper_protocol.py"]),
+    "per_group_clip_uses_the_global_norm": (
+        "gn/optim/transforms.py",
+        "sq[g] = sq.get(g, 0.0) + jnp.sum(jnp.square(x))",
+        "sq[g] = sum(jnp.sum(jnp.square(y)) for y in leaves)",
+        ["tests/test_paper_protocol.py"]),
+    "target_from_ignored_by_the_stop": (
+        "gn/train/trainer.py",
+        "early = _early_stop(tcfg, record, best, _targets(run))",
+        "early = _early_stop(tcfg, record, best)",
+        ["tests/test_paper_protocol.py"]),
 }
 
 

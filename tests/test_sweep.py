@@ -287,3 +287,182 @@ def test_a_run_made_before_a_new_config_field_is_not_repeated(tmp_path):
     raw["train"]["seed"] = 99                  # a different run under the same label is not taken
     (legacy / "config_in.yaml").write_text(yaml.safe_dump(raw))
     assert sweep_mod.adopt_existing(runs, tmp_path)[0].name == runs[0].name
+
+
+# --- fair baselines by default (issue 14, item 7) ---------------------------------
+
+WARM = {**BASE, "train": {**BASE["train"], "init_from": "runs/some_warm_start"}}
+
+
+def _warm(**over):
+    return sweep_mod.expand(spec_from_dict(_spec(config=WARM, **over)))
+
+
+def _hp(run):
+    return run.config["methods"][0]
+
+
+def test_warm_started_runs_warm_up_over_four_updates_by_default():
+    from gn.studies.spec import WARM_START_WARMUP_UPDATES
+
+    assert WARM_START_WARMUP_UPDATES == 4
+    runs = _warm(batch_sizes=[4, 8], methods=[
+        {"name": "adamw"}, {"name": "soap"}, {"name": "gn", "b_inner": 4, "lr": {"values": [0.01]}},
+        {"name": "muon_control", "method": "muon", "b_inner": 4},
+        {"name": "own", "method": "adamw", "warmup_steps": 7}])
+    by = {(r.method, r.batch_size): r for r in runs}
+    for B in (4, 8):                     # the same number of updates at every batch, not the same tokens
+        for name in ("adamw", "soap", "muon_control"):
+            assert _hp(by[(name, B)])["warmup_steps"] == 4 == by[(name, B)].warmup_steps
+        assert "warmup_steps" not in _hp(by[("gn", B)]) and by[("gn", B)].warmup_steps is None
+        assert _hp(by[("own", B)])["warmup_steps"] == 7                 # a method's own setting wins
+    # A cold start keeps the methods' own warmup (0), as before.
+    assert {_hp(r)["warmup_steps"] for r in _expand()} == {0}
+    # Stated rules replace the default: in updates, or fixed in tokens (the control: tokens / b_inner).
+    assert {_hp(r)["warmup_steps"] for r in _warm(warmup_updates=2)} == {2}
+    tok = _warm(warmup_tokens=256, methods=[{"name": "adamw"}, {"name": "ctl", "method": "muon", "b_inner": 2}])
+    assert {(r.method, r.batch_size): r.warmup_steps for r in tok} == {
+        ("adamw", 4): 4, ("adamw", 8): 2, ("ctl", 4): 8, ("ctl", 8): 8}   # 256 / (2 x 16) updates of b_inner 2
+    assert {_hp(r)["warmup_steps"] for r in _warm(warmup_tokens=0)} == {0}   # explicitly none
+    with pytest.raises(ConfigError, match="one of 'warmup_tokens'"):
+        _warm(warmup_tokens=256, warmup_updates=2)
+    with pytest.raises(ConfigError, match="conflicts with the spec's 'warmup_updates'"):
+        _warm(warmup_updates=2, methods=[{"name": "adamw", "warmup_steps": 3}])
+
+
+def test_weight_averaging_is_on_by_default():
+    from gn.studies.spec import DEFAULT_EMA_HALFLIFE_UPDATES
+
+    assert DEFAULT_EMA_HALFLIFE_UPDATES > 0
+    decay = 0.5 ** (1 / DEFAULT_EMA_HALFLIFE_UPDATES)
+    assert all(r.config["train"]["ema_decay"] == pytest.approx(decay) for r in _expand())
+    assert all(config_from_dict(r.config).train.ema_decay == pytest.approx(decay) for r in _expand())
+    assert {r.config["train"]["ema_decay"] for r in _expand(ema_halflife_updates=0)} == {0.0}   # off when asked
+    own = {**BASE, "train": {**BASE["train"], "ema_decay": 0.99}}                 # the base config's own EMA stays
+    assert {r.config["train"]["ema_decay"] for r in _expand(config=own)} == {0.99}
+    assert {r.config["train"]["ema_decay"] for r in _expand(config=own, ema_halflife_updates=1)} == {0.5}
+
+
+def test_soap_precondition_frequency_is_tuned_by_vary():
+    runs = _expand(lr={"values": [1e-3]}, methods=[{"name": "soap", "vary": {"precondition_frequency": [1, 2]}}])
+    assert sorted((r.batch_size, _hp(r)["precondition_frequency"]) for r in runs) == [(4, 1), (4, 2), (8, 1), (8, 2)]
+    assert len({r.name for r in runs}) == 4 and all("precondition" in r.name for r in runs)
+    runs = _expand(lr={"values": [1e-3]}, methods=[{"name": "soap"}],
+                   vary={"methods.soap.precondition_frequency": [1, 3]})
+    assert {_hp(r)["precondition_frequency"] for r in runs} == {1, 3}
+
+
+CPU_SPECS = ("cbs_synthetic", "cbs_synthetic_ext", "large_batch", "large_batch_tune", "fixed_tokens")
+
+
+@pytest.mark.parametrize("name", CPU_SPECS)
+def test_cpu_experiments_follow_the_fair_protocol(name):
+    """The committed CPU specs: warmup from the warm start, weight averaging, SOAP's basis updated at
+    least every second step, and >= 8 evaluations within the fastest pilot crossing (or every step)."""
+    root = Path(__file__).parent.parent / "experiments"
+    spec = sweep_mod.load_spec(root / f"{name}.yaml")
+    runs = sweep_mod.expand(spec)
+    assert spec.base["train"]["init_from"] and spec.ema_halflife_updates > 0
+    soap: dict = {}
+    for r in runs:
+        hp, train_cfg = _hp(r), r.config["train"]
+        if r.warmup_steps is not None:
+            assert r.warmup_steps >= 4, r.name
+        assert train_cfg["ema_decay"] > 0
+        if r.registered_method == "soap":
+            soap.setdefault(r.method, set()).add(hp["precondition_frequency"])
+    # Each SOAP entry refreshes its basis at least every second step, or tunes the frequency down to that.
+    assert all(min(freqs) <= 2 for freqs in soap.values()), soap
+    for r in runs:
+        horizon = spec.crossing_tokens or spec.tokens
+        per_step = r.batch_size * spec.seq_len
+        assert r.eval_every == 1 or horizon // (r.eval_every * per_step) >= 8, r.name
+
+
+# --- evaluation cadence (issue 14, item 3) -----------------------------------------
+
+def test_eval_cadence_gives_min_evals_before_the_expected_crossing():
+    spec = spec_from_dict(_spec(tokens=16 * 64 * 100, batch_sizes=[1, 4, 16, 64]))   # seq 16
+    assert spec.min_evals == 8 and spec.crossing_tokens == 0
+    # From the budget: B=64 has 100 steps -> every 12 (8 evaluations); B=1: 6400 steps -> every 800.
+    assert [spec.eval_every(b) for b in (1, 4, 16, 64)] == [800, 200, 50, 12]
+    spec = spec_from_dict(_spec(tokens=16 * 64 * 100, crossing_tokens=16 * 64 * 20, batch_sizes=[4, 64]))
+    assert [spec.eval_every(b) for b in (4, 16, 64)] == [40, 10, 2]
+    for b in (1, 2, 3, 5, 7, 64, 100, 1000):     # at least 8 evaluations within crossing_tokens, or every step
+        k = spec.eval_every(b)
+        assert k == 1 or spec.crossing_tokens // (k * b * 16) >= 8
+        assert k == 1 or spec.crossing_tokens // ((k + 1) * b * 16) < 8         # and no denser than needed
+    assert spec_from_dict(_spec(crossing_tokens=64, min_evals=8)).eval_every(4) == 1   # fewer steps than 8: every step
+    # eval_every_tokens may only make the cadence denser; min_evals: 0 leaves it alone.
+    dense = spec_from_dict(_spec(tokens=16 * 64 * 100, eval_every_tokens=16 * 64 * 2))
+    assert dense.eval_every(64) == 2 and dense.eval_every(4) == 32
+    assert spec_from_dict(_spec(tokens=16 * 64 * 100, eval_every_tokens=16 * 64 * 80)).eval_every(64) == 12
+    assert spec_from_dict(_spec(min_evals=0)).eval_every(4) == 0
+    runs = _expand(tokens=16 * 64 * 100, crossing_tokens=16 * 64 * 20, batch_sizes=[4, 64])
+    assert [(r.batch_size, r.config["train"]["eval_every"], r.eval_every) for r in runs][::2] == [(4, 40, 40), (64, 2, 2)]
+    assert all(r.config["train"]["eval_every"] == 1 for r in _expand(min_evals=0))     # the base's cadence
+    with pytest.raises(ConfigError, match="crossing_tokens"):
+        spec_from_dict(_spec(crossing_tokens=10 ** 6))
+
+
+def test_runner_records_evaluations_before_each_crossing_and_warns_when_sparse(tmp_path, capsys):
+    rows = [{"step": 0, "val_loss": 5.0}, {"step": 3, "val_loss": 4.0, "val_loss_ema": 4.5},
+            {"step": 6, "val_loss": 3.0, "val_loss_ema": 3.8}, {"step": 9, "val_loss": 2.5, "val_loss_ema": 2.9}]
+    assert runner_mod.evals_to_target(rows, [3.5, 2.0]) == {"3.5": {"val_loss": 2, "val_loss_ema": 3}}
+    runs = _expand(targets=[3.5], batch_sizes=[4], lr={"values": [1e-2]}, tokens=64 * 9, min_evals=8)
+    assert runs[0].eval_every == 1
+    rows_path = tmp_path / runs[0].name
+    sweep_mod.write_sweep(runs, tmp_path)
+    manifest = runner_mod.read_manifest(tmp_path)
+    assert manifest[0]["targets"] == [3.5] and manifest[0]["min_evals"] == 8
+
+    def fake(cfg, name, workdir):
+        (Path(workdir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = {"steps": 9, "tokens": 1, "diverged": False, "stop_reason": "steps", "final_val_loss": 2.5,
+                   "best_val_loss": 2.5, "wall_time_s": 0.1}
+        (Path(workdir) / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    rec = runner_mod.run_manifest(tmp_path, train_fn=fake)[0]
+    assert rec["evals_to_target"] == {"3.5": {"val_loss": 2, "val_loss_ema": 3}}
+    out = capsys.readouterr()
+    assert rec["sparse_crossings"] == [] and "warning" not in out.out + out.err          # every step: dense enough
+    row = {**manifest[0], "eval_every": 3}                                    # a coarser cadence: flagged
+    rec = runner_mod._write(rows_path, row, json.loads((rows_path / "summary.json").read_text()), None)
+    assert rec["sparse_crossings"] == ["3.5 (val_loss)", "3.5 (val_loss_ema)"]
+    assert "fewer than 8 evaluations" in runner_mod._line(row, rec, True)
+
+
+# --- methods declare what they are (issue 14, item 1) -----------------------------
+
+def test_bench_optimizers_selects_methods_by_their_traits(monkeypatch):
+    import dataclasses
+    from typing import ClassVar
+
+    from gn.bench.optimizers import selected_methods
+    from gn.methods import registry
+    from gn.methods.base import MethodConfig
+
+    every = selected_methods(None)
+    assert every[0] == "adamw"
+    assert set(every) == {n for n in registry.names() if not registry.get(n).whole_outer_steps}
+    assert "gn" not in every and "gn_layerwise" not in every and {"soap", "muon", "fog_gn"} <= set(every)
+
+    @dataclasses.dataclass(frozen=True)
+    class OuterFirstOrder(MethodConfig):          # a new method: only its traits decide
+        name: ClassVar[str] = "zz_outer"
+        family: ClassVar[str] = "first_order"
+        whole_outer_steps: ClassVar[bool] = True
+
+    @dataclasses.dataclass(frozen=True)
+    class OneUpdateCurvature(MethodConfig):
+        name: ClassVar[str] = "zz_one_update"
+        family: ClassVar[str] = "gauss_newton"
+
+    monkeypatch.setitem(registry._REGISTRY, "zz_outer", OuterFirstOrder)
+    monkeypatch.setitem(registry._REGISTRY, "zz_one_update", OneUpdateCurvature)
+    chosen = selected_methods(None)
+    assert "zz_one_update" in chosen and "zz_outer" not in chosen
+    assert selected_methods(("zz_one_update",)) == ["adamw", "zz_one_update"]
+    with pytest.raises(ConfigError, match="outer-step method"):
+        selected_methods(("zz_outer",))

@@ -1,9 +1,11 @@
 """`gn bench optimizers`: step time and state size of every non-Gauss-Newton method.
 
-Every method in the registry whose family is not "gauss_newton" (first-order
-optax methods, and the FOG family — K-FAC, FOG, DiagFog, ... — when registered)
+Every registered method whose step is one parameter update (its config's
+`whole_outer_steps` trait is false: first-order optax methods, the FOG family —
+K-FAC, FOG, DiagFog, ... — and the curvature methods of `gn.methods.muon_like`)
 is built through the registry with `MethodContext(model_cfg=...)`, so new methods
-are picked up without changes here. For each:
+are picked up without changes here; outer-step methods (Gauss-Newton: an inner
+loop or a solve, then a line search) have `gn bench`. For each:
 
 - `step_time_s`: median wall time of the method's jitted `step` at a fixed batch
   (default 16 x 128), compiled ahead of time, the returned parameters and state fed
@@ -40,7 +42,7 @@ class OptimizerBenchConfig:
     batch_size: int = 16
     seq_len: int = 128
     repeats: int = 10
-    methods: tuple[str, ...] | None = None      # None: every registered non-GN method
+    methods: tuple[str, ...] | None = None      # None: every registered one-update method (is_one_update)
     exclude: tuple[str, ...] = ()               # names left out (e.g. methods too slow for the preset)
     time_budget_s: float = 60.0                 # per method: timed repeats stop once they add up to this
     tune_malloc: bool = False                   # see gn.bench.harness.tune_malloc
@@ -60,6 +62,13 @@ def tree_bytes(tree: Any) -> int:
     return int(sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(tree)))
 
 
+def is_one_update(cls: Any) -> bool:
+    """Whether a registered method's step is a single parameter update, read from its config's
+    traits (gn.methods.base.MethodConfig): an outer-step method (`whole_outer_steps`, e.g. GN's
+    inner loop + line search) is timed by `gn bench`, not here."""
+    return not cls.whole_outer_steps
+
+
 def selected_methods(names: tuple[str, ...] | None, exclude: tuple[str, ...] = ()) -> list[str]:
     """The methods to measure, AdamW (the reference) first."""
     from gn.methods import registry
@@ -68,14 +77,15 @@ def selected_methods(names: tuple[str, ...] | None, exclude: tuple[str, ...] = (
         registry.get(n)                  # ConfigError for unknown names
         require(n != REFERENCE, f"'{REFERENCE}' is the reference of `gn bench optimizers` and cannot be excluded.")
     if names is None:
-        chosen = [n for n in registry.names() if registry.get(n).family != "gauss_newton"]
+        chosen = [n for n in registry.names() if is_one_update(registry.get(n))]
     else:
         chosen = []
         for n in names:
             spec = registry.get(n)       # ConfigError for unknown names
-            if spec.family == "gauss_newton":
-                raise ConfigError(f"'{n}' is a Gauss-Newton method; `gn bench optimizers` measures one-update "
-                                  "methods only. Use `gn bench` for the GN inner/outer step.")
+            if not is_one_update(spec):
+                raise ConfigError(f"'{n}' is an outer-step method (family {spec.family!r}: parameters move only "
+                                  "at whole outer steps); `gn bench optimizers` measures one-update methods only. "
+                                  "Use `gn bench` for the GN inner/outer step.")
             if n not in chosen:
                 chosen.append(n)
     return [REFERENCE] + [n for n in chosen if n != REFERENCE and n not in exclude]
@@ -194,5 +204,5 @@ def format_optimizer_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["OptimizerBenchConfig", "REFERENCE", "format_optimizer_table", "run_optimizer_bench",
+__all__ = ["OptimizerBenchConfig", "REFERENCE", "format_optimizer_table", "is_one_update", "run_optimizer_bench",
            "selected_methods", "tree_bytes"]

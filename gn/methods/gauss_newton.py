@@ -13,12 +13,18 @@ LLMs: A Study with Full Gauss-Newton" (2025). One outer step at θ_t:
 Q is the Gauss-Newton quadratic (kind "gn"), the prox-linear model ℓ(z0 + J d)
 ("prox_linear"), or their block-diagonal (layerwise) versions with a partition.
 `inner_solver: cg` replaces the inner loop by conjugate gradient on
-(G + λI) d = −∇ℓ over the whole outer batch (Martens 2010, Hessian-free).
+(G + λI) d = −∇ℓ over the whole outer batch (Martens 2010, Hessian-free; its
+Levenberg-Marquardt damping and diagonal preconditioner: gn/methods/gn_cg.py).
 
 Unlike the paper's code: the inner learning rate is computed from explicit
 (outer, inner) step counters, so schedules are right whatever the warm-start
 policy; `damping` really adds (λ/2)‖θ − θ_t‖²; line-search tokens are counted
 apart from training tokens and the line search may use fewer batches than N.
+By default also unlike it (each an option, docs/paper_protocol.md): the inner
+optimizer's routing and clipping (`inner_routing`, `inner_clip_per_group`;
+gn/methods/paper_inner.py) and the rejection of a step whose predicted decrease
+is <= 0 (`reject_nonpositive_prediction`). A non-finite line-search loss is
+never taken (the paper's code takes α = 1 when its loss is NaN).
 """
 
 from __future__ import annotations
@@ -36,12 +42,17 @@ from gn import curvature
 from gn.curvature.objective import lm_loss, split_batch
 from gn.errors import ConfigError, suggest
 from gn.methods.base import BatchPlan, MethodBase, MethodContext
+from gn.methods import gn_cg
 from gn.methods.linesearch import line_search
 from gn.methods.optimizers import OPTIMIZERS
+from gn.methods.paper_inner import inner_transform
 from gn.optim.masks import decay_mask
 from gn.optim.transforms import tree_norm
 from gn.structs import coerce
 
+# constant_inner_cosine is the paper's constant_with_inner_cosine. global_inner_cosine (global cosine x inner
+# cosine) is neither the paper's intended nor its actual cosine_with_global_schedule (off by one there: each
+# outer step runs the next one's peak and the last trains at lr 0; docs/paper_protocol.md).
 INNER_SCHEDULES = ("constant", "constant_inner_cosine", "global_cosine", "global_inner_cosine")
 INNER_SOLVERS = ("optax", "cg")
 PARTITIONS = (None, *curvature.PARTITIONS)
@@ -93,6 +104,7 @@ class GNState(NamedTuple):
     inner_params: Any      # θ̂, the warm start for the next outer step
     inner_opt: Any         # the inner optimizer's state
     outer_step: jnp.ndarray
+    damping: jnp.ndarray   # λ of the CG solve: `damping`, adapted by damping_adapt: lm (gn/methods/gn_cg.py)
 
 
 def inner_lr_factor(schedule: str, outer: jnp.ndarray, inner: jnp.ndarray, n_inner: int,
@@ -106,6 +118,10 @@ def inner_lr_factor(schedule: str, outer: jnp.ndarray, inner: jnp.ndarray, n_inn
     global_c = cos((outer * n_inner + inner) / (n_outer * n_inner))
     return {"constant": jnp.ones(()), "constant_inner_cosine": inner_c, "global_cosine": global_c,
             "global_inner_cosine": global_c * inner_c}[schedule]
+
+
+def _all_finite(tree: Any) -> jnp.ndarray:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _flop_cost(num_blocks: int) -> float:
@@ -132,15 +148,18 @@ class GaussNewtonMethod(MethodBase):
         self.plan = BatchPlan(train=n, micro_batch=self.b_inner, aux=hp.ls_batches, aux_micro_batch=self.b_inner)
         self.updates_per_step = n if hp.inner_solver == "optax" else 1
         # The learning rate is applied outside the transformation from explicit step counters.
-        self.tx = inner_optimizer_config(hp, name).transform(lambda step: 1.0)
+        # gn's routing or the paper's, one clip or one per group (gn/methods/paper_inner.py).
+        self.tx = inner_transform(hp, inner_optimizer_config(hp, name))
         self._edge_noted = False
         self._rejection_noted = False
+        self._nonpositive_noted = False
         self._increase_noted = False
         self._num_blocks = None
         ref = ctx.reference_batch_size or ctx.batch_size
         self._ref_scale = self.b_inner / ref
         self._inner = jax.jit(self._inner_loop if hp.inner_solver == "optax" else self._cg_solve)
         self._search = jax.jit(self._line_search)
+        self._lm = jax.jit(lambda *args: gn_cg.lm_update(self, *args))
         self._probe_fn = jax.jit(self._probe)
 
     # -- cost accounting ---------------------------------------------------
@@ -148,24 +167,29 @@ class GaussNewtonMethod(MethodBase):
     def grad_evals_per_step(self) -> float:
         """value_and_grad equivalents at the reference batch (FLOP estimate), with the line
         search's grid evaluated once (`ls_extend` chunks are counted per step, in `grad_evals`)."""
-        return self._cost(self.hp.ls_grid + 1)
+        return self._cost(self.hp.ls_grid + self.hp.ls_grid_up + 1)
 
-    def _cost(self, ls_evals) -> Any:
+    def _cost(self, ls_evals, cg_iters_used=None) -> Any:
         """FLOP estimate of one outer step whose line search evaluated `ls_evals` points (α = 0
         included): forward passes cost 2N of a gradient's 6N; the predicted decrease one
-        model evaluation per line-search batch."""
+        model evaluation per line-search batch. The CG step counts the products it did
+        (`cg_iters_used`; cg_iters, an upper bound, when not given): gn_cg.cost."""
         nb = self._num_blocks or 1
         hp = self.hp
+        cg_search = 0.0
         if hp.inner_solver == "optax":
             inner = hp.inner_steps * _flop_cost(nb)
-        else:   # the full-batch gradient, then one primal + cg_iters tangent/transpose pairs (upper bound)
-            inner = hp.inner_steps * (1.0 + (2.0 + 8.0 * nb * hp.cg_iters) / 6.0)
-        search = hp.ls_batches * (ls_evals / 3.0 + _flop_cost(nb))
+        else:
+            cg_inner, cg_search = gn_cg.cost(hp, nb, cg_iters_used)
+            inner = hp.inner_steps * cg_inner
+        search = hp.ls_batches * (ls_evals / 3.0 + _flop_cost(nb) + cg_search)
         return (inner + search) * self._ref_scale
 
     def init(self, params: Any) -> GNState:
         self._num_blocks = len(curvature.make_partition(params, self.partition)[1]) if self.partition else 1
-        return GNState(inner_params=params, inner_opt=self.tx.init(params), outer_step=jnp.zeros((), jnp.int32))
+        lam = jnp.asarray(self.hp.damping, jnp.promote_types(jnp.result_type(*jax.tree.leaves(params)), jnp.float32))
+        return GNState(inner_params=params, inner_opt=self.tx.init(params), outer_step=jnp.zeros((), jnp.int32),
+                       damping=lam)
 
     def lr(self, step: int) -> float:
         f = inner_lr_factor(self.hp.inner_schedule, jnp.asarray(step), jnp.asarray(0), self.hp.inner_steps,
@@ -215,47 +239,32 @@ class GaussNewtonMethod(MethodBase):
         return 0.5 * sum(jnp.vdot(d, x) for d, x in zip(jax.tree.leaves(self._decay(theta_hat)),
                                                          jax.tree.leaves(theta_hat)))
 
-    def _damped_solve(self, theta, inputs, targets, grads):
+    def _damped_solve(self, theta, inputs, targets, grads, damping=None, diag=None):
         """The minimiser of the same local model as the inner loop by CG (block CG with a partition):
-        (G + λI + wd·M) d = −(g + wd·M θ_t), M the inner weight-decay mask."""
-        hp = self.hp
-        matvec0 = curvature.ggn_operator(self._apply, theta, inputs, targets, partition=self.partition,
-                                         block_mode=hp.block_mode)
-
-        def matvec(v):
-            out = jax.tree.map(lambda gv, x: gv + hp.damping * x, matvec0(v), v)
-            return jax.tree.map(jnp.add, out, self._decay(v)) if hp.inner_weight_decay else out
-
-        if hp.inner_weight_decay:
-            grads = jax.tree.map(jnp.add, grads, self._decay(theta))
-        rhs = jax.tree.map(jnp.negative, grads)
-        if self.partition is None:
-            return curvature.conjugate_gradient(matvec, rhs, max_iters=hp.cg_iters, tol=hp.cg_tol)
-        labels = curvature.make_partition(theta, self.partition)[0]
-        return curvature.block_conjugate_gradient(matvec, rhs, labels, max_iters=hp.cg_iters, tol=hp.cg_tol)
+        (G + λI + wd·M) d = −(g + wd·M θ_t), M the inner weight-decay mask (gn_cg.damped_solve)."""
+        return gn_cg.damped_solve(self, theta, inputs, targets, grads, damping, diag)
 
     def _cg_solve(self, theta, state: GNState, batches):
-        """(G + λI) d = −∇ℓ over the whole outer batch, matrix-free (Martens 2010)."""
-        flat = batches.reshape((-1,) + batches.shape[2:])
-        inputs, targets = split_batch(flat)
-        loss0, grads = jax.value_and_grad(lambda p: lm_loss(self._apply, p, flat))(theta)
-        d, info = self._damped_solve(theta, inputs, targets, grads)
-        theta_hat = self._constrain(jax.tree.map(jnp.add, theta, d))
-        return theta_hat, self._constrain(state.inner_opt), {"train_loss": loss0, "cg_iters": info.iterations,
-                                            "cg_residual": jnp.max(info.residual_norm)}
+        """(G + λI) d = −∇ℓ over the whole outer batch, matrix-free (Martens 2010; gn_cg.cg_solve)."""
+        return gn_cg.cg_solve(self, theta, state, batches)
 
     def _line_search(self, theta, theta_hat, aux):
         hp = self.hp
         delta = jax.tree.map(jnp.subtract, theta_hat, theta)
         ls = line_search(lambda p, b: lm_loss(self._apply, p, b), theta, delta, aux,
-                         grid=hp.ls_grid, extend=hp.ls_extend, vectorize=hp.ls_vectorize)
+                         grid=hp.ls_grid, extend=hp.ls_extend, vectorize=hp.ls_vectorize, up=hp.ls_grid_up)
         moved = jax.tree.map(lambda p, d: p + ls.alpha.astype(p.dtype) * d, theta, delta)
         # Predicted decrease of the local model on the line-search data, at the chosen step.
         pred = jax.lax.map(lambda b: (lambda r: r[2] - r[0])(self.local_model(theta, b).with_loss0(moved)),
                            aux).mean()
         # A step the local model does not predict to decrease the loss is not trusted (a diverged inner
         # loop can still find a lucky α on the line-search batches): θ stays at θ_t.
-        rejected = ~(jnp.isfinite(pred) & (pred > 0))
+        if hp.reject_nonpositive_prediction:
+            rejected = ~(jnp.isfinite(pred) & (pred > 0))
+        else:
+            # The paper's rule: the best α is taken whatever the prediction. Not copied from its code:
+            # a NaN loss at α = 1 is taken there; here a non-finite α or step never is (θ kept).
+            rejected = (ls.alpha <= 0) | ~_all_finite(moved)
         if hp.ls_reject_increase:
             # Even the best α of the grid raised the loss on fresh data: the direction is not trusted.
             rejected = rejected | ~(ls.loss <= ls.loss0)
@@ -266,7 +275,8 @@ class GaussNewtonMethod(MethodBase):
                    "pred_decrease": pred, "actual_decrease": actual,
                    "rho": actual / jnp.where(pred == 0, jnp.nan, pred), "delta_norm": tree_norm(delta),
                    "ls_at_edge": ls.at_edge.astype(jnp.float32), "ls_evals": ls.num_evals,
-                   "step_rejected": rejected.astype(jnp.float32)}
+                   "step_rejected": rejected.astype(jnp.float32), "ls_best_loss": ls.loss,
+                   "ls_at_top": ls.at_top.astype(jnp.float32), "loss_full_step": ls.loss_at_one}
         return new, rejected, metrics
 
     def _probe(self, theta, theta_hat, batch):
@@ -295,33 +305,48 @@ class GaussNewtonMethod(MethodBase):
         jax.block_until_ready(theta_hat)
         t1 = time.perf_counter()
         new, rejected, m_ls = self._search(params, theta_hat, aux)
+        lam, m_lm = state.damping, {}
+        if self.hp.damping_adapt == "lm":     # the next step's λ from ρ at the full step (gn_cg.lm_update)
+            lam, m_lm = self._lm(params, theta_hat, aux, state.damping, m_ls["loss_before"], m_ls["loss_full_step"])
         jax.block_until_ready(new)
         t2 = time.perf_counter()
         # One transfer for the three scalars the host needs (the step has already synchronised).
         n_evals, rejected, pred = jax.device_get((m_ls["ls_evals"], rejected, m_ls["pred_decrease"]))
-        m_ls["grad_evals"] = self._cost(int(n_evals))    # host float: exact accounting
+        m_ls["grad_evals"] = self._cost(int(n_evals), m_inner.get("cg_iters_used"))   # host float: exact accounting
         if bool(rejected) and not math.isfinite(float(pred)):
             # A non-finite inner solution cannot be continued: the next inner loop restarts at θ_t.
             # A finite rejected one is kept (warm start): θ stays at θ_t and the next outer step
             # refines θ̂ further on fresh batches of the same model.
             theta_hat, opt = params, self._constrain(self.tx.init(params))
-        state = GNState(inner_params=theta_hat, inner_opt=opt, outer_step=state.outer_step + 1)
-        metrics = {**m_inner, **m_ls, "inner_time_s": t1 - t0, "linesearch_time_s": t2 - t1}
+        state = GNState(inner_params=theta_hat, inner_opt=opt, outer_step=state.outer_step + 1, damping=lam)
+        metrics = {**m_inner, **m_ls, **m_lm, "inner_time_s": t1 - t0, "linesearch_time_s": t2 - t1}
         k = self.hp.probe_every
         if k and int(state.outer_step) % k == 0:
             metrics.update(self._probe_fn(params, theta_hat, batches[0]))
         return new, state, metrics
 
     def notes(self, step: int, metrics) -> list[str]:
-        """Once per run: the line search chose the smallest step of its grid."""
+        """Once per run each: a step rejected (and why), taken with a predicted decrease <= 0, taken
+        although it raised the line-search loss, or at the smallest step of the grid."""
         notes = []
         if metrics.get("step_rejected"):
             if not self._rejection_noted:
                 self._rejection_noted = True
-                why = (f"predicted decrease {metrics['pred_decrease']:.3g} <= 0" if metrics["pred_decrease"] <= 0
-                       else "the best line-search step raised the loss; ls_reject_increase")
+                pred = metrics["pred_decrease"]
+                if self.hp.reject_nonpositive_prediction and not pred > 0:     # NaN too
+                    why = (f"predicted decrease {pred:.3g} <= 0; reject_nonpositive_prediction: false takes the "
+                           "best α anyway, the paper's rule")
+                elif self.hp.ls_reject_increase and metrics.get("ls_best_loss", 0.0) > metrics["loss_before"]:
+                    why = "the best line-search step raised the loss; ls_reject_increase"
+                else:
+                    why = "no line-search step gave a finite loss"
                 notes.append(f"{self.name}: step {step} rejected ({why}): θ kept, the inner solution refined "
                              "next step; summary.json counts rejected steps")
+        elif not metrics.get("pred_decrease", 1.0) > 0 and not self._nonpositive_noted:
+            self._nonpositive_noted = True
+            notes.append(f"{self.name}: step {step} was taken at α={metrics['alpha']:.3g} although its predicted "
+                         f"decrease is {metrics['pred_decrease']:.3g} <= 0 (reject_nonpositive_prediction: false, "
+                         "the paper's rule)")
         elif metrics.get("actual_decrease", 0.0) < 0 and not self._increase_noted:
             self._increase_noted = True
             notes.append(f"{self.name}: step {step} raised the line-search loss by {-metrics['actual_decrease']:.3g} "

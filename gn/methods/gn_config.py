@@ -16,6 +16,7 @@ from gn.methods.base import MethodConfig, MethodContext, check_choice, check_ran
 from gn.methods.gauss_newton import (INNER_LOOP_KEYS, INNER_SCHEDULES, INNER_SOLVERS, PARTITIONS,
                                      GaussNewtonMethod, inner_optimizer_config)
 from gn.methods.optimizers import OPTIMIZERS
+from gn.methods import gn_cg, paper_inner
 from gn.optim.masks import validate_decay_rule
 
 
@@ -40,8 +41,10 @@ class GNConfig(MethodConfig):
     inner_optimizer: str = opt("muon", "first-order method of the inner loop")
     inner_learning_rate: float = opt(0.01, "inner peak learning rate")
     inner_adam_learning_rate: Optional[float] = opt(None, "inner AdamW-side rate (null = inner_learning_rate)")
-    inner_schedule: str = opt("constant_inner_cosine", "constant, constant_inner_cosine, global_cosine, "
-                                                       "global_inner_cosine")
+    inner_schedule: str = opt("constant_inner_cosine", "constant, constant_inner_cosine (the paper's "
+                                                       "constant_with_inner_cosine), global_cosine, "
+                                                       "global_inner_cosine (neither the paper's intended nor its "
+                                                       "actual cosine_with_global_schedule, which is off by one)")
     inner_min_lr_ratio: float = opt(0.0, "floor of the inner cosine, as a fraction of the peak")
     inner_grad_clip: float = opt(1.0, "inner global-norm clipping (0 = off)")
     inner_options: Any = opt(None, "other options of the inner optimizer, validated against its config, "
@@ -49,6 +52,14 @@ class GNConfig(MethodConfig):
     inner_weight_decay: float = opt(0.001, "inner decoupled weight decay (also in the CG solve: + wd·M)")
     inner_weight_decay_mask: Any = opt("adam_side", "inner decayed leaves: adam_side (the paper: embedding, head, "
                                                     "norms), matrices, hidden_matrices, all, none or path globs")
+    inner_routing: str = opt("gn", "gn: embedding, head and norms on the inner Muon's AdamW side (Nesterov: NAdam); "
+                                   "paper: embedding and head on their own AdamW without Nesterov, the rest on "
+                                   "contrib.muon (Abreu et al. 2025; gn/methods/paper_inner.py)")
+    inner_embed_head_options: Any = opt(None, "inner_routing paper: the embedding/head AdamW's {learning_rate, b1, "
+                                              "b2, eps, nesterov} (null: Muon's AdamW-side lr, adam_b1, adam_b2, "
+                                              "1e-8, false)")
+    inner_clip_per_group: bool = opt(False, "clip {embedding, head} and the rest (with a partition: each block) "
+                                            "each by its own global norm, as the paper; false: one global norm")
     warm_start: bool = opt(True, "continue the previous inner solution and optimizer state")
     damping: float = opt(0.0, "λ in (λ/2)‖θ − θ_t‖² added to the model")
     partition: Optional[str] = opt(None, "block-diagonal model: per_tensor, top_level, transformer_blocks "
@@ -59,9 +70,22 @@ class GNConfig(MethodConfig):
     ls_extend: int = opt(0, "extra downward grid chunks while the loss improves")
     ls_reject_increase: bool = opt(False, "reject a step whose best α still raises the line-search loss "
                                           "(θ kept; off: accepted, as in the paper, with a note)")
+    reject_nonpositive_prediction: bool = opt(True, "reject a step whose predicted decrease is <= 0 (θ kept); "
+                                                    "false: the best finite α is always taken (the paper's rule)")
     ls_vectorize: bool = opt(True, "evaluate all α in one vmapped call (false: one by one, less memory)")
     cg_iters: int = opt(50, "CG iterations (cg solver and probe)")
     cg_tol: float = opt(1e-6, "CG relative residual tolerance")
+    # The Hessian-free step's options (gn/methods/gn_cg.py; Martens 2010).
+    cg_precondition: str = opt("none", "CG preconditioner: none, or diag_ggn (diagonal: a Monte-Carlo estimate "
+                                       "of diag(G) at labels sampled from the model, + λ + wd·M; one extra "
+                                       "gradient's cost per step)")
+    cg_precondition_power: float = opt(1.0, "exponent ξ of the diag_ggn preconditioner (1: Jacobi; Martens 2010 "
+                                            "used 0.75)")
+    damping_adapt: str = opt("none", "none (λ = damping throughout) or lm: Levenberg-Marquardt from ρ at the full "
+                                     "step (λ·3/2 if ρ < 1/4, λ·2/3 if ρ > 3/4; inner_solver: cg; initial λ: damping)")
+    damping_min: float = opt(1e-6, "floor of λ under damping_adapt: lm")
+    damping_max: float = opt(1e3, "ceiling of λ under damping_adapt: lm")
+    ls_grid_up: int = opt(0, "line-search steps above 1: adds α ∈ {2^(i/2) : 1 ≤ i ≤ ls_grid_up}")
     probe_every: int = opt(0, "every k outer steps, compare the inner loop with a CG solve (0 = off)")
 
     def validate(self, where: str) -> None:
@@ -80,18 +104,19 @@ class GNConfig(MethodConfig):
         for key in ("inner_grad_clip", "inner_weight_decay", "damping"):
             check_range(getattr(self, key) >= 0, where, key, ">= 0", getattr(self, key))
         validate_decay_rule(self.inner_weight_decay_mask, f"{where}.inner_weight_decay_mask")
-        inner_optimizer_config(self, where)
+        paper_inner.validate(self, inner_optimizer_config(self, where), where)
         check_choice(self.partition, PARTITIONS, where, "partition")
         check_choice(self.block_mode, curvature.BLOCK_MODES, where, "block_mode")
         for key in ("ls_grid", "ls_batches", "cg_iters"):
             check_range(getattr(self, key) > 0, where, key, "positive", getattr(self, key))
         check_range(self.ls_extend >= 0, where, "ls_extend", ">= 0", self.ls_extend)
         check_range(self.cg_tol > 0, where, "cg_tol", "positive", self.cg_tol)
+        gn_cg.validate_options(self, where)
         check_range(self.probe_every >= 0, where, "probe_every", ">= 0 (0 disables the CG probe)",
                     self.probe_every)
 
     def unused_keys(self) -> tuple[str, ...]:
-        return INNER_LOOP_KEYS if self.inner_solver == "cg" else ()
+        return INNER_LOOP_KEYS + paper_inner.PAPER_INNER_KEYS if self.inner_solver == "cg" else ()
 
     def unused_reason(self) -> str:
         return " with inner_solver: cg (a Hessian-free solve over the whole outer batch has no inner loop)"

@@ -44,18 +44,22 @@ def register(cls: type[MethodConfig]) -> type[MethodConfig]:
     return cls
 
 
-ENTRY_KEYS = ("name", "method", "batch_size")
+ENTRY_KEYS = ("name", "method", "batch_size", "target_from")
+# Which validation loss a run's targets are read from (train.target_from; an entry may set its own).
+TARGET_FROM = ("auto", "ema", "raw", "both")
 
 
 @dataclasses.dataclass(frozen=True)
 class MethodEntry:
     """One entry of a run's `methods:` list: a display name, the registered method
-    it runs, an optional per-method batch size and its typed hyperparameters."""
+    it runs, an optional per-method batch size and target reading (train.target_from)
+    and its typed hyperparameters."""
 
     name: str
     method: str
     batch_size: Optional[int] = None
     hparams: MethodConfig = None  # type: ignore[assignment]
+    target_from: Optional[str] = None
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"name": self.name}
@@ -63,6 +67,8 @@ class MethodEntry:
             out["method"] = self.method
         if self.batch_size is not None:
             out["batch_size"] = self.batch_size
+        if self.target_from is not None:
+            out["target_from"] = self.target_from
         out.update(plain(self.hparams.to_dict()))
         return out
 
@@ -89,6 +95,10 @@ def resolve_entry(raw: Mapping[str, Any], where: str = "method") -> MethodEntry:
     if batch_size is not None:
         batch_size = coerce(int, batch_size, f"{where}.batch_size")
         require(batch_size > 0, f"'{where}.batch_size' must be positive, got {batch_size}.")
+    target_from = raw.get("target_from")
+    require(target_from is None or target_from in TARGET_FROM,
+            f"'methods.{name}.target_from' must be one of {', '.join(TARGET_FROM)} (or absent: train.target_from), "
+            f"got {target_from!r}.")
     where = f"methods.{name}"
     given = {k: v for k, v in raw.items() if k not in ENTRY_KEYS}
     valid = [f.name for f in dataclasses.fields(cls)]
@@ -99,7 +109,7 @@ def resolve_entry(raw: Mapping[str, Any], where: str = "method") -> MethodEntry:
     hparams = build_dataclass(cls, given, where)
     hparams.check_given(given, where)
     hparams.validate(where)
-    return MethodEntry(name=name, method=cls.name, batch_size=batch_size, hparams=hparams)
+    return MethodEntry(name=name, method=cls.name, batch_size=batch_size, hparams=hparams, target_from=target_from)
 
 
 def build(entry: MethodEntry, ctx: MethodContext) -> Method:

@@ -6,6 +6,9 @@
   same thing for all of them.
 - `muon`: `optax.contrib.muon` with the toolkit's routing: hidden 2-D kernels
   are orthogonalised, embeddings, head and norms go to its AdamW side.
+- `embed_head_split`, `clip_by_group_norm`: the pieces of the inner optimizer of
+  Abreu et al. (2025) (its own transformation on the embedding and head, each group
+  clipped by its own global norm; gn/methods/paper_inner.py assembles them).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import optax
 from optax import contrib
 
 from gn.optim.masks import decay_mask
-from gn.paths import is_hidden_matrix, map_with_path
+from gn.paths import is_embedding_or_head, is_hidden_matrix, map_with_path
 
 
 def tree_norm(tree: Any) -> jnp.ndarray:
@@ -66,7 +69,13 @@ def clip_and_decay(core: optax.GradientTransformation, schedule: optax.Schedule,
 
 def muon_dimension_numbers(params: Any) -> Any:
     """Muon routing by path: hidden 2-D kernels (in, out) are orthogonalised;
-    embedding, head, norms and any other leaf go to Muon's AdamW side (as in the paper)."""
+    embedding, head, norms and any other leaf go to Muon's AdamW side.
+
+    This is gn's routing, not the paper's: contrib.muon's AdamW side uses Nesterov whenever
+    Muon does, so embedding and head get NAdam here. The paper's code (Abreu et al. 2025,
+    natalieabreu/full-gauss-newton, EasyLM/models/llama/llama_train_gn.py 316-374) gives
+    embedding and head their own `optax.adamw` (no Nesterov) and only the rest to
+    contrib.muon; see `embed_head_split` and the GN option `inner_routing: paper`."""
     dims = contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
     return map_with_path(lambda p, x: dims if is_hidden_matrix(p, x) else None, params)
 
@@ -83,3 +92,37 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, beta: float = 0.95, nesterov:
     return contrib.muon(learning_rate, beta=beta, nesterov=nesterov, ns_steps=ns_steps, eps=eps,
                         adam_b1=adam_b1, adam_b2=adam_b2, adam_learning_rate=adam_lr,
                         muon_weight_dimension_numbers=muon_dimension_numbers)
+
+
+def embed_head_labels(params: Any) -> Any:
+    """'embed_head' for the token embedding and the output head, 'rest' for every other leaf."""
+    return map_with_path(lambda p, _: "embed_head" if is_embedding_or_head(p) else "rest", params)
+
+
+def embed_head_split(embed_head: optax.GradientTransformation,
+                     rest: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`embed_head` on the embedding and head, `rest` on every other leaf, each with its own state."""
+    return optax.partition({"embed_head": embed_head, "rest": rest}, embed_head_labels)
+
+
+def clip_by_group_norm(max_norm: float, labels: Callable[[Any], Any]) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm(max_norm)` applied to each group of leaves apart.
+
+    `labels(updates)` gives every leaf a hashable group label (a pytree shaped like the
+    updates, e.g. `embed_head_labels` or a layerwise partition's labels); each group is
+    scaled by min(1, max_norm / ‖group‖), its own global norm.
+    """
+
+    def update(updates, state, params=None):
+        del params
+        leaves, treedef = jax.tree.flatten(updates)
+        groups = treedef.flatten_up_to(labels(updates))
+        sq: dict = {}
+        for g, x in zip(groups, leaves):
+            sq[g] = sq.get(g, 0.0) + jnp.sum(jnp.square(x))
+        norms = {g: jnp.sqrt(v) for g, v in sq.items()}
+        out = [jnp.where(norms[g] < max_norm, x, (x / norms[g].astype(x.dtype)) * max_norm)
+               for g, x in zip(groups, leaves)]
+        return treedef.unflatten(out), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

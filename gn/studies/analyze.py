@@ -280,7 +280,8 @@ def _fit_unit(rows: list[dict], unit: str, best: list[dict], *, n_boot: int, b_r
 def _analyze_target(rows: list[dict], *, n_boot: int, b_ref: float | None = None, space: str = "wls") -> dict:
     """Best lr per batch with every unit, the McCandlish fit in each step unit (seed bootstrap,
     diagnostics, Zhang's CBS from the fit) and the raw-data Zhang variant, for one method and target."""
-    units = [u for u in AXES.values() if any(r.get(u) is not None for r in rows)]
+    # a unit the rows carry (as a key: a method that never reached still has its units)
+    units = [u for u in AXES.values() if any(u in r for r in rows)]
     best = [_best_entry(b, units) for b in cbs.best_per_batch(rows, "steps")]
     grows = _grows_with_batch(best)
     fits = {u: _fit_unit(rows, u, best, n_boot=n_boot, b_ref=b_ref, grows=grows, space=space)

@@ -35,7 +35,8 @@ STATUS = "status.json"
 DONE = ("finished",)
 NOT_RETRIED = ("diverged", "failed")
 RECORD_KEYS = ("method", "registered_method", "batch_size", "learning_rate", "seed", "steps", "tokens", "vary",
-               "schedule_tied_to_horizon", "warmup_steps")
+               "schedule_tied_to_horizon", "warmup_steps", "eval_every", "min_evals", "targets")
+LOSS_KEYS = ("val_loss", "val_loss_ema")
 
 
 def run_manifest(sweep_dir: str | Path, *, retry_failed: bool = False, only: list[int] | None = None,
@@ -116,9 +117,39 @@ def _write(rundir: Path, row: dict, summary: dict | None, error: str | None) -> 
         record.update(stop_reason=summary.get("stop_reason"), steps=summary.get("steps"),
                       tokens=summary.get("tokens"), final_val_loss=summary.get("final_val_loss"),
                       best_val_loss=summary.get("best_val_loss"), wall_time_s=summary.get("wall_time_s"))
+        record.update(_cadence_check(rundir, row))
     (rundir / RUN_RECORD).write_text(json.dumps(record, indent=2))
     _status(rundir, status)
     return record
+
+
+def evals_to_target(rows: list[dict], targets: list[float]) -> dict:
+    """{target: {loss key: evaluations after step 0 up to and including the first at or below the
+    target}} for val_loss (and val_loss_ema where logged); a target never reached is left out."""
+    evals = [r for r in rows if r.get("step", 0) > 0]
+    out: dict = {}
+    for t in targets:
+        for key in LOSS_KEYS:
+            seen = [r[key] for r in evals if r.get(key) is not None]
+            hit = next((i for i, v in enumerate(seen) if v <= t), None)
+            if hit is not None:
+                out.setdefault(f"{t:g}", {})[key] = hit + 1
+    return out
+
+
+def _cadence_check(rundir: Path, row: dict) -> dict:
+    """The run's evaluations before each crossing, and the crossings evaluated more coarsely than
+    the spec's `min_evals` asks (only possible when the cadence is coarser than every step: then
+    `crossing_tokens` was above the run's tokens to target; lower it to a pilot's value)."""
+    path = rundir / "metrics.jsonl"
+    targets, need = row.get("targets") or [], row.get("min_evals") or 0
+    if not targets or not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    counts = evals_to_target(rows, targets)
+    sparse = [f"{t} ({key})" for t, per in counts.items() for key, n in per.items()
+              if n < need and (row.get("eval_every") or 1) > 1]
+    return {"evals_to_target": counts, "sparse_crossings": sparse}
 
 
 def _status(rundir: Path, status: str) -> None:
@@ -132,5 +163,8 @@ def _line(row: dict, record: dict, trained: bool) -> str:
     loss_txt = f" val {loss:.4f}" if isinstance(loss, float) else ""
     wall = record.get("wall_time_s")
     wall_txt = f" {wall:.1f}s" if isinstance(wall, (int, float)) and trained else ""
+    sparse = record.get("sparse_crossings")
+    warn = (f"; warning: fewer than {row.get('min_evals')} evaluations (every {row.get('eval_every')} steps) "
+            f"before crossing {', '.join(sparse)}: lower crossing_tokens" if sparse else "")
     return (f"[{row['id']}] {what} {record['status']:<8} {row['method']} B={row['batch_size']} "
-            f"lr={row['learning_rate']:.3g} seed={row['seed']}{loss_txt}{wall_txt} ({record['reason']})")
+            f"lr={row['learning_rate']:.3g} seed={row['seed']}{loss_txt}{wall_txt} ({record['reason']}){warn}")

@@ -9,10 +9,14 @@ A spec YAML (unknown keys are errors, with the nearest valid key suggested):
     seeds: [0, 1]
     lr: {center: 3.0e-3, base_batch: 64, points: 3, factor: 2}   # or {values: [...]}; power from the method
     warmup_tokens: 65536              # fixed warmup in tokens, converted to warmup_steps per batch size
+    warmup_updates: 4                 # or: fixed warmup in sequential updates (the default from a warm start)
     scale_b2: false                   # true: b2' = b2^(B/B0), the half-life of the second moment constant in tokens
     schedule: constant                # constant lr after warmup (no horizon), or cosine / wsd (tied to the horizon)
-    ema_halflife_updates: 20          # weight averaging, evaluated at every evaluation (train.ema_decay)
-    eval_every_tokens: 0              # > 0: evaluate every this many tokens at every batch size
+    ema_halflife_updates: 4           # weight averaging, evaluated at every evaluation (train.ema_decay); default 4
+    eval_every_tokens: 0              # > 0: evaluate at least every this many tokens at every batch size
+    min_evals: 8                      # evaluations before the expected crossing (default 8; 0: no rule)
+    crossing_tokens: 65536            # tokens the sweep's fastest run needs to its first target (a pilot's);
+                                      # default: `tokens`, the budget
     targets: [2.0, 1.5]               # train.target_losses
     stop_at_target: true              # stop a run after the evaluation that reaches every target
     vary: {train.grad_accum: [1, 2], methods.adamw.weight_decay: [0.0, 0.1]}
@@ -30,8 +34,46 @@ A spec YAML (unknown keys are errors, with the nearest valid key suggested):
 The lr centre at batch B is lr0·(B/B0)^p: p = 0.5 for Adam-like and Muon-like
 methods, 1.0 for SGD-like ones (sgd, lars), 0.0 for Gauss-Newton (its inner
 batch b_inner is fixed; the batch grows through the number of inner steps), unless
-the rule states `power`. The base config's own `methods:` list is replaced by
-the sweep's.
+the rule states `power` (each method's config declares its p, `lr_batch_power`).
+The base config's own `methods:` list is replaced by the sweep's. `vary` takes any
+hyperparameter of the method, e.g. `vary: {precondition_frequency: [1, 2, 10]}` for SOAP.
+
+Defaults that keep the baselines fair (each overridable by stating the key):
+
+- Warmup from a warm start. When the base config sets `train.init_from` and the spec
+  states neither `warmup_tokens` nor `warmup_updates`, every method with a
+  `warmup_steps` hyperparameter (the first-order and FOG methods; GN has none) warms
+  up over `WARM_START_WARMUP_UPDATES` = 4 sequential updates at every batch size.
+  Fresh Adam moments make the first update ±lr in every coordinate: from the CPU warm
+  start (val 2.64) AdamW at B = 2048, lr 8.4e-3, went to 3.24 at step 1 without warmup
+  and decreased monotonically with 4 warmup updates (2.385 at step 5 against 2.530);
+  SOAP's spike fell from 3.23 to 2.77, Muon (which barely spikes, 2.66) lost ~0.07 nats
+  at step 5. The transient counts updates (the moment EMAs' memory), not tokens: no
+  single token count serves B = 32 and B = 2048. At B = 32 (lr 5.9e-3) val at step 30
+  was 2.333 / 2.329 / 2.358 / 2.479 with 0 / 4 / 16 / 64 warmup updates, and the 4
+  updates of B = 2048 are 256 at B = 32 in tokens. So the default is fixed in
+  updates; a spec that wants a warmup fixed in tokens states `warmup_tokens`. A method entry's own
+  `warmup_steps` wins over the default. Without `train.init_from` the methods' own
+  `warmup_steps` stay (0 unless set).
+- Weight averaging: `ema_halflife_updates` defaults to `DEFAULT_EMA_HALFLIFE_UPDATES` = 4
+  unless the base config sets `train.ema_decay`; 0 turns it off. The trainer logs both
+  val_loss and val_loss_ema. The half-life counts sequential updates (train.ema_decay is
+  applied per update), so the EMA lags a one-update method by about h/ln 2 updates while a
+  GN outer step of N updates washes it out: a long half-life handicaps first-order methods
+  at large batches. Measured from the CPU warm start (AdamW, 4 warmup updates, steps to
+  2.2 / 1.9): B = 32, raw 43 / 90, EMA h = 4: 40 / 78, h = 16: 49 / 84; B = 2048, raw 8 / 14.3,
+  h = 4: 11.5 / 18.1, h = 16: > 24 / > 24. 4 is the half-life that helps at small batches and
+  costs least at large ones; read crossings from the better of the raw and averaged
+  losses (or report both), never from the EMA alone.
+- Evaluation cadence: `train.eval_every` (outer steps) is the largest cadence giving at
+  least `min_evals` (8) evaluations within `crossing_tokens` (default: the budget) at each
+  batch size, i.e. floor(crossing_tokens / (min_evals · B · seq_len)) and at least 1
+  (every step), or the `eval_every_tokens` cadence where that is denser. Tokens to a
+  target grow with the batch (E = E_min(1 + B/B_crit)), so a `crossing_tokens` measured
+  at the smallest batch of a pilot (or any lower bound on E_min) gives every run at least
+  `min_evals` evaluations before its crossing, or an evaluation at every step. The runner
+  records the evaluations each run made up to each target and warns when a crossing
+  had fewer than `min_evals` at a cadence coarser than every step.
 """
 
 from __future__ import annotations
@@ -48,13 +90,21 @@ from gn.errors import ConfigError, require, suggest
 from gn.config import config_from_dict, merge_raw, read_config_yaml
 from gn.methods import registry
 
-SPEC_KEYS = ("base", "config", "methods", "batch_sizes", "seeds", "tokens", "lr", "warmup_tokens", "scale_b2",
-             "schedule", "ema_halflife_updates", "eval_every_tokens", "targets", "stop_at_target", "vary", "slurm")
+SPEC_KEYS = ("base", "config", "methods", "batch_sizes", "seeds", "tokens", "lr", "warmup_tokens", "warmup_updates",
+             "scale_b2", "schedule", "ema_halflife_updates", "eval_every_tokens", "min_evals", "crossing_tokens",
+             "targets", "stop_at_target", "vary", "slurm")
 ENTRY_KEYS = ("name", "method", "lr", "b_inner", "batch_sizes", "seeds", "vary")
 LR_KEYS = ("center", "base_batch", "power", "points", "factor", "values")
 SECTIONS = ("model", "data", "train")
 GN_FAMILY = "gauss_newton"
 HORIZON_SCHEDULES = ("cosine", "wsd", "global_cosine", "global_inner_cosine")
+# Warmup of warm-started runs (train.init_from) when the spec states none, in sequential updates
+# (measurements and the reason it is not in tokens: the module docstring).
+WARM_START_WARMUP_UPDATES = 4
+# Weight averaging when the spec states no ema_halflife_updates and the base config no train.ema_decay
+# (why 4: the module docstring).
+DEFAULT_EMA_HALFLIFE_UPDATES = 4.0
+DEFAULT_MIN_EVALS = 8
 
 
 def default_power(registered: str, family: str | None = None) -> float:
@@ -118,13 +168,29 @@ class SweepSpec:
     methods: tuple[SweepMethod, ...]
     tokens: int
     warmup_tokens: int = 0
+    warmup_updates: int | None = None        # set: every method's warmup_steps (in its own updates)
+    warmup_default: bool = False             # warmup_updates is the warm-start default, not stated
     scale_b2: bool = False
     schedule: str = "constant"
-    ema_halflife_updates: float = 0.0
+    ema_halflife_updates: float = 0.0        # 0: the base config's train.ema_decay (or none)
     eval_every_tokens: int = 0
+    min_evals: int = 0
+    crossing_tokens: int = 0                 # 0: the budget, `tokens`
     targets: tuple[float, ...] = ()
     stop_at_target: bool = False
     slurm: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def eval_every(self, batch_size: int) -> int:
+        """train.eval_every (outer steps) at this batch size: the largest cadence with at least
+        `min_evals` evaluations within `crossing_tokens`, or the denser `eval_every_tokens` one;
+        0 when the spec sets neither (the base config's cadence stays)."""
+        per_step = batch_size * self.seq_len
+        cadences = []
+        if self.min_evals > 0:
+            cadences.append(max(1, (self.crossing_tokens or self.tokens) // (self.min_evals * per_step)))
+        if self.eval_every_tokens > 0:
+            cadences.append(max(1, round(self.eval_every_tokens / per_step)))
+        return min(cadences, default=0)
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -167,12 +233,27 @@ def spec_from_dict(raw: Mapping[str, Any], *, root: Path = Path("."), name: str 
             target = key.split(".")[1]
             require(target in names, f"vary key '{key}' names no sweep method.{suggest(target, names)} "
                                      f"Methods: {', '.join(names)}.")
+    train = base.get("train") or {}
+    require(not ("warmup_tokens" in raw and "warmup_updates" in raw),
+            "Give one of 'warmup_tokens' (fixed in tokens) or 'warmup_updates' (fixed in sequential updates).")
+    warmup_updates, warmup_default = None, False
+    if "warmup_updates" in raw:
+        warmup_updates = _int(raw["warmup_updates"], "warmup_updates", minimum=0)
+    elif "warmup_tokens" not in raw and train.get("init_from"):
+        warmup_updates, warmup_default = WARM_START_WARMUP_UPDATES, True
+    if "ema_halflife_updates" in raw:
+        ema = _num(raw["ema_halflife_updates"], "ema_halflife_updates", minimum=0.0)
+    else:
+        ema = 0.0 if train.get("ema_decay") else DEFAULT_EMA_HALFLIFE_UPDATES   # the base's own EMA stays
+    crossing = _int(raw.get("crossing_tokens", 0), "crossing_tokens", minimum=0)
+    require(crossing <= tokens, f"'crossing_tokens' ({crossing}) must not exceed the budget 'tokens' ({tokens}).")
     return SweepSpec(
         name=name, base=base, seq_len=seq_len, methods=methods, tokens=tokens,
-        warmup_tokens=_int(raw.get("warmup_tokens", 0), "warmup_tokens", minimum=0), scale_b2=scale_b2,
-        schedule=schedule, ema_halflife_updates=_num(raw.get("ema_halflife_updates", 0), "ema_halflife_updates",
-                                                     minimum=0.0),
+        warmup_tokens=_int(raw.get("warmup_tokens", 0), "warmup_tokens", minimum=0),
+        warmup_updates=warmup_updates, warmup_default=warmup_default, scale_b2=scale_b2,
+        schedule=schedule, ema_halflife_updates=ema,
         eval_every_tokens=_int(raw.get("eval_every_tokens", 0), "eval_every_tokens", minimum=0),
+        min_evals=_int(raw.get("min_evals", DEFAULT_MIN_EVALS), "min_evals", minimum=0), crossing_tokens=crossing,
         targets=targets, stop_at_target=stop, slurm={str(k): str(v) for k, v in slurm.items()})
 
 
@@ -211,8 +292,9 @@ def _method(entry: Any, i: int, spec: Mapping, global_vary: tuple) -> SweepMetho
     managed = ("inner_learning_rate", "inner_steps") if gn else ("learning_rate",)
     for key in managed:
         require(key not in options, f"{where}: '{key}' is set by the sweep (the lr grid, or B / b_inner); remove it.")
-    require("warmup_steps" not in options or not spec.get("warmup_tokens"),
-            f"{where}: 'warmup_steps' conflicts with the spec's 'warmup_tokens'.")
+    for key in ("warmup_tokens", "warmup_updates"):       # (warmup_tokens: 0 leaves the method's own)
+        require("warmup_steps" not in options or not (spec.get(key) or (key == "warmup_updates" and key in spec)),
+                f"{where}: 'warmup_steps' conflicts with the spec's '{key}'.")
     b_inner = entry.get("b_inner")
     if gn or b_inner is not None:
         # GN: the inner batch. A first-order method: the small-batch control, B / b_inner updates of

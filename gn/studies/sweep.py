@@ -8,18 +8,22 @@ hash of the config (`adamw_B16_lr3e-3_s0_1a2b3c4d`), so the same spec always
 maps to the same directories and reruns skip what is finished:
 
     SWEEP_DIR/manifest.jsonl          one line per run: id, workdir, method, batch_size, learning_rate,
-                                      seed, tokens, est_cost and its `gn train ...` command
+                                      seed, tokens, est_cost, warmup_steps, eval_every and its
+                                      `gn train ...` command
     SWEEP_DIR/sweep.sbatch            (--emit slurm) a requeueable job array over the manifest
     SWEEP_DIR/RUN/config_in.yaml      the resolved input config
     SWEEP_DIR/RUN/status.json         pending / running / finished / diverged / failed
-    SWEEP_DIR/RUN/sweep_run.json      at the end: method, batch_size, learning_rate, seed, status, reason, ...
+    SWEEP_DIR/RUN/sweep_run.json      at the end: method, batch_size, learning_rate, seed, status, reason,
+                                      evals_to_target (evaluations up to each crossing), ...
     SWEEP_DIR/RUN/...                 the trainer's outputs (metrics.jsonl, summary.json, checkpoints/)
 
-Sweeps default to a constant learning rate after a warmup fixed in tokens, so
-one run serves every horizon (a `schedule: cosine` spec ties the schedule to the
-token budget, and the run record says `schedule_tied_to_horizon: true`). For
-Gauss-Newton methods the lr grid is the inner learning rate and the batch grows
-through inner_steps = B / b_inner at a fixed b_inner.
+Sweeps default to a constant learning rate, so one run serves every horizon (a
+`schedule: cosine` spec ties the schedule to the token budget, and the run record
+says `schedule_tied_to_horizon: true`), with weight averaging on, a warmup of 4
+updates for warm-started runs, and an evaluation cadence that gives every run at
+least `min_evals` evaluations before its crossing (`gn.studies.spec` says why and
+how to change each). For Gauss-Newton methods the lr grid is the inner learning
+rate and the batch grows through inner_steps = B / b_inner at a fixed b_inner.
 
 Example (about 1-2 minutes on a CPU; 2 methods × 2 batch sizes × 2 lrs):
 
@@ -71,6 +75,8 @@ class RunPlan:
     config: Mapping[str, Any]       # the fully resolved raw config (Config.to_dict())
     schedule_tied_to_horizon: bool
     warmup_steps: int | None        # None: the method has no warmup_steps
+    eval_every: int = 0             # train.eval_every (outer steps)
+    min_evals: int = 0              # the spec's min_evals (the runner checks the crossings against it)
 
     def command(self, sweep_dir: Path) -> str:
         """The `gn train` command line that runs (or resumes) this run."""
@@ -104,9 +110,9 @@ def _resolve(spec: SweepSpec, m: SweepMethod, B: int, lr: float, seed: int, vary
     if spec.stop_at_target:
         train["stop_at_target"] = True
     if spec.ema_halflife_updates > 0:
-        train["ema_decay"] = 0.5 ** (1.0 / spec.ema_halflife_updates)
-    if spec.eval_every_tokens > 0:
-        train["eval_every"] = max(1, round(spec.eval_every_tokens / tokens_per_step))
+        train["ema_decay"] = 0.5 ** (1.0 / spec.ema_halflife_updates)     # per sequential update
+    if spec.eval_every(B):
+        train["eval_every"] = spec.eval_every(B)
     defaults = registry.resolve_entry({"name": m.name, "method": m.registered}).hparams.to_dict()
     entry = {"name": m.name, "method": m.registered, **m.options}
     for key, value in vary.items():
@@ -130,8 +136,14 @@ def _resolve(spec: SweepSpec, m: SweepMethod, B: int, lr: float, seed: int, vary
         entry["schedule"] = spec.schedule
     warmup = None
     if "warmup_steps" in defaults:
-        warmup = round(spec.warmup_tokens / tokens_per_step) if spec.warmup_tokens else entry.get(
-            "warmup_steps", defaults["warmup_steps"])
+        # warmup_steps counts the method's own steps: for the small-batch control, updates of b_inner.
+        method_batch = m.b_inner if (m.b_inner and not m.is_gn) else B
+        if spec.warmup_updates is not None and not (spec.warmup_default and "warmup_steps" in entry):
+            warmup = spec.warmup_updates
+        elif spec.warmup_tokens:
+            warmup = round(spec.warmup_tokens / (method_batch * spec.seq_len))
+        else:
+            warmup = entry.get("warmup_steps", defaults["warmup_steps"])
         entry["warmup_steps"] = warmup
     if spec.scale_b2:
         _scale_b2(entry, defaults, B, m)
@@ -149,7 +161,7 @@ def _resolve(spec: SweepSpec, m: SweepMethod, B: int, lr: float, seed: int, vary
                    family=m.family, batch_size=B, learning_rate=lr, seed=seed, steps=steps,
                    tokens=steps * tokens_per_step, est_cost=_cost(steps * tokens_per_step, hp, m),
                    vary=vary, config=resolved, schedule_tied_to_horizon=sched in HORIZON_SCHEDULES,
-                   warmup_steps=warmup)
+                   warmup_steps=warmup, eval_every=cfg.train.eval_every, min_evals=spec.min_evals)
 
 
 def _scale_b2(entry: dict, defaults: Mapping, B: int, m: SweepMethod) -> None:
@@ -196,7 +208,9 @@ def manifest_rows(runs: list[RunPlan], sweep_dir: Path) -> list[dict]:
              "registered_method": r.registered_method, "batch_size": r.batch_size,
              "learning_rate": r.learning_rate, "seed": r.seed, "steps": r.steps, "tokens": r.tokens,
              "est_cost": r.est_cost, "vary": dict(r.vary), "schedule_tied_to_horizon": r.schedule_tied_to_horizon,
-             "warmup_steps": r.warmup_steps, "command": r.command(sweep_dir)} for r in runs]
+             "warmup_steps": r.warmup_steps, "eval_every": r.eval_every, "min_evals": r.min_evals,
+             "targets": list(r.config["train"].get("target_losses") or []),
+             "command": r.command(sweep_dir)} for r in runs]
 
 
 def adopt_existing(runs: list[RunPlan], sweep_dir: Path) -> list[RunPlan]:

@@ -77,7 +77,7 @@ def format_table(summaries: dict[str, dict], targets) -> str:
         head = ["method", "outer steps", "updates", "train tokens", "aux tokens", "grad evals", "wall s"]
         lines += ["", f"To validation loss {t:g}:", "", _row(head), "|" + "---|" * len(head)]
         for name, s in summaries.items():
-            lines.append(_row([name, _num(s["outer_steps_to_target"].get(k), "g"),
+            lines.append(_row([_read(name, s), _num(s["outer_steps_to_target"].get(k), "g"),
                                _num(s["updates_to_target"].get(k), "g"), _num(s["tokens_to_target"].get(k)),
                                _num(s["aux_tokens_to_target"].get(k)), _num(s["grad_evals_to_target"].get(k), ".1f"),
                                _num(s["wall_time_to_target"].get(k), ".1f")]))
@@ -87,6 +87,11 @@ def format_table(summaries: dict[str, dict], targets) -> str:
     lines.append("\n– = target not reached.")
     lines += [f"\n{note}" for note in TEXT_FOOTNOTES]
     return "\n".join(lines)
+
+
+def _read(name: str, s: dict) -> str:
+    """The method's name, marked when its to-target numbers read the EMA (train.target_from)."""
+    return name + (" (EMA)" if s.get("target_metric") == "val_loss_ema" else "")
 
 
 def _edge(s: dict) -> str:
@@ -134,7 +139,7 @@ def format_text_table(summaries: dict[str, dict], targets) -> str:
     for t in targets:
         k = target_key(t)
         head = ["method", "outer steps", "updates", "train tokens", "aux tokens", "grad evals", "wall s"]
-        rows = [[name, _num(s["outer_steps_to_target"].get(k), "g"), _num(s["updates_to_target"].get(k), "g"),
+        rows = [[_read(name, s), _num(s["outer_steps_to_target"].get(k), "g"), _num(s["updates_to_target"].get(k), "g"),
                  _num(s["tokens_to_target"].get(k)), _num(s["aux_tokens_to_target"].get(k)),
                  _num(s["grad_evals_to_target"].get(k), ".1f"), _num(s["wall_time_to_target"].get(k), ".1f")]
                 for name, s in summaries.items()]

@@ -65,8 +65,28 @@ def target_key(t: float) -> str:
     return f"{t:g}"
 
 
-def summarize(rows: list[dict], targets: Iterable[float]) -> dict:
-    """Loss and to-target numbers from the metrics records of one run."""
+TO_TARGET = (("steps_to_target", "step"), ("outer_steps_to_target", "outer_step"), ("tokens_to_target", "tokens"),
+             ("updates_to_target", "updates"), ("grad_evals_to_target", "grad_evals"),
+             ("aux_tokens_to_target", "aux_tokens"), ("wall_time_to_target", "wall_time_s"))
+
+
+def to_target(evals: list[dict], targets: Iterable[float], key: str) -> dict:
+    """{steps_to_target: {target: step}, ...}: the first crossing of each target by `key`."""
+    out: dict = {}
+    for field, src in TO_TARGET:
+        out[field] = {}
+        for t in targets:
+            hit = first_crossing(evals, t, key)
+            out[field][target_key(t)] = hit.get(src) if hit else None
+    return out
+
+
+def summarize(rows: list[dict], targets: Iterable[float], key: str = "val_loss") -> dict:
+    """Loss and to-target numbers from the metrics records of one run.
+
+    The *_to_target numbers read `key` (train.target_from: "val_loss" or the EMA's
+    "val_loss_ema"); `target_metric` names it. When the other of the two was evaluated too,
+    its crossings are under "<other>_to_target" (e.g. val_loss_to_target)."""
     evals = [r for r in rows if r.get("val_loss") is not None]
     vals = [r["val_loss"] for r in evals if math.isfinite(r["val_loss"])]
     last = rows[-1] if rows else {}
@@ -82,11 +102,13 @@ def summarize(rows: list[dict], targets: Iterable[float]) -> dict:
         "best_val_loss": min(vals) if vals else None,
         "final_train_loss": next((r["train_loss"] for r in reversed(rows) if "train_loss" in r), None),
     }
-    for field, src in (("steps_to_target", "step"), ("outer_steps_to_target", "outer_step"), ("tokens_to_target", "tokens"),
-                       ("updates_to_target", "updates"), ("grad_evals_to_target", "grad_evals"),
-                       ("aux_tokens_to_target", "aux_tokens"), ("wall_time_to_target", "wall_time_s")):
-        out[field] = {}
-        for t in targets:
-            hit = first_crossing(evals, t)
-            out[field][target_key(t)] = hit.get(src) if hit else None
+    targets = tuple(targets)
+    ema = [r["val_loss_ema"] for r in evals if r.get("val_loss_ema") is not None]
+    if ema:
+        finite = [v for v in ema if math.isfinite(v)]
+        out.update(final_val_loss_ema=ema[-1], best_val_loss_ema=min(finite) if finite else None)
+    out.update(to_target(evals, targets, key), target_metric=key)
+    other = "val_loss" if key == "val_loss_ema" else "val_loss_ema"
+    if other == "val_loss" or ema:
+        out[f"{other}_to_target"] = to_target(evals, targets, other)
     return out

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gn.config import Config, dump_config
+from gn.config import Config, dump_config, target_keys
 from gn.curvature.objective import lm_loss
 from gn.model import count_params, init_params
 from gn.train import interrupts, workdirs
@@ -133,7 +133,7 @@ def setup(run: Run, workdir: Path) -> Session:
         log.truncate_after(-1)
         loss0 = float(evaluate(state["params"], val))
         log.append({"step": 0, "outer_step": 0.0, **{k: v for k, v in counters.items() if k != "step"},
-                    "val_loss": loss0})
+                    "val_loss": loss0, **({"val_loss_ema": loss0} if ema_update is not None else {})})
     return Session(run, workdir, state, counters, log, ckpt, evaluate, ema_update, val, noise)
 
 
@@ -225,7 +225,7 @@ def loop(sess: Session) -> None:
             for k in best:
                 if record.get(k) is not None and math.isfinite(record[k]):
                     best[k] = min(best[k], record[k])
-            early = _early_stop(tcfg, record, best)      # train.max_tokens, train.stop_at_target
+            early = _early_stop(tcfg, record, best, _targets(run))   # train.max_tokens, stop_at_target
             last_val = record.get("val_loss", last_val)
             for note in method.notes(step, m):
                 _note(bar, note)
@@ -255,7 +255,7 @@ def finish(sess: Session) -> dict:
     summary = {
         "method": run.entry.name,
         "registered_method": run.entry.method,
-        **summarize(rows, run.cfg.train.target_losses),
+        **summarize(rows, run.cfg.train.target_losses, key=_targets(run)[0]),
         **method.summarize(rows),
         "wall_time_s": c["wall_time_s"],
         "compile_time_s": c.get("compile_time_s", 0.0),
@@ -294,17 +294,23 @@ def _check_divergence(val: float, initial: float, margin: float, step: int) -> s
     return ""
 
 
-def _early_stop(tcfg, record: dict, best: dict) -> str | None:
+def _targets(run: Run) -> tuple[str, ...]:
+    """The losses this run's targets are read from (the entry's target_from, else train.target_from)."""
+    tcfg = run.cfg.train
+    return target_keys(run.entry.target_from or tcfg.target_from, tcfg.ema_decay)
+
+
+def _early_stop(tcfg, record: dict, best: dict, keys: tuple[str, ...] = ("val_loss", "val_loss_ema")) -> str | None:
     """Why the run stops after this step's record, or None.
 
     "max_tokens": the token budget is spent. "targets_reached": at an evaluation,
-    every target loss has been reached by every evaluated loss (raw and, with an
-    EMA, averaged; `best` holds their minima so far), so no to-target number is lost.
+    every target loss has been reached by each of `keys` that is evaluated (train.target_from:
+    the EMA's, the raw parameters' or both; `best` holds their minima so far).
     """
     if tcfg.max_tokens and record["tokens"] >= tcfg.max_tokens:
         return "max_tokens"
     if tcfg.stop_at_target and "val_loss" in record:
-        for key in ("val_loss", "val_loss_ema"):
+        for key in keys:
             if key in record and not all(best[key] <= t for t in tcfg.target_losses):
                 return None
         return "targets_reached"
