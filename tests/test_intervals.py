@@ -175,3 +175,10 @@ def test_diagnostics_few_batches_edges_zhang_reference_and_by_construction():
     assert {"few_batches", "lr_at_edge", "zhang_reference_not_linear", "per_step_work_grows_with_batch"} <= _codes(d)
     ok = diagnostics.fit_diagnostics(b + [512.0], s + [10 + 1000 / 512], [None] * 4, fit, b_ref=8.0)
     assert not _codes(ok) & {"few_batches", "zhang_reference_not_linear", "per_step_work_grows_with_batch"}
+
+
+def test_b_crit_of_a_replicate_is_never_negative():
+    s_min = np.array([10.0, 10.0, -1.0, np.nan])
+    e_min = np.array([500.0, -20.0, 100.0, 5.0])
+    out = intervals.b_crit(s_min, e_min)
+    assert out[0] == 50.0 and out[1] == 0.0 and out[2] == np.inf and np.isnan(out[3])

@@ -260,7 +260,7 @@ def _fit_unit(rows: list[dict], unit: str, best: list[dict], *, n_boot: int, b_r
     ref = b_ref if b_ref is not None else (pts[0][0] if pts else None)
     # by construction: a count of outer steps when each outer step's sequential work grows with B,
     # or a count of updates each on a fixed batch: neither has B as its parallel width
-    claimed = not (grows and unit in FIT_UNITS)
+    claimed = not grows
     min_step = 1.0
     if unit == "updates" and best and best[0].get("updates_per_outer_step") and \
             best[0].get("crossing_rule") == "first_at_or_below":
@@ -270,11 +270,8 @@ def _fit_unit(rows: list[dict], unit: str, best: list[dict], *, n_boot: int, b_r
                                        lr_edges=[float(B) for B, e in sorted(per.items())
                                                  if e["edge"] in ("low", "high")],
                                        single_lr=all(e["edge"] == "only" for e in per.values()))
-    out = {"unit": unit, "claimed": claimed, **fit, "diagnostics": diag,
-           "zhang_cbs": cbs.zhang_cbs_fit(fit, ref) if ref is not None else None}
-    if not claimed:
-        out["B_crit_claimed"] = None
-    return out
+    return {"unit": unit, "claimed": claimed, **fit, "diagnostics": diag,
+            "zhang_cbs": cbs.zhang_cbs_fit(fit, ref) if ref is not None else None}
 
 
 def _analyze_target(rows: list[dict], *, n_boot: int, b_ref: float | None = None, space: str = "wls") -> dict:

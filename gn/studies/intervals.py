@@ -80,9 +80,12 @@ FITS = {"wls": wls_fit, "log": log_fit}
 
 
 def b_crit(s_min: np.ndarray, e_min: np.ndarray) -> np.ndarray:
-    """E_min/S_min, +inf where S_min <= 0 (steps still fall like 1/B: B_crit beyond the data)."""
+    """E_min/S_min; +inf where S_min <= 0 (steps still fall like 1/B: B_crit beyond the data) and
+    0 where E_min <= 0 < S_min (no gain from larger batches), so a replicate never gives a
+    negative batch size."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(s_min > 0, e_min / s_min, np.where(np.isnan(s_min), np.nan, np.inf))
+        bc = np.where(s_min > 0, np.maximum(e_min, 0.0) / s_min, np.inf)
+    return np.where(np.isnan(s_min) | np.isnan(e_min), np.nan, bc)
 
 
 def percentile(x: np.ndarray, level: float) -> list:
