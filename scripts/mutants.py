@@ -70,9 +70,24 @@ MUTANTS = {
         ["tests/test_gauss_newton.py"]),
     "cg_step_size_off": (
         "gn/curvature/cg.py",
-        "alpha = jnp.where(act, _safe_div(rs, pap), 0.0)",
-        "alpha = jnp.where(act, 0.5 * _safe_div(rs, pap), 0.0)",
+        "alpha = jnp.where(act, _safe_div(rz, pap), 0.0)",       # preconditioned CG: rᵀz / pᵀAp
+        "alpha = jnp.where(act, 0.5 * _safe_div(rz, pap), 0.0)",
         ["tests/test_curvature.py"]),
+    "lm_damping_down_factor_wrong": (
+        "gn/methods/gn_cg.py",
+        "LM_UP, LM_DOWN = 1.5, 2.0 / 3.0",
+        "LM_UP, LM_DOWN = 1.5, 1.0",
+        ["tests/test_gn_cg.py"]),
+    "cg_cost_ignores_iterations_used": (
+        "gn/methods/gn_cg.py",
+        "iters = hp.cg_iters if cg_iters_used is None else int(cg_iters_used)",
+        "iters = hp.cg_iters",
+        ["tests/test_gn_cg.py"]),
+    "line_search_grid_up_ignored": (
+        "gn/methods/linesearch.py",
+        "first = grid_alphas(-up, grid + up)",
+        "first = grid_alphas(0, grid)",
+        ["tests/test_gn_cg.py"]),
     "kfac_delta_not_rescaled_by_n": (
         "gn/optim/_kfac.py",
         "d = d * (n if loss_scale is None else loss_scale)",

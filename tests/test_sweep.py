@@ -1,5 +1,6 @@
 """`gn sweep`: lr rules, expansion, bad specs, manifest/SLURM, resume, and the trainer's early stops."""
 
+import dataclasses
 import json
 import os
 import stat
@@ -160,6 +161,16 @@ def test_dry_run_runs_nothing(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert not (tmp_path / "out").exists()
     assert "4 runs" in out and all(r.name in out for r in runs)
+
+
+def test_dry_run_names_a_coarse_evaluation_cadence():
+    runs = sweep_mod.expand(spec_from_dict(_spec()))
+    table = sweep_mod.format_table(runs)
+    coarse = [r for r in runs if r.eval_every > 1]
+    assert ("note: evaluation every >1 outer steps" in table) == bool(coarse)
+    every_step = [dataclasses.replace(r, eval_every=1) for r in runs]
+    assert "note:" not in sweep_mod.format_table(every_step)
+    assert "note:" in sweep_mod.format_table([dataclasses.replace(runs[0], eval_every=4)])
 
 
 def test_slurm_array_matches_manifest(tmp_path, monkeypatch):

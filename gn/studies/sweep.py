@@ -255,13 +255,20 @@ def write_sweep(runs: list[RunPlan], sweep_dir: Path) -> list[dict]:
 
 def format_table(runs: list[RunPlan]) -> str:
     """The dry-run table: one line per run, then totals."""
-    head = f"{'id':>4}  {'method':<14} {'B':>6} {'lr':>9} {'seed':>4} {'steps':>7} {'tokens':>12} {'cost':>12}  run"
+    head = (f"{'id':>4}  {'method':<14} {'B':>6} {'lr':>9} {'seed':>4} {'steps':>7} {'eval':>5} {'tokens':>12} "
+            f"{'cost':>12}  run")
     lines = [head, "-" * len(head)]
     for r in runs:
         lines.append(f"{r.id:>4}  {r.method:<14} {r.batch_size:>6} {r.learning_rate:>9.3g} {r.seed:>4} "
-                     f"{r.steps:>7} {r.tokens:>12,} {r.est_cost:>12,.0f}  {r.name}")
+                     f"{r.steps:>7} {r.eval_every:>5} {r.tokens:>12,} {r.est_cost:>12,.0f}  {r.name}")
     lines.append(f"{len(runs)} runs, {sum(r.steps for r in runs):,} steps, {sum(r.tokens for r in runs):,} "
                  f"training tokens, est. cost {sum(r.est_cost for r in runs):,.0f} gradient-token equivalents")
+    sparse = sorted({r.batch_size for r in runs if r.eval_every > 1})
+    if sparse:
+        # a crossing is only as fine as the cadence: say so before anything runs (the runner's
+        # post-hoc warning comes after the compute is spent)
+        lines.append(f"note: evaluation every >1 outer steps at B = {', '.join(map(str, sparse))} ('eval' column); "
+                     "a crossing is resolved to that cadence: set crossing_tokens from a pilot or eval_every_tokens")
     return "\n".join(lines)
 
 
