@@ -25,7 +25,7 @@ from gn.data.config import DataConfig
 from gn.errors import ConfigError, os_error, require, suggest
 from gn.methods import registry
 from gn.methods.registry import TARGET_FROM, MethodEntry
-from gn.model.config import PRESETS as MODEL_PRESETS
+from gn.model.config import PRESETS as MODEL_PRESETS, preset_values
 from gn.model.config import ModelConfig
 from gn.structs import build_dataclass, check_keys, plain
 
@@ -271,7 +271,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
         require(preset in MODEL_PRESETS,
                 f"Unknown model preset '{preset}'.{suggest(str(preset), MODEL_PRESETS)} "
                 f"Valid presets: {', '.join(MODEL_PRESETS)}.")
-        model_raw = {**MODEL_PRESETS[preset], **model_raw}
+        model_raw = preset_values(preset, model_raw)
     model = build_dataclass(ModelConfig, model_raw, "model")
     data = build_dataclass(DataConfig, raw.get("data") or {}, "data")
     train = build_dataclass(TrainConfig, raw.get("train") or {}, "train")

@@ -34,7 +34,8 @@ def run_compile_only(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str
 
     cfg.validate()
     say = log or (lambda msg: None)
-    mcfg = model_for_bench(cfg.preset, cfg.vocab_size, cfg.model_overrides, cfg.seq_len)
+    mcfg = model_for_bench(cfg.preset, cfg.vocab_size, cfg.model_overrides, cfg.seq_len,
+                           micro_batch=cfg.inner_batch)
     apply = make_apply(mcfg)
     b, T, N = cfg.inner_batch, cfg.seq_len, cfg.inner_steps
 

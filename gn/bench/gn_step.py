@@ -146,7 +146,8 @@ def run_gn_bench(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str], N
     cfg.validate()
     say = log or (lambda msg: None)
     malloc_tuned = tune_malloc() if cfg.tune_malloc else False
-    mcfg = model_for_bench(cfg.preset, cfg.vocab_size, cfg.model_overrides, cfg.seq_len)
+    mcfg = model_for_bench(cfg.preset, cfg.vocab_size, cfg.model_overrides, cfg.seq_len,
+                           micro_batch=cfg.inner_batch)
     apply = make_apply(mcfg)
     b, T, N = cfg.inner_batch, cfg.seq_len, cfg.inner_steps
     V = mcfg.vocab_size

@@ -130,8 +130,12 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def model_for_bench(preset: str, vocab_size: int | None, overrides: Mapping[str, Any], seq_len: int):
-    """ModelConfig of a preset with a vocabulary (DEFAULT_VOCAB when the preset has none)."""
+def model_for_bench(preset: str, vocab_size: int | None, overrides: Mapping[str, Any], seq_len: int,
+                    micro_batch: int | None = None):
+    """ModelConfig of a preset with a vocabulary (DEFAULT_VOCAB when the preset has none).
+
+    A `model.memory` mode (the paper presets: auto) is resolved as `gn train` does for a GN
+    run at `micro_batch` sequences (gn.train.memory); without `micro_batch` it is left set."""
     from gn.model import PRESETS, model_config
 
     require(preset in PRESETS, f"unknown model preset {preset!r}; valid presets are {', '.join(PRESETS)}.")
@@ -141,7 +145,12 @@ def model_for_bench(preset: str, vocab_size: int | None, overrides: Mapping[str,
     ov["vocab_size"] = vocab
     max_len = ov.get("max_seq_len", PRESETS[preset].get("max_seq_len", seq_len))
     ov["max_seq_len"] = max(max_len, seq_len)
-    return model_config(preset, **ov)
+    mcfg = model_config(preset, **ov)
+    if mcfg.memory is not None and micro_batch is not None:
+        from gn.train.memory import resolve_memory
+
+        mcfg, _ = resolve_memory(mcfg, micro_batch=micro_batch, seq_len=seq_len, curvature=True)
+    return mcfg
 
 
 def random_tokens(rng: np.random.Generator, shape: tuple, vocab: int) -> jnp.ndarray:

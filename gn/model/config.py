@@ -39,11 +39,19 @@ MLPS = ("swiglu", "gelu")
 # query and key projections before the head split, RMSNorm eps 1e-6.
 _PAPER_BLOCK = dict(mlp="gelu", qk_norm=True, norm_eps=1e-6, vocab_size=PAPER_VOCAB)
 
+# The four fields that change memory and speed but not the function computed (see
+# ModelConfig), and `ModelConfig.memory`'s two settings of them: `plain` keeps every
+# activation (fastest while it fits: docs/device_check.md, 11.6 s against 13.6 s for a
+# 45m GN outer step on an H200), `lean` chunks the logits and attention, recomputes
+# each block and scans the layers (docs/benchmarks.md has the memory it saves).
+MEMORY_FIELDS = ("logits_chunk", "attn_chunk", "remat", "scan_layers")
+MEMORY_MODES = ("auto", "plain", "lean")
+PLAIN = dict(logits_chunk=0, attn_chunk=0, remat=False, scan_layers=False)
+LEAN = dict(logits_chunk=4096, attn_chunk=256, remat=True, scan_layers=True)
 # Paper scale is memory-bound (a GN step keeps tangents and cotangents of every
-# activation): the paper presets default to the memory-lean evaluation, which
-# computes the same function (see ModelConfig; docs/benchmarks.md has the memory
-# it saves). Override with e.g. `model.remat: false`.
-_LEAN = dict(logits_chunk=4096, attn_chunk=256, remat=True, scan_layers=True)
+# activation): the paper presets choose plain or lean by what fits the device
+# (`memory: auto`, resolved by gn.train.memory when a run is prepared).
+_AUTO = dict(memory="auto")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Tests and CPU quickstart: ~0.2M params with a 512-token vocab.
@@ -52,8 +60,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden=256, layers=4, heads=4, ffn=1024, max_seq_len=512),
     # The paper's LLaMA-45M (45.36M params, 12.6M non-embedding) and LLaMA-150M
     # (134.1M, 85.0M non-embedding); "non-embedding" excludes the embedding and the head.
-    "45m": dict(hidden=512, layers=4, heads=8, ffn=2048, max_seq_len=1024, **_PAPER_BLOCK, **_LEAN),
-    "150m": dict(hidden=768, layers=12, heads=16, ffn=3072, max_seq_len=1024, **_PAPER_BLOCK, **_LEAN),
+    "45m": dict(hidden=512, layers=4, heads=8, ffn=2048, max_seq_len=1024, **_PAPER_BLOCK, **_AUTO),
+    "150m": dict(hidden=768, layers=12, heads=16, ffn=3072, max_seq_len=1024, **_PAPER_BLOCK, **_AUTO),
     # The same widths with the SwiGLU block (not the paper's; what `45m`/`150m` meant
     # before): 49.7M / 162.6M params, 16.8M / 113.3M non-embedding.
     "45m_swiglu": dict(hidden=512, layers=4, heads=8, ffn=2048, max_seq_len=1024, vocab_size=T5_VOCAB),
@@ -96,6 +104,16 @@ class ModelConfig:
     `remat` and `scan_layers` leave logits and losses bit-identical (gradients to
     float32 summation order); `apply_with_layer_stats` (K-FAC statistics) ignores
     them and stays unrolled.
+
+    `memory` sets those four fields as one choice: None (the default) leaves them
+    as given; `plain` is all off; `lean` is `LEAN` (attention chunked only where
+    its chunk divides a longer sequence); `auto` (the paper presets) takes plain
+    when XLA's compiled memory of the run's step fits the device, else lean
+    (`gn.train.memory`, when a run is prepared). With a mode set the four fields
+    stay at their plain values in the config; stating one of them in a config
+    without stating `memory` means memory None. `memory_limit_gb` (None: the
+    device's free memory; on CPU the host's available memory) is the budget
+    `auto` compares with.
     """
 
     preset: str | None = "nano"
@@ -116,6 +134,8 @@ class ModelConfig:
     remat: bool = False
     scan_layers: bool = False
     attn_chunk: int = 0
+    memory: str | None = None
+    memory_limit_gb: float | None = None
 
     @property
     def n_kv_heads(self) -> int:
@@ -174,6 +194,22 @@ class ModelConfig:
         for flag in ("remat", "scan_layers"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{where}: '{flag}' must be true or false, got {getattr(self, flag)!r}.")
+        if self.memory is not None:
+            if self.memory not in MEMORY_MODES:
+                raise ConfigError(
+                    f"{where}: unknown memory {self.memory!r}; valid values are {', '.join(MEMORY_MODES)}, "
+                    "or null to set logits_chunk, attn_chunk, remat and scan_layers yourself."
+                    + suggest(str(self.memory), MEMORY_MODES))
+            stated = [k for k in MEMORY_FIELDS if getattr(self, k) != PLAIN[k]]
+            if stated:
+                raise ConfigError(
+                    f"{where}: memory {self.memory!r} chooses {', '.join(MEMORY_FIELDS)} itself, but "
+                    f"{', '.join(stated)} is also set; set model.memory: null to choose them yourself.")
+        if self.memory_limit_gb is not None and not (
+                isinstance(self.memory_limit_gb, (int, float)) and not isinstance(self.memory_limit_gb, bool)
+                and self.memory_limit_gb > 0):
+            raise ConfigError(f"{where}: 'memory_limit_gb' must be a positive number of GB (or null for the "
+                              f"device's free memory), got {self.memory_limit_gb!r}.")
         if self.dtype not in DTYPES:
             raise ConfigError(
                 f"{where}: unknown dtype {self.dtype!r}; valid dtypes are {', '.join(DTYPES)}."
@@ -205,8 +241,29 @@ def model_config(preset: str = "nano", **overrides: Any) -> ModelConfig:
         raise ConfigError(
             f"unknown model config field(s) {', '.join(map(repr, unknown))}; valid fields are "
             f"{', '.join(sorted(fields))}." + suggest(unknown[0], fields))
-    values = {**PRESETS[preset], **overrides}
+    values = preset_values(preset, overrides)
     values.setdefault("preset", preset)
     cfg = ModelConfig(**values)
     cfg.validate()
     return cfg
+
+
+def preset_values(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A preset's fields updated by `overrides`; an override of one of `MEMORY_FIELDS`
+    without a `memory` of its own turns the preset's memory mode off (the fields are the
+    user's to set)."""
+    values = {**PRESETS[preset], **overrides}
+    if "memory" not in overrides and any(k in overrides for k in MEMORY_FIELDS):
+        values["memory"] = None
+    return values
+
+
+def apply_memory(cfg: ModelConfig, mode: str, seq_len: int) -> ModelConfig:
+    """`cfg` with `mode`'s (plain or lean) four memory fields; attention is chunked only
+    where LEAN's chunk divides a longer `seq_len` (shorter sequences are one chunk)."""
+    if mode not in ("plain", "lean"):
+        raise ConfigError(f"apply_memory: mode must be plain or lean, got {mode!r}.")
+    fields = dict(PLAIN if mode == "plain" else LEAN)
+    if mode == "lean" and not (seq_len > fields["attn_chunk"] and seq_len % fields["attn_chunk"] == 0):
+        fields["attn_chunk"] = 0
+    return dataclasses.replace(cfg, memory=None, **fields)

@@ -21,6 +21,7 @@ from gn.methods.base import MethodContext
 from gn.model import make_apply
 from gn.train import mesh as meshlib
 from gn.train.checkpoint import Checkpointer
+from gn.train.memory import resolve_memory
 from gn.train.sharding import constrainer
 
 
@@ -38,6 +39,8 @@ class Run:
     batch_size: int
     steps: int          # this method's steps: train.steps scaled so every method reads the same tokens
     every: int          # reference steps per method step's multiple: eval/checkpoint cadence multiplier
+    compute_cfg: Any = None   # model_cfg with model.memory resolved: what apply_fn computes with
+    memory: dict | None = None   # what model.memory measured and chose (gn.train.memory)
 
 
 def prepare(cfg: Config, method_name: str, *, num_devices: int | None = None) -> Run:
@@ -75,18 +78,31 @@ def prepare(cfg: Config, method_name: str, *, num_devices: int | None = None) ->
     require(model_cfg.vocab_size >= source.vocab_size,
             f"model.vocab_size ({model_cfg.vocab_size}) is smaller than the data's vocabulary "
             f"({source.vocab_size}); leave model.vocab_size unset to take it from the data.")
-    apply_fn = make_apply(model_cfg)
-    ctx = MethodContext(apply_fn=apply_fn, total_steps=steps, batch_size=batch_size,
-                        grad_accum=cfg.train.grad_accum, num_devices=n_dev, model_cfg=model_cfg,
-                        reference_batch_size=cfg.train.batch_size,
-                        constrain=constrainer(mesh, tcfg.fsdp_min_size))
-    method = entry.build(ctx)
+    def build(mcfg):
+        apply = make_apply(mcfg)
+        ctx = MethodContext(apply_fn=apply, total_steps=steps, batch_size=batch_size,
+                            grad_accum=cfg.train.grad_accum, num_devices=n_dev, model_cfg=mcfg,
+                            reference_batch_size=cfg.train.batch_size,
+                            constrain=constrainer(mesh, tcfg.fsdp_min_size))
+        return apply, entry.build(ctx)
+
+    # model.memory: the method's plan (built cheaply on the config as written) gives the
+    # micro-batch whose compiled memory chooses plain or lean (gn.train.memory).
+    compute_cfg = dataclasses.replace(model_cfg, memory=None) if model_cfg.memory else model_cfg
+    apply_fn, method = build(compute_cfg)
+    memory = None
+    if model_cfg.memory is not None:
+        compute_cfg, memory = resolve_memory(
+            model_cfg, micro_batch=max(1, method.plan.micro_batch // n_dev), seq_len=cfg.data.seq_len,
+            curvature=entry.hparams.family != "first_order", device=mesh.devices.flat[0])
+        apply_fn, method = build(compute_cfg)
     plan = method.plan
     for count, micro in ((plan.train, plan.micro_batch), (plan.aux, plan.aux_micro_batch)):
         require(count == 0 or micro % n_dev == 0,
                 f"Method '{entry.name}' splits each step into batches of {micro} sequences, which is not "
                 f"divisible by {where}; choose batch sizes that are multiples of {n_dev}.")
-    return Run(cfg, entry, method, source, model_cfg, apply_fn, mesh, batch_size, steps, every)
+    return Run(cfg, entry, method, source, model_cfg, apply_fn, mesh, batch_size, steps, every,
+               compute_cfg, memory)
 
 
 def _scaled_steps(tcfg, batch_size: int, name: str) -> tuple[int, int]:

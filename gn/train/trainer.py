@@ -36,6 +36,7 @@ from gn.train import interrupts, workdirs
 from gn.train import mesh as meshlib
 from gn.train import sharding
 from gn.train.checkpoint import Checkpointer
+from gn.train.memory import describe as describe_memory
 from gn.train.loggers import close_metrics_log, open_metrics_log
 from gn.train.metrics import MetricsLog, summarize
 from gn.train.noise import NoiseScaleTracker, chunked, estimate, make_measure
@@ -271,6 +272,7 @@ def finish(sess: Session) -> dict:
         "loss_floor": run.source.loss_floor,
         "num_params": count_params(run.model_cfg),
         "hparams": run.entry.to_dict(),
+        **({"memory": run.memory} if run.memory else {}),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
     try:
@@ -333,6 +335,8 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
             return claim.finished
         with interrupts.handled():
             sess = setup(run, claim.workdir)
+            if describe_memory(run.memory):
+                print(describe_memory(run.memory), flush=True)
             if sess.counters["step"] > 0:
                 print(f"resumed from step {sess.counters['step']} in {claim.workdir}", flush=True)
             loop(sess)
