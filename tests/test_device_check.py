@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("bench_f32", "bench_lean", "compile_45m", "compile_150m", "train", "first_150m", "devices")
+STEPS = ("proto_warmstart", "proto_gn", "proto_adamw", "proto_muon", "candidates", "bench_f32", "bench_lean", "compile_45m", "compile_150m", "train", "first_150m", "devices")
 
 
 @pytest.mark.slow
@@ -34,6 +34,11 @@ def test_device_check_tiny_writes_every_row(tmp_path):
     assert rows["bench_lean"][4].startswith("bfloat16 matmuls")    # the option reached the model
     assert "GN inner" in rows["bench_lean"][4] and "final train loss" in rows["train"][4]
     assert "final train loss" in rows["first_150m"][4]
+    # The protocol: the warm start, then gn (the paper's EMA reading) and two baselines from it.
+    for step in ("proto_gn", "proto_adamw", "proto_muon"):
+        assert "val " in rows[step][4] and "memory plain" in rows[step][4] and "DIVERGED" not in rows[step][4]
+    assert "α " in rows["proto_gn"][4] and "EMA" in rows["proto_gn"][4]
+    assert all(c in rows["candidates"][4] for c in ("bf16_logits_chunk", "remat", "scan_layers", "attn_chunk"))
     assert (tmp_path / "device_check_logs" / "bench_lean.out").exists()
     lean = json.loads((tmp_path / "device_check_logs" / "compile_45m.out").read_text())
     c = lean["config"]

@@ -357,7 +357,7 @@ def test_paper_warm_start_chain_runs_with_the_papers_options(tmp_path):
                      "--workdir", str(ws_dir), *TINY, "--set", "train.steps=2", "--set", "train.batch_size=4"]) == 0
     summaries = {}
     for name in ("gn", "gn_layerwise", "adamw_lr1e-2"):
-        extra = [] if name.startswith("adamw") else ["--set", f"methods.{name}.inner_steps=2",
+        extra = ["--set", "train.grad_accum=2"] if name.startswith("adamw") else ["--set", f"methods.{name}.inner_steps=2",
                                                      "--set", f"methods.{name}.ls_batches=2"]
         assert cli.main(["train", str(ROOT / "configs/paper_45m.yaml"), "--method", name,
                          "--workdir", str(tmp_path / name), *TINY, "--set", f"train.init_from={ws_dir}",

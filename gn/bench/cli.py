@@ -15,7 +15,7 @@ import textwrap
 from gn.errors import ConfigError
 from gn.runtime import configure_jax_env
 
-TARGETS = ("optimizers",)
+TARGETS = ("optimizers", "candidates")
 
 
 def _positive(text: str) -> int:
@@ -36,7 +36,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "and a whole gn outer step against one AdamW / Muon step, with the design-goal ratios. "
                     "`optimizers`: step time and state size of every registered non-GN method relative to "
                     "AdamW. Times are medians over interleaved repeats after compilation, in one process.")
-    b.add_argument("target", nargs="?", choices=TARGETS, help="'optimizers' for the optimizer table")
+    b.add_argument("target", nargs="?", choices=TARGETS,
+                   help="'optimizers' for the optimizer table; 'candidates' for the GN inner step under each "
+                        "memory/precision option alone (time, XLA temp bytes, and its numbers against plain)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     b.add_argument("--preset", default="nano", help="model preset (nano, tiny, 45m, 150m, 45m_swiglu, 150m_swiglu); default nano")
     b.add_argument("--vocab-size", type=_positive, help="vocabulary (default 512 for nano, 4096 for tiny)")
@@ -77,6 +79,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                         "report XLA's temp/argument/output bytes; runs nothing (paper shapes on a small machine)")
     g.add_argument("--no-breakdown", action="store_true",
                    help="skip the breakdown timings (forward, GN model alone, inner update): fewer compiles")
+    c = b.add_argument_group("candidates (target 'candidates')")
+    c.add_argument("--candidates", help="comma-separated subset (default all: plain, bf16, logits_chunk, attn_chunk, "
+                                        "remat, scan_layers, bf16_logits_chunk, bf16_lean)")
     o = b.add_argument_group("optimizer benchmark (target 'optimizers')")
     o.add_argument("--batch-size", type=_positive, default=16, help="sequences per step (default 16)")
     o.add_argument("--methods", help="comma-separated subset of methods (AdamW, the reference, is always run)")
@@ -128,6 +133,8 @@ def cmd_bench(args) -> None:
         return
     from gn.bench.compile_only import format_compile_table, run_compile_only
     from gn.bench.gn_step import GNBenchConfig, format_gn_table, run_gn_bench
+    if args.compile_only and args.target == "candidates":
+        raise ConfigError("--compile-only applies to the GN step benchmark (no target), not to 'candidates'.")
 
     cfg = GNBenchConfig(preset=args.preset, vocab_size=args.vocab_size, model_overrides=overrides,
                         inner_batch=args.inner_batch, seq_len=args.seq_len, inner_steps=args.inner_steps,
@@ -136,6 +143,13 @@ def cmd_bench(args) -> None:
                         layerwise_block_mode=args.layerwise_block_mode,
                         compare_block_modes=args.compare_block_modes, inner_optimizer=args.inner_optimizer,
                         breakdown=not args.no_breakdown, tune_malloc=args.tune_malloc, seed=args.seed)
+    if args.target == "candidates":
+        from gn.bench.candidates import format_candidates_table, run_candidates
+
+        only = tuple(x.strip() for x in args.candidates.split(",") if x.strip()) if args.candidates else None
+        res = run_candidates(cfg, only=only, log=log)
+        print(json.dumps(res, indent=1) if args.json else format_candidates_table(res))
+        return
     if args.compile_only:
         res = run_compile_only(cfg, log=log)
         print(json.dumps(res, indent=1) if args.json else format_compile_table(res))

@@ -1,9 +1,9 @@
-"""Typed hyperparameters of the FOG family: K-FAC, FOG, DiagFog, PI-Muon (seed 000).
+"""Typed hyperparameters of the FOG family: K-FAC, FOG, DiagFog, PI-Muon (docs/methods.md §1-3).
 
 Each builds its optax chain from `gn.optim._fog` and runs it in a `StatsMethod`,
 which hands the transformation the layer statistics and the predictive entropy
 of the gradient's own forward/backward pass. PI-Muon may take its g_fisher from
-layerwise Gauss-Newton instead of K-FAC (`fisher_source: lwgn`, seed 004);
+layerwise Gauss-Newton instead of K-FAC (`fisher_source: lwgn`, docs/methods.md §4);
 `pi_muon_gn` is that variant under its own name.
 """
 
@@ -104,7 +104,7 @@ class KFACConfig(_StatsConfig):
 @dataclasses.dataclass(frozen=True)
 class FOGConfig(_StatsConfig):
     name: ClassVar[str] = "fog"
-    description: ClassVar[str] = ("FOG: Muon of the K-FAC natural gradient, Muon ∘ K-FAC⁻¹ (seed 000); AdamW on "
+    description: ClassVar[str] = ("FOG: Muon of the K-FAC natural gradient, Muon ∘ K-FAC⁻¹ (docs/methods.md §1); AdamW on "
                                   "embeddings/head/norms")
     alias: ClassVar = staticmethod(fog_lib.fog)
     damping: float = opt(1e-3, "λ added to the Kronecker factors' eigenvalue products")
@@ -126,7 +126,7 @@ class FOGConfig(_StatsConfig):
 @dataclasses.dataclass(frozen=True)
 class DiagFogConfig(_StatsConfig):
     name: ClassVar[str] = "diagfog"
-    description: ClassVar[str] = "DiagFog: Muon of g / (diagonal Fisher + eps), O(in + out) statistics (seed 000)"
+    description: ClassVar[str] = "DiagFog: Muon of g / (diagonal Fisher + eps), O(in + out) statistics (docs/methods.md §2)"
     alias: ClassVar = staticmethod(fog_lib.diagfog)
     diag: str = opt("kron", "kron (E[a²]·E[δ²], from layer statistics) or ema_sq (EMA of g²)")
     eps: float = opt(1e-8, "ε in g / (f_diag + ε)")
@@ -153,7 +153,7 @@ class DiagFogConfig(_StatsConfig):
 class PIMuonConfig(_StatsConfig):
     name: ClassVar[str] = "pi_muon"
     description: ClassVar[str] = ("PI-Muon: PI-weighted mix of the K-FAC step and Muon, PI = exp(-(alpha H + "
-                                  "gamma |g|)) (superseded by FOG in seed 000); g_fisher from fisher_source: "
+                                  "gamma |g|)) (superseded by FOG; docs/methods.md §3); g_fisher from fisher_source: "
                                   "kfac or lwgn (layerwise GN)")
     alias: ClassVar = staticmethod(fog_lib.pi_muon)
     alpha: float = opt(0.1, "PI's entropy weight α")
@@ -183,7 +183,7 @@ class PIMuonConfig(_StatsConfig):
     def alias_options(self, ctx: MethodContext) -> dict:
         o = super().alias_options(ctx)
         if self.fisher_source == "lwgn":
-            # Layerwise Gauss-Newton (seed 004) as g_fisher: per-kernel (G_bb + λI)⁻¹ g_b by block CG.
+            # Layerwise Gauss-Newton (docs/methods.md §4) as g_fisher: per-kernel (G_bb + λI)⁻¹ g_b by block CG.
             o["fisher"] = scale_by_layerwise_gn(ctx.apply_fn, damping=self.damping,
                                                 only=kernels_only(self.include_head),
                                                 max_iters=getattr(self, "lwgn_iters", 5), block_mode="unrolled")
@@ -194,7 +194,7 @@ class PIMuonConfig(_StatsConfig):
 class PIMuonGNConfig(PIMuonConfig):
     name: ClassVar[str] = "pi_muon_gn"
     description: ClassVar[str] = ("PI-Muon with layerwise Gauss-Newton as g_fisher: (1-λ)(G_bb+λI)⁻¹g + "
-                                  "λ Muon(g) (seed 004)")
+                                  "λ Muon(g) (docs/methods.md §4)")
     fisher_source: str = opt("lwgn", "g_fisher from kfac or lwgn (layerwise Gauss-Newton)")
     lwgn_iters: int = opt(5, "block-CG iterations of the layerwise-GN solve")
 

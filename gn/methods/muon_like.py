@@ -62,7 +62,7 @@ class NorMuonConfig(MuonConfig):
 @dataclasses.dataclass(frozen=True)
 class RMSuonConfig(OptimizerConfig):
     name: ClassVar[str] = "rmsuon"
-    description: ClassVar[str] = ("RMSuon: NS5 of Adam momentum rescaled to the Adam update's energy (seed 003); "
+    description: ClassVar[str] = ("RMSuon: NS5 of Adam momentum rescaled to the Adam update's energy (docs/methods.md §5); "
                                   "v_penalty > 0 gives V-RMSuon")
     learning_rate: float = opt(3e-3, "peak learning rate")
     b1: float = opt(0.9, "first-moment decay β₁")
@@ -83,7 +83,7 @@ class RMSuonConfig(OptimizerConfig):
 @dataclasses.dataclass(frozen=True)
 class AdaRMSuonConfig(RMSuonConfig):
     name: ClassVar[str] = "adarmsuon"
-    description: ClassVar[str] = "AdaRMSuon: NS5 of the Adam-whitened momentum, energy-scaled (seed 003)"
+    description: ClassVar[str] = "AdaRMSuon: NS5 of the Adam-whitened momentum, energy-scaled (docs/methods.md §5)"
 
     def core(self, schedule, apply_fn):
         return adarmsuon(schedule, weight_decay=0.0,
@@ -127,7 +127,7 @@ class LwGNConfig(OptimizerConfig):
     family: ClassVar[str] = "curvature"
     inner_ok: ClassVar[bool] = False
     description: ClassVar[str] = ("Natural-gradient descent with layerwise GN, (G_bb + λI)⁻¹ g_b per block "
-                                  "by block CG (seed 004)")
+                                  "by block CG (docs/methods.md §4)")
     learning_rate: float = opt(0.3, "peak learning rate")
     grad_clip: float = opt(0.0, "global-norm gradient clipping (0 = off)")
     momentum: float = opt(0.0, "momentum on the GN direction (0 = none)")

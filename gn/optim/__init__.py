@@ -5,9 +5,9 @@ Every public optimizer of the toolkit is an optax `GradientTransformation`
 
 - Muon family: `muon` (optax.contrib.muon, path-routed), `normuon`, `rmsuon`, `adarmsuon`.
 - `soap` / `scale_by_soap` (Vyas et al. 2024).
-- K-FAC: `scale_by_kfac`, `kfac`; FOG / DiagFog / PI-Muon (seed 000): `fog`, `diagfog`, `pi_muon`,
+- K-FAC: `scale_by_kfac`, `kfac`; FOG / DiagFog / PI-Muon (docs/methods.md §1-3): `fog`, `diagfog`, `pi_muon`,
   `scale_by_fog`, `scale_by_diagfog`, `scale_by_diag_fisher`, `scale_by_pi_muon`, `scale_by_muon`.
-- Layerwise Gauss-Newton as a g_fisher backend (seed 004): `layerwise_gn_direction`,
+- Layerwise Gauss-Newton as a g_fisher backend (docs/methods.md §4): `layerwise_gn_direction`,
   `scale_by_layerwise_gn`, `lwgn`, `fog_gn`, and PI-Muon over it, `pi_muon_gn`.
 - Building blocks: `decoupled_weight_decay`, `clip_and_decay`, path masks (`decay_mask`,
   `matrix_mask`), schedules (`make_schedule`).
@@ -35,7 +35,7 @@ from gn.optim.transforms import clip_and_decay, decoupled_weight_decay, muon, tr
 
 def pi_muon_gn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, damping: float = 1e-3,
                max_iters: int = 5, include_head: bool = False, **kwargs: Any) -> optax.GradientTransformation:
-    """PI-Muon with layerwise Gauss-Newton as g_fisher (seed 004):
+    """PI-Muon with layerwise Gauss-Newton as g_fisher (docs/methods.md §4):
     u = (1 − λ) (G_bb + λI)⁻¹ g + λ Muon(g) on the hidden kernels, AdamW elsewhere.
 
     Extra args of `update`: `entropy=`, `inputs=`, `targets=` (the gradient's batch).

@@ -1,4 +1,4 @@
-"""FOG, DiagFog and PI-Muon: statistical operators composed with Muon (seed 000).
+"""FOG, DiagFog and PI-Muon: statistical operators composed with Muon (docs/methods.md §1-3).
 
 Seed 000 ("FOG/DiagFog: 算子复合的几何优化范式") replaces PI-Muon's linear
 mixing of a Fisher step and a Muon step by operator composition,
@@ -99,7 +99,7 @@ class ScaleByDiagFisherState(NamedTuple):
 
 def scale_by_diag_fisher(stat_decay: float = 0.95, eps: float = 1e-8, *, diag: str = "kron",
                          T_cov: int = 1) -> optax.GradientTransformationExtraArgs:
-    """DiagFog's statistical operator: g_nat = g ⊘ (f_diag + ε) (seed 000 §3.2).
+    """DiagFog's statistical operator: g_nat = g ⊘ (f_diag + ε) (docs/methods.md §2).
 
     diag="kron": f_ij = Ā_i · Ḡ_j with Ā, Ḡ EMAs of E[a_i²] and E[δ_j²] (δ the
     per-token gradient of the summed loss), i.e. the diagonal of K-FAC's A ⊗ G,
@@ -158,7 +158,7 @@ def scale_by_fog(stat_decay: float = 0.95, damping: float = 1e-3, *, damping_mod
                  T_cov: int = 1, T_inv: int = 10, kl_clip: float = 0.0, learning_rate=None,
                  beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5
                  ) -> optax.GradientTransformationExtraArgs:
-    """FOG direction (seed 000 §2): u = Muon(K-FAC⁻¹ g); extra arg `factors=`."""
+    """FOG direction (docs/methods.md §1): u = Muon(K-FAC⁻¹ g); extra arg `factors=`."""
     return optax.chain(scale_by_kfac(stat_decay, damping, damping_mode=damping_mode, T_cov=T_cov,
                                      T_inv=T_inv, kl_clip=kl_clip, learning_rate=learning_rate),
                        scale_by_muon(beta, nesterov=nesterov, ns_steps=ns_steps))
@@ -167,7 +167,7 @@ def scale_by_fog(stat_decay: float = 0.95, damping: float = 1e-3, *, damping_mod
 def scale_by_diagfog(stat_decay: float = 0.95, eps: float = 1e-8, *, diag: str = "kron", T_cov: int = 1,
                      beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5
                      ) -> optax.GradientTransformationExtraArgs:
-    """DiagFog direction (seed 000 §3): u = Muon(g ⊘ (f_diag + ε))."""
+    """DiagFog direction (docs/methods.md §2): u = Muon(g ⊘ (f_diag + ε))."""
     return optax.chain(scale_by_diag_fisher(stat_decay, eps, diag=diag, T_cov=T_cov),
                        scale_by_muon(beta, nesterov=nesterov, ns_steps=ns_steps))
 
@@ -189,7 +189,7 @@ def predictive_integrity(entropy: jax.Array, grad_norm: jax.Array, alpha: float,
 def scale_by_pi_muon(fisher: Optional[optax.GradientTransformation] = None, *, alpha: float = 0.1,
                      gamma: float = 0.1, beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5
                      ) -> optax.GradientTransformationExtraArgs:
-    """PI-Muon (superseded by FOG in seed 000): u = (1 − λ) g_fisher + λ Muon(g),
+    """PI-Muon (superseded by FOG; docs/methods.md §3): u = (1 − λ) g_fisher + λ Muon(g),
 
         λ = 1 − PI,  PI = exp(−(α·H + γ·‖g‖)).
 
@@ -269,7 +269,7 @@ def kfac(learning_rate, stat_decay=0.95, damping=1e-3, *, damping_mode="eigen", 
 
 def fog(learning_rate, stat_decay=0.95, damping=1e-3, *, damping_mode="eigen", T_cov=1, T_inv=10,
         kl_clip=0.0, beta=0.95, nesterov=True, ns_steps=5, include_head=False, **adam):
-    """FOG (seed 000): θ ← θ − lr · Muon(K-FAC⁻¹ g) on the kernels, AdamW side elsewhere."""
+    """FOG (docs/methods.md §1): θ ← θ − lr · Muon(K-FAC⁻¹ g) on the kernels, AdamW side elsewhere."""
     tx = scale_by_fog(stat_decay, damping, damping_mode=damping_mode, T_cov=T_cov, T_inv=T_inv,
                       kl_clip=kl_clip, learning_rate=learning_rate, beta=beta, nesterov=nesterov,
                       ns_steps=ns_steps)
@@ -278,7 +278,7 @@ def fog(learning_rate, stat_decay=0.95, damping=1e-3, *, damping_mode="eigen", T
 
 def diagfog(learning_rate, stat_decay=0.95, eps=1e-8, *, diag="kron", T_cov=1, beta=0.95, nesterov=True,
             ns_steps=5, include_head=False, **adam):
-    """DiagFog (seed 000): θ ← θ − lr · Muon(g ⊘ (f_diag + ε)) on the kernels, AdamW side elsewhere."""
+    """DiagFog (docs/methods.md §2): θ ← θ − lr · Muon(g ⊘ (f_diag + ε)) on the kernels, AdamW side elsewhere."""
     tx = scale_by_diagfog(stat_decay, eps, diag=diag, T_cov=T_cov, beta=beta, nesterov=nesterov,
                           ns_steps=ns_steps)
     return with_adamw_side(tx, learning_rate, include_head=include_head, **adam)

@@ -2,7 +2,7 @@
 
 Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
 Curvature", ICML 2015. Used on its own (`fog.kfac`) and as the statistical
-operator of FOG (seed 000: FOG = Muon ∘ K-FAC⁻¹, `gn.optim._fog`).
+operator of FOG (docs/methods.md §1: FOG = Muon ∘ K-FAC⁻¹, `gn.optim._fog`).
 
 Conventions (kernels are (in, out): a dense layer computes y = a W)
 -------------------------------------------------------------------

@@ -5,7 +5,7 @@ direction is
 
     g_fisher_b = (G_bb + λ I)⁻¹ g_b        for every block b,
 
-with G = Jᵀ H_z J the Gauss-Newton matrix of the batch's mean loss (seed 004;
+with G = Jᵀ H_z J the Gauss-Newton matrix of the batch's mean loss (docs/methods.md §4;
 Abreu et al. 2025 §layerwise GN). It is solved matrix-free by block conjugate
 gradient: every block runs its own CG recursion and one block-diagonal GGN
 product per iteration serves all blocks (`gn.curvature.block_conjugate_gradient`).

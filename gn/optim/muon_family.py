@@ -290,7 +290,7 @@ def rmsuon(
 ) -> optax.GradientTransformation:
     """RMSuon: θ ← θ − lr·((E/‖O‖_F)·O + v_penalty·√v̂ + weight_decay·θ), O = NS5(m̂).
 
-    E = ‖m̂/(√v̂+ε)‖_F (seed 003). v_penalty > 0 gives V-RMSuon. Matrix leaves
+    E = ‖m̂/(√v̂+ε)‖_F (docs/methods.md §5). v_penalty > 0 gives V-RMSuon. Matrix leaves
     only; the rest on AdamW (module docstring).
     """
     return _rmsuon_alias(False, learning_rate, b1, b2, eps, weight_decay, v_penalty=v_penalty,

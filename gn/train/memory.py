@@ -105,8 +105,9 @@ def resolve_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, curvatur
     raise ConfigError(
         f"model.memory: auto found no setting that fits {gb(budget)} ({source}): XLA's estimate at "
         f"micro-batch {micro_batch} x seq {seq_len} is {gb(record['estimates']['plain']['total_bytes'])} plain "
-        f"and {gb(record['estimates']['lean']['total_bytes'])} lean; lower the (inner) batch, use more devices "
-        "(train.fsdp), or raise model.memory_limit_gb if the budget is wrong.")
+        f"and {gb(record['estimates']['lean']['total_bytes'])} lean; lower the micro-batch (train.grad_accum for "
+        "first-order methods, inner_steps for GN), use more devices (train.fsdp), or raise model.memory_limit_gb "
+        "if the budget is wrong.")
 
 
 def describe(record: dict | None) -> str | None:

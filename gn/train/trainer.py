@@ -273,6 +273,7 @@ def finish(sess: Session) -> dict:
         "num_params": count_params(run.model_cfg),
         "hparams": run.entry.to_dict(),
         **({"memory": run.memory} if run.memory else {}),
+        **_device_peak(),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
     try:
@@ -283,6 +284,15 @@ def finish(sess: Session) -> dict:
     except Exception as exc:  # a plot must never lose a finished run
         print(f"warning: could not write the loss plot: {exc}")
     return summary
+
+
+def _device_peak() -> dict:
+    """{"device_peak_bytes": n} where the backend reports its peak (GPUs; not CPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # backends without memory statistics raise or return None
+        stats = {}
+    return {"device_peak_bytes": int(stats["peak_bytes_in_use"])} if "peak_bytes_in_use" in stats else {}
 
 
 def _check_divergence(val: float, initial: float, margin: float, step: int) -> str:
