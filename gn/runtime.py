@@ -24,7 +24,12 @@ MIN_COMPILE_TIME_S = "0.5"   # only compilations at least this long are written 
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("GN_CACHE_DIR") or Path.home() / ".cache" / "gn")
+    """The toolkit's cache (compiled steps under xla/, tokenizers and corpora): $GN_CACHE_DIR,
+    else $XDG_CACHE_HOME/gn (the XDG base-directory rule), else ~/.cache/gn."""
+    if os.environ.get("GN_CACHE_DIR"):
+        return Path(os.environ["GN_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) / "gn" if xdg and os.path.isabs(xdg) else Path.home() / ".cache" / "gn"
 
 
 def configure_jax_env(*, warn: bool = True) -> Path:

@@ -30,17 +30,6 @@ def _method(name="gn", batch=4, steps=3, **hp):
                                                reference_batch_size=batch))
 
 
-def _manual_inner(theta, start, batches, lr_fn, kind="gn", partition=None):
-    """θ̂ ← θ̂ − lr_i ∇Q_i(θ̂) with plain SGD, from the curvature core's Q."""
-    th = start
-    for i in range(batches.shape[0]):
-        x, y = split_batch(batches[i])
-        q = curvature.quadratic_model(APPLY, theta, x, y, kind=kind, partition=partition)
-        _, g = q(th)
-        th = jax.tree.map(lambda p, gi: p - lr_fn(i) * gi, th, g)
-    return th
-
-
 @pytest.mark.parametrize("name, kind, partition", [("gn", "gn", None), ("gn_prox_linear", "prox_linear", None),
                                                    ("gn_layerwise", "gn", "transformer_blocks")])
 def test_inner_loop_is_sgd_on_the_quadratic_model(name, kind, partition):

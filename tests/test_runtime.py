@@ -76,3 +76,17 @@ def test_compile_clock_counts_nested_spans_once():
     mark = clock.mark()
     clock._on_span("/jax/core/compile/backend_compile_duration", 4.0, 4.5)
     assert clock.since(mark) == pytest.approx(0.5)
+
+
+def test_one_cache_root_honours_gn_cache_dir_then_xdg_cache_home(monkeypatch, tmp_path):
+    from gn.data.base import cache_root as data_root
+    from gn.runtime import cache_root
+
+    monkeypatch.delenv("GN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == data_root(None) == tmp_path / "xdg" / "gn"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")        # the XDG rule: relative paths are ignored
+    assert cache_root() == data_root(None) == Path.home() / ".cache" / "gn"
+    monkeypatch.setenv("GN_CACHE_DIR", str(tmp_path / "gn"))
+    assert cache_root() == data_root(None) == tmp_path / "gn"
+    assert data_root(str(tmp_path / "explicit")) == tmp_path / "explicit"

@@ -70,11 +70,6 @@ def unchunk_rows(xc, n: int):
     return jnp.swapaxes(xc, 0, 1).reshape((-1,) + xc.shape[2:])[:n]
 
 
-def unchunk(x, n: int, lead: tuple):
-    """(n_c, c, ...) → lead + (...), dropping the padding."""
-    return unchunk_rows(x, n).reshape(lead + x.shape[2:])
-
-
 def make_rows(targets, mask, loss: str, chunk: int, dtype) -> Rows:
     """Flatten the positions, give every row its weight s_i = m_i / max(Σ m, 1) and chunk them."""
     pos = tuple(targets.shape if loss == "cross_entropy" else targets.shape[:-1])

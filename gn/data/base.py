@@ -57,12 +57,12 @@ class BatchSource(Protocol):
 
 
 def cache_root(cache_dir: str | None) -> Path:
-    """Directory for trained tokenizers and tokenised corpora.
+    """Directory for trained tokenizers and tokenised corpora: `cache_dir` if given, else
+    the toolkit's cache root (`gn.runtime.cache_root`: $GN_CACHE_DIR, $XDG_CACHE_HOME/gn,
+    ~/.cache/gn)."""
+    from gn.runtime import cache_root as default_root
 
-    `cache_dir` if given, else `$GN_CACHE_DIR`, else `~/.cache/gn`.
-    """
-    root = cache_dir or os.environ.get("GN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "gn")
-    return Path(root)
+    return Path(cache_dir) if cache_dir else default_root()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -171,11 +171,6 @@ class WindowedSource:
         self.tokens_consumed = 0
         self._perm_epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
-
-    @property
-    def epoch_tokens(self) -> int:
-        """Training tokens (targets) in one epoch."""
-        return self.num_train * self.seq_len
 
     def _permutation(self) -> np.ndarray:
         if self._perm_epoch != self.epoch:
