@@ -1,6 +1,6 @@
 """Typed hyperparameters of the FOG family: K-FAC, FOG, DiagFog, PI-Muon (docs/methods.md §1-3).
 
-Each builds its optax chain from `gn.optim._fog` and runs it in a `StatsMethod`,
+Each builds its optax chain from `gn.optim` and runs it in a `StatsMethod`,
 which hands the transformation the layer statistics and the predictive entropy
 of the gradient's own forward/backward pass. PI-Muon may take its g_fisher from
 layerwise Gauss-Newton instead of K-FAC (`fisher_source: lwgn`, docs/methods.md §4);
@@ -15,10 +15,9 @@ from typing import ClassVar, Optional
 from gn.methods.base import MethodContext, check_choice, check_range, opt
 from gn.methods.first_order import OptimizerConfig
 from gn.methods.stats import StatsMethod
-from gn.optim import _fog as fog_lib
-from gn.optim import _kfac as kfac_lib
-from gn.optim._lwgn import kernels_only, scale_by_layerwise_gn
-from gn.optim.transforms import clip_and_decay
+from gn.optim import (DAMPING_MODES, DIAG_MODES, FISHER_SOURCES, FISHER_TYPES, clip_and_decay, diagfog, fog,
+                      kernels_only, kfac, matrix_mask_fn, pi_muon, scale_by_layerwise_gn, scale_by_muon,
+                      with_adamw_side)
 
 # Not arguments of the optax alias: they choose how the StatsMethod gathers statistics.
 _METHOD_KEYS = ("fisher", "fisher_source", "lwgn_iters", "statistics")
@@ -32,7 +31,7 @@ class _StatsConfig(OptimizerConfig):
 
     family: ClassVar[str] = "fog"
     inner_ok: ClassVar[bool] = False
-    alias: ClassVar = None           # the gn.optim._fog optimizer this method runs
+    alias: ClassVar = None           # the gn.optim optimizer this method runs
     learning_rate: float = opt(0.02, "peak learning rate")
     stat_decay: float = opt(0.95, "EMA decay of the statistics")
     T_cov: int = opt(1, "steps between statistics refreshes")
@@ -45,7 +44,7 @@ class _StatsConfig(OptimizerConfig):
 
     def validate(self, where: str) -> None:
         super().validate(where)
-        check_choice(self.fisher, kfac_lib.FISHER_TYPES, where, "fisher")
+        check_choice(self.fisher, FISHER_TYPES, where, "fisher")
         check_range(0.0 <= self.stat_decay < 1.0, where, "stat_decay", "in [0, 1)", self.stat_decay)
         for key in ("T_cov", "T_inv", "ns_steps"):
             if hasattr(self, key):
@@ -54,14 +53,14 @@ class _StatsConfig(OptimizerConfig):
             if hasattr(self, key):
                 check_range(getattr(self, key) >= 0, where, key, ">= 0", getattr(self, key))
         if hasattr(self, "damping_mode"):
-            check_choice(self.damping_mode, kfac_lib.DAMPING_MODES, where, "damping_mode")
+            check_choice(self.damping_mode, DAMPING_MODES, where, "damping_mode")
 
     def stats_kind(self) -> Optional[str]:
         """Which layer statistics the step gathers: kron (A, G), diag, or None."""
         return "kron"
 
     def alias_options(self, ctx: MethodContext) -> dict:
-        """Keyword arguments of the gn.optim._fog alias."""
+        """Keyword arguments of the gn.optim alias."""
         shared = {f.name for f in dataclasses.fields(OptimizerConfig)}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name not in shared and f.name not in _METHOD_KEYS}
@@ -73,8 +72,8 @@ class _StatsConfig(OptimizerConfig):
         if getattr(self, "statistics", True):
             core = type(self).alias(schedule, **o)
         else:   # the control: the same chain with the statistical operator replaced by the identity
-            core = fog_lib.with_adamw_side(
-                fog_lib.scale_by_muon(self.beta, nesterov=self.nesterov, ns_steps=self.ns_steps), schedule,
+            core = with_adamw_side(
+                scale_by_muon(self.beta, nesterov=self.nesterov, ns_steps=self.ns_steps), schedule,
                 include_head=self.include_head, adam_learning_rate=o["adam_learning_rate"],
                 adam_b1=self.adam_b1, adam_b2=self.adam_b2, adam_eps=self.adam_eps)
         tx = clip_and_decay(core, schedule, grad_clip=self.grad_clip, weight_decay=self.weight_decay,
@@ -82,7 +81,7 @@ class _StatsConfig(OptimizerConfig):
         pi = (self.alpha, self.gamma) if hasattr(self, "alpha") else None
         return StatsMethod(name, tx, schedule, ctx,
                            stats=self.stats_kind() if getattr(self, "statistics", True) else None,
-                           layer_mask=fog_lib.matrix_mask_fn(self.include_head), fisher=self.fisher,
+                           layer_mask=matrix_mask_fn(self.include_head), fisher=self.fisher,
                            T_cov=self.T_cov, pi=pi)
 
 
@@ -91,7 +90,7 @@ class KFACConfig(_StatsConfig):
     name: ClassVar[str] = "kfac"
     description: ClassVar[str] = ("K-FAC natural-gradient descent with momentum and KL clip (Martens & Grosse "
                                   "2015); AdamW on embeddings/head/norms")
-    alias: ClassVar = staticmethod(fog_lib.kfac)
+    alias: ClassVar = staticmethod(kfac)
     learning_rate: float = opt(0.1, "peak learning rate")
     damping: float = opt(1e-3, "λ added to the Kronecker factors' eigenvalue products")
     damping_mode: str = opt("eigen", "eigen (exact (A⊗G + λI)⁻¹) or factored (Tikhonov per factor)")
@@ -106,7 +105,7 @@ class FOGConfig(_StatsConfig):
     name: ClassVar[str] = "fog"
     description: ClassVar[str] = ("FOG: Muon of the K-FAC natural gradient, Muon ∘ K-FAC⁻¹ (docs/methods.md §1); AdamW on "
                                   "embeddings/head/norms")
-    alias: ClassVar = staticmethod(fog_lib.fog)
+    alias: ClassVar = staticmethod(fog)
     damping: float = opt(1e-3, "λ added to the Kronecker factors' eigenvalue products")
     damping_mode: str = opt("eigen", "eigen (exact (A⊗G + λI)⁻¹) or factored (Tikhonov per factor)")
     T_inv: int = opt(10, "steps between eigendecompositions")
@@ -127,7 +126,7 @@ class FOGConfig(_StatsConfig):
 class DiagFogConfig(_StatsConfig):
     name: ClassVar[str] = "diagfog"
     description: ClassVar[str] = "DiagFog: Muon of g / (diagonal Fisher + eps), O(in + out) statistics (docs/methods.md §2)"
-    alias: ClassVar = staticmethod(fog_lib.diagfog)
+    alias: ClassVar = staticmethod(diagfog)
     diag: str = opt("kron", "kron (E[a²]·E[δ²], from layer statistics) or ema_sq (EMA of g²)")
     eps: float = opt(1e-8, "ε in g / (f_diag + ε)")
     beta: float = opt(0.95, "Muon momentum decay")
@@ -137,7 +136,7 @@ class DiagFogConfig(_StatsConfig):
 
     def validate(self, where: str) -> None:
         super().validate(where)
-        check_choice(self.diag, fog_lib.DIAG_MODES, where, "diag")
+        check_choice(self.diag, DIAG_MODES, where, "diag")
 
     def unused_keys(self) -> tuple[str, ...]:
         return () if self.statistics else _STATS_KEYS + ("diag", "eps")
@@ -155,7 +154,7 @@ class PIMuonConfig(_StatsConfig):
     description: ClassVar[str] = ("PI-Muon: PI-weighted mix of the K-FAC step and Muon, PI = exp(-(alpha H + "
                                   "gamma |g|)) (superseded by FOG; docs/methods.md §3); g_fisher from fisher_source: "
                                   "kfac or lwgn (layerwise GN)")
-    alias: ClassVar = staticmethod(fog_lib.pi_muon)
+    alias: ClassVar = staticmethod(pi_muon)
     alpha: float = opt(0.1, "PI's entropy weight α")
     gamma: float = opt(0.1, "PI's gradient-norm weight γ")
     fisher_source: str = opt("kfac", "g_fisher from kfac or lwgn (layerwise Gauss-Newton)")
@@ -169,7 +168,7 @@ class PIMuonConfig(_StatsConfig):
 
     def validate(self, where: str) -> None:
         super().validate(where)
-        check_choice(self.fisher_source, fog_lib.FISHER_SOURCES, where, "fisher_source")
+        check_choice(self.fisher_source, FISHER_SOURCES, where, "fisher_source")
 
     def unused_keys(self) -> tuple[str, ...]:
         return _KFAC_ONLY if self.fisher_source == "lwgn" else ()

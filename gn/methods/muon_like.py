@@ -14,10 +14,7 @@ from gn import curvature
 from gn.curvature.objective import split_batch
 from gn.methods.base import check_choice, check_range, opt
 from gn.methods.first_order import OptimizerConfig, _opts
-from gn.optim._lwgn import fog_gn, lwgn
-from gn.optim.muon_family import adarmsuon, normuon, rmsuon
-from gn.optim._soap import soap
-from gn.optim.transforms import muon
+from gn.optim import adarmsuon, fog_gn, lwgn, muon, normuon, rmsuon, soap
 
 _ADAM_LR = "AdamW-side peak learning rate (null = the method's own)"
 

@@ -1,6 +1,6 @@
 """K-FAC statistics from the gradient's own forward/backward pass, and `StatsMethod`.
 
-The FOG family (K-FAC, FOG, DiagFog, PI-Muon; `gn.optim._fog`) needs, besides the
+The FOG family (K-FAC, FOG, DiagFog, PI-Muon; `gn.optim`) needs, besides the
 gradient, each dense layer's input and output-gradient statistics and the
 predictive entropy. They come from one forward pass of the LLaMA model with
 zero perturbations on every dense output (`gn.model.apply_with_layer_stats`):
@@ -25,9 +25,8 @@ from gn.curvature.objective import mean_entropy, split_batch
 from gn.errors import require
 from gn.methods.base import BatchPlan, MethodBase, MethodContext
 from gn.model.llama import apply_with_layer_stats, init_perturbations
-from gn.optim import _kfac as kfac_lib
-from gn.optim._fog import predictive_integrity
-from gn.optim._kfac import Path
+from gn.optim import ParamPath as Path
+from gn.optim import FISHER_TYPES, batch_factors, predictive_integrity, stat_layers
 from gn.optim.newton_schulz import safe_increment
 from gn.optim.transforms import tree_norm
 
@@ -58,8 +57,8 @@ def loss_grads_and_stats(cfg: Any, params: Any, batch: jax.Array, *, layers: Seq
     Returns:
       (loss, grads, factors or None, entropy), loss the mean token cross-entropy.
     """
-    if fisher not in kfac_lib.FISHER_TYPES:
-        raise ValueError(f"fisher must be one of {kfac_lib.FISHER_TYPES}, got {fisher!r}")
+    if fisher not in FISHER_TYPES:
+        raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
     inputs, targets = split_batch(batch)
     perts = init_perturbations(cfg, params, inputs)
     logits, pullback, acts = jax.vjp(lambda p, e: apply_with_layer_stats(cfg, p, inputs, e),
@@ -78,7 +77,7 @@ def loss_grads_and_stats(cfg: Any, params: Any, batch: jax.Array, *, layers: Seq
             z = jax.lax.stop_gradient(logits).astype(jnp.float32)
             sampled = jax.random.categorical(rng, z, axis=-1)
             _, d = pullback(jax.grad(_ce)(logits, sampled))
-        return kfac_lib.batch_factors(acts, d, layers, diagonal=(kind == "diag"))
+        return batch_factors(acts, d, layers, diagonal=(kind == "diag"))
 
     if compute_stats is True:
         factors = stats()
@@ -116,8 +115,8 @@ class StatsMethod(MethodBase):
                 f"method '{name}' needs the model config (MethodContext.model_cfg) to gather layer statistics.")
         require(ctx.batch_size % ctx.grad_accum == 0,
                 f"batch_size {ctx.batch_size} is not divisible by grad_accum {ctx.grad_accum}.")
-        require(fisher in kfac_lib.FISHER_TYPES,
-                f"'{name}.fisher' must be one of {', '.join(kfac_lib.FISHER_TYPES)}, got {fisher!r}.")
+        require(fisher in FISHER_TYPES,
+                f"'{name}.fisher' must be one of {', '.join(FISHER_TYPES)}, got {fisher!r}.")
         require(T_cov >= 1, f"'{name}.T_cov' must be >= 1, got {T_cov}.")
         self.name = name
         self.tx = optax.with_extra_args_support(tx)
@@ -146,7 +145,7 @@ class StatsMethod(MethodBase):
     def _step(self, params, state, batches, aux, rng):
         del aux
         self.traces += 1
-        layers = kfac_lib.stat_layers(params, self._mask) if self._stats else ()
+        layers = stat_layers(params, self._mask) if self._stats else ()
         refresh = True if self._t_cov == 1 else (state.count % self._t_cov == 0)
         n = batches.shape[0]
         if n == 1:

@@ -22,9 +22,11 @@ from typing import Any, Callable
 
 import optax
 
-from gn.optim._fog import (diagfog, fog, kfac, matrix_mask_fn, pi_muon, scale_by_diag_fisher, scale_by_diagfog,
-                          scale_by_fog, scale_by_muon, scale_by_pi_muon, with_adamw_side, with_fisher_direction)
-from gn.optim._kfac import scale_by_kfac
+from gn.optim._fog import (DIAG_MODES, FISHER_SOURCES, diagfog, fog, kfac, matrix_mask_fn, pi_muon,
+                          predictive_integrity, scale_by_diag_fisher, scale_by_diagfog, scale_by_fog, scale_by_muon,
+                          scale_by_pi_muon, with_adamw_side, with_fisher_direction)
+from gn.optim._kfac import DAMPING_MODES, FISHER_TYPES, batch_factors, scale_by_kfac, stat_layers
+from gn.optim._kfac import Path as ParamPath
 from gn.optim._lwgn import fog_gn, kernels_only, layerwise_gn_direction, lwgn, scale_by_layerwise_gn
 from gn.optim.masks import decay_mask, matrix_mask
 from gn.optim.muon_family import adarmsuon, normuon, rmsuon
@@ -46,6 +48,8 @@ def pi_muon_gn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, dam
 
 
 __all__ = [
+    "DAMPING_MODES", "DIAG_MODES", "FISHER_SOURCES", "FISHER_TYPES", "ParamPath", "batch_factors", "kernels_only",
+    "predictive_integrity", "stat_layers",
     "adarmsuon", "clip_and_decay", "decay_mask", "decoupled_weight_decay", "diagfog", "fog", "fog_gn", "kfac",
     "layerwise_gn_direction", "lwgn", "make_schedule", "matrix_mask", "matrix_mask_fn", "muon", "normuon",
     "pi_muon", "pi_muon_gn", "rmsuon", "scale_by_diag_fisher", "scale_by_diagfog", "scale_by_fog",
