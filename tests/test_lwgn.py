@@ -39,7 +39,12 @@ def test_layerwise_direction_equals_dense_block_diagonal_solve(partition):
     got = optim.layerwise_gn_direction(APPLY, params, x, y, grads, partition=partition, damping=lam,
                                        max_iters=150, tol=1e-10)
     got = ravel_pytree(got)[0]
-    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-3 * float(jnp.abs(want).max()))
+    # float32 CG against a float32 dense solve: measured max |got − want| / max |want| = 1.4e-6 (per_tensor),
+    # 8.5e-6 (transformer_blocks), relative L2 1.1e-6 / 5.7e-6 (jax 0.10, CPU); asserted 1e-4. (Elementwise
+    # relative errors reach 1e-2 on entries near zero, which is why the test reads errors against the scale.)
+    err = jnp.abs(got - want)
+    assert float(err.max()) <= 1e-4 * float(jnp.abs(want).max())
+    assert float(jnp.linalg.norm(got - want)) <= 1e-4 * float(jnp.linalg.norm(want))
     # The full (non-block) solve is different: the test can tell the two apart.
     full = jnp.linalg.solve(G + lam * jnp.eye(G.shape[0]), g)
     assert float(jnp.abs(full - want).max()) > 10 * float(jnp.abs(got - want).max())
