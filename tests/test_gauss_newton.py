@@ -8,7 +8,8 @@ from jax.flatten_util import ravel_pytree
 
 from gn import curvature
 from gn.errors import ConfigError
-from gn.model import init_params, make_apply, model_config
+from gn.model import init_params, make_apply
+from tests.tiny_models import micro
 from gn.methods import registry
 from gn.methods.base import MethodContext
 from gn.methods.gauss_newton import inner_lr_factor
@@ -16,7 +17,7 @@ from gn.methods.linesearch import grid_alphas, line_search
 from gn.curvature.objective import lm_loss, split_batch
 from tests.dense_reference import dense_ggn
 
-CFG = model_config("nano", vocab_size=16, hidden=8, layers=1, heads=2, ffn=16, max_seq_len=8)
+CFG = micro()
 APPLY = make_apply(CFG)
 
 

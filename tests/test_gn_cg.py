@@ -22,9 +22,10 @@ from gn.model import init_params, make_apply, model_config
 from gn.optim.masks import decay_mask
 from gn.train.trainer import train
 from tests.dense_reference import dense_ggn
+from tests.tiny_models import MICRO_SHAPE, micro
 
-SHAPE = dict(vocab_size=16, hidden=8, layers=1, heads=2, ffn=16, max_seq_len=8)
-CFG = model_config("nano", **SHAPE)
+SHAPE = MICRO_SHAPE
+CFG = micro()
 APPLY = make_apply(CFG)
 
 

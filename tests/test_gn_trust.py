@@ -3,7 +3,6 @@ leaves), AdamW-side routing, token and cost accounting, EMA cadence, schedules o
 length, rejected steps and loud divergence. Each test fails on a one-line bug in what it names."""
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,11 +14,12 @@ from gn.config import config_from_dict
 from gn.methods import registry
 from gn.methods.base import MethodContext
 from gn.methods.gauss_newton import inner_lr_factor
-from gn.model import init_params, make_apply, model_config
+from gn.model import init_params, make_apply
+from tests.tiny_models import micro
 from gn.paths import is_hidden_matrix, map_with_path
 from gn.train.trainer import prepare, setup, train
 
-CFG = model_config("nano", vocab_size=16, hidden=8, layers=1, heads=2, ffn=16, max_seq_len=8)
+CFG = micro()
 APPLY = make_apply(CFG)
 TINY = {
     "model": {"preset": "nano", "hidden": 16, "layers": 1, "heads": 2, "ffn": 32, "max_seq_len": 32},
@@ -158,7 +158,6 @@ def test_ema_decays_once_per_sequential_update(tmp_path):
 def test_rejected_step_keeps_theta(monkeypatch):
     m = _method(inner_steps=2)
     theta = init_params(CFG, jax.random.PRNGKey(0))
-    state = m.init(theta)
     far = jax.tree.map(lambda x: x + 1e3, theta)     # a wild inner solution: Q predicts an increase
     new, rejected, metrics = m._search(theta, far, _batches(2, 2))
     assert bool(rejected) and float(metrics["alpha"]) == 0.0 and float(metrics["pred_decrease"]) <= 0

@@ -8,14 +8,15 @@ from jax.flatten_util import ravel_pytree
 from optax import contrib
 
 from gn import curvature, optim
-from gn.model import init_params, make_apply, model_config
+from gn.model import init_params, make_apply
+from tests.tiny_models import micro
 from gn.optim.transforms import muon_dimension_numbers
 from gn.optim._lwgn import _restricted_partition, fog_gn, layerwise_gn_direction
 from gn.optim.masks import is_hidden_matrix, map_with_path
 from gn.curvature.objective import split_batch
 from tests.dense_reference import block_diagonal, dense_ggn
 
-CFG = model_config("nano", vocab_size=16, hidden=8, layers=1, heads=2, ffn=16, max_seq_len=8)
+CFG = micro()
 APPLY = make_apply(CFG)
 
 
