@@ -38,7 +38,7 @@ from gn.curvature.losses import (
 )
 from gn.curvature.objective import ApplyFn, lm_loss, mean_entropy, split_batch
 from gn.curvature.partition import PARTITIONS, block_ids, make_partition, path_name
-from gn.curvature.quadratic import KINDS, quadratic_model
+from gn.curvature.quadratic import KINDS, QuadraticModel, quadratic_model
 
 __all__ = [
     "BLOCK_MODES",
@@ -68,5 +68,6 @@ __all__ = [
     "output_curvature",
     "output_hessian_vector_product",
     "path_name",
+    "QuadraticModel",
     "quadratic_model",
 ]

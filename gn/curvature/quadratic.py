@@ -14,6 +14,9 @@ the full loss on the linearised network (Abreu et al. 2025, "GN-prox-linear").
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -36,9 +39,24 @@ def _tree_sq_norm(tree, dtype):
                jnp.zeros((), dtype))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)     # hashed by identity: jax.jit(q) keys on the callable
+class QuadraticModel:
+    """The local model that `quadratic_model` builds: call it as q(θ) -> (value, ∇_θ value).
+
+    `with_loss0(θ)` -> (value, grad, ℓ(z0)) from the same pass; `loss0` = ℓ(z0) = Q(θ0);
+    `num_blocks` = the number of blocks of the partition (1 without one)."""
+
+    with_loss0: Callable[[Any], tuple]
+    loss0: Any
+    num_blocks: int
+
+    def __call__(self, params):
+        return self.with_loss0(params)[:2]
+
+
 def quadratic_model(apply_fn, params0, inputs, targets, *, mask=None, loss: _losses.LossSpec = "cross_entropy",
                     kind: str = "gn", partition=None, damping: float = 0.0,
-                    block_mode: str = "batched"):
+                    block_mode: str = "batched") -> QuadraticModel:
     """Build the local model of the loss at θ0 = `params0`; returns q with q(θ) -> (value, ∇_θ value).
 
     kind="gn":           Q(θ) = ℓ(z0) + g_zᵀ J d + ½ (J d)ᵀ H_z (J d) + (λ/2)‖d‖²
@@ -122,10 +140,4 @@ def quadratic_model(apply_fn, params0, inputs, targets, *, mask=None, loss: _los
             grads = jax.tree.map(lambda g, x: g + damping * x, grads, d)
         return value, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), l0
 
-    def q(params):
-        return with_loss0(params)[:2]
-
-    q.loss0 = loss0
-    q.with_loss0 = with_loss0
-    q.num_blocks = num_blocks
-    return q
+    return QuadraticModel(with_loss0=with_loss0, loss0=loss0, num_blocks=num_blocks)
