@@ -22,7 +22,7 @@ from gn.model import init_params, make_apply, model_config
 from gn.optim.masks import decay_mask
 from gn.train.trainer import train
 from tests.dense_reference import dense_ggn
-from tests.tiny_models import MICRO_SHAPE, micro
+from tests.tiny_models import MICRO_SHAPE, TINY_RUN, micro
 
 SHAPE = MICRO_SHAPE
 CFG = micro()
@@ -300,11 +300,7 @@ def test_a_300_iteration_solve_runs_and_counts_its_products():
 
 
 TINY = {
-    "model": {"preset": "nano", "hidden": 16, "layers": 1, "heads": 2, "ffn": 32, "max_seq_len": 32},
-    "data": {"source": "synthetic", "seq_len": 16, "val_sequences": 8,
-             "synthetic": {"vocab_size": 16, "order": 1, "support": 3}},
-    "train": {"steps": 3, "batch_size": 4, "eval_every": 1, "eval_batch_size": 4, "checkpoint_every": 3,
-              "progress": False},
+    **TINY_RUN,
     "methods": [{"name": "gn", "inner_solver": "cg", "inner_steps": 2, "cg_iters": 8, "damping": 1e-2,
                  "damping_adapt": "lm", "cg_precondition": "diag_ggn", "ls_grid_up": 2, "ls_batches": 2}],
 }

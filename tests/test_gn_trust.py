@@ -15,18 +15,14 @@ from gn.methods import registry
 from gn.methods.base import MethodContext
 from gn.methods.gauss_newton import inner_lr_factor
 from gn.model import init_params, make_apply
-from tests.tiny_models import micro
+from tests.tiny_models import TINY_RUN, micro
 from gn.paths import is_hidden_matrix, map_with_path
 from gn.train.trainer import prepare, setup, train
 
 CFG = micro()
 APPLY = make_apply(CFG)
 TINY = {
-    "model": {"preset": "nano", "hidden": 16, "layers": 1, "heads": 2, "ffn": 32, "max_seq_len": 32},
-    "data": {"source": "synthetic", "seq_len": 16, "val_sequences": 8,
-             "synthetic": {"vocab_size": 16, "order": 1, "support": 3}},
-    "train": {"steps": 3, "batch_size": 4, "eval_every": 1, "eval_batch_size": 4, "checkpoint_every": 3,
-              "progress": False},
+    **TINY_RUN,
     "methods": [{"name": "gn", "inner_steps": 2, "ls_batches": 3}],
 }
 

@@ -12,3 +12,14 @@ MICRO_SHAPE = dict(vocab_size=16, hidden=8, layers=1, heads=2, ffn=16, max_seq_l
 def micro(**overrides):
     """The MICRO model config (SwiGLU nano block), with field overrides such as dtype."""
     return model_config("nano", **{**MICRO_SHAPE, **overrides})
+
+
+# A whole run on the synthetic language in a few seconds: the config sections without `methods`
+# (tests add their own entry: {**TINY_RUN, "methods": [...]}).
+TINY_RUN = {
+    "model": {"preset": "nano", "hidden": 16, "layers": 1, "heads": 2, "ffn": 32, "max_seq_len": 32},
+    "data": {"source": "synthetic", "seq_len": 16, "val_sequences": 8,
+             "synthetic": {"vocab_size": 16, "order": 1, "support": 3}},
+    "train": {"steps": 3, "batch_size": 4, "eval_every": 1, "eval_batch_size": 4, "checkpoint_every": 3,
+              "progress": False},
+}
