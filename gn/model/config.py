@@ -41,8 +41,10 @@ _PAPER_BLOCK = dict(mlp="gelu", qk_norm=True, norm_eps=1e-6, vocab_size=PAPER_VO
 
 # The four fields that change memory and speed but not the function computed (see
 # ModelConfig), and `ModelConfig.memory`'s two settings of them: `plain` keeps every
-# activation (fastest while it fits: docs/device_check.md, 11.6 s against 13.6 s for a
-# 45m GN outer step on an H200), `lean` chunks the logits and attention, recomputes
+# activation (presumed the faster while it fits: remat recomputes every block; the one GPU
+# measurement, docs/device_check.md, is 11.6 s for a 45m GN outer step plain float32 against
+# 13.6 s lean with bf16 matmuls, not one option apart; `gn bench candidates` times each
+# option alone), `lean` chunks the logits and attention, recomputes
 # each block and scans the layers (docs/benchmarks.md has the memory it saves).
 MEMORY_FIELDS = ("logits_chunk", "attn_chunk", "remat", "scan_layers")
 MEMORY_MODES = ("auto", "plain", "lean")

@@ -1,8 +1,10 @@
 """`model.memory`: plain or memory-lean, chosen from XLA's compiled memory and the device's.
 
 The plain and lean settings (`gn.model.config.PLAIN`, `LEAN`) compute the same function;
-plain keeps every activation and is the faster while it fits (docs/device_check.md: a 45m
-GN outer step took 11.6 s plain against 13.6 s lean on an H200), lean chunks the logits and
+plain keeps every activation and is presumed the faster while it fits (remat recomputes every
+block; the one GPU measurement, docs/device_check.md, is a 45m GN outer step of 11.6 s plain
+float32 against 13.6 s lean with bf16 matmuls, two options apart: `gn bench candidates` times
+each option alone, and its first GPU run should confirm or change this rule), lean chunks the logits and
 attention, recomputes each block and scans the layers. `memory: auto` compiles (without
 running) the run's heaviest per-batch function at its micro-batch under the plain setting,
 and takes plain when XLA's memory for it plus the state the run keeps fits the budget, else
