@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from gn.data.config import DataConfig
+from gn.data.sources import trained_vocab
 from gn.errors import ConfigError, os_error, require, suggest
 from gn.methods import registry
 from gn.methods.registry import TARGET_FROM, MethodEntry
@@ -318,8 +319,9 @@ def validate(cfg: Config) -> None:
             or cfg.data.seq_len % cfg.model.attn_chunk == 0,
             f"model.attn_chunk ({cfg.model.attn_chunk}) must divide data.seq_len ({cfg.data.seq_len}): "
             "attention is computed in equal chunks of queries.")
-    if cfg.model.vocab_size is not None and cfg.data.source in ("embedded",) and cfg.data.tokenizer == "bpe":
-        require(cfg.model.vocab_size >= cfg.data.vocab_size,
+    trained = trained_vocab(cfg.data)
+    if cfg.model.vocab_size is not None and trained is not None:
+        require(cfg.model.vocab_size >= trained,
                 f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                 f"data.vocab_size ({cfg.data.vocab_size}); leave model.vocab_size unset to take it from the data.")
 

@@ -6,8 +6,13 @@
     python scripts/pretokenize.py --input hub:allenai/c4:en:validation --tokenizer t5-base --out data/c4-val
 
 `--input` is a local C4-format JSON-lines file (.json/.jsonl, optionally .gz),
-a directory of them or a glob; or `hub:DATASET[:CONFIG[:SPLIT]]` to stream a
-Hugging Face dataset (needs network). Then train with
+a directory of them or a glob; plain-text files, one document per file (a
+directory, searched recursively for .txt/.rst/.md/.text/.tex, or a glob; `--format
+text`, chosen by itself when a directory holds no JSON-lines file); or
+`hub:DATASET[:CONFIG[:SPLIT]]` to stream a Hugging Face dataset (needs network).
+
+    python scripts/pretokenize.py --input /usr/share/doc/python3.11/html/_sources --format text \
+        --tokenizer byte --out data/pydoc-byte Then train with
 `data: {source: shards, path: OUT}` (and `val_path:` a second shard directory).
 """
 
@@ -17,7 +22,8 @@ import argparse
 import sys
 import time
 
-from gn.data.c4 import check_files, iter_documents
+from gn.data import text as text_source
+from gn.data.jsonl import check_files, iter_documents
 from gn.data.hub import LOCAL_HOWTO, offline_reason
 from gn.data.shards import DEFAULT_SHARD_TOKENS, write_shards
 from gn.data.tokenizer import load_tokenizer
@@ -41,12 +47,29 @@ def _hub_documents(spec: str, text_field: str):
         yield record[text_field]
 
 
+def _format(args) -> str:
+    """The input's format: as given, else text for a directory that holds no JSON-lines file."""
+    if args.format != "auto":
+        return args.format
+    from pathlib import Path
+
+    from gn.data.jsonl import SUFFIXES
+
+    p = Path(args.input).expanduser()
+    if p.is_dir() and not any(f.name.endswith(SUFFIXES) for f in p.iterdir()):
+        return "text"
+    return "jsonl"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, tokenise, write the shards; return the exit status."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="file, directory, glob, or hub:DATASET[:CONFIG[:SPLIT]]")
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json path, directory, Hub name, or 'byte'")
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--format", choices=("auto", "jsonl", "text"), default="auto",
+                        help="jsonl: C4-format JSON lines; text: one document per file; auto: jsonl unless the "
+                             "input is a directory without JSON-lines files")
     parser.add_argument("--text-field", default="text")
     parser.add_argument("--eos-token", default=None, help="EOS token (default: detected, else added)")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
@@ -55,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.input.startswith("hub:"):
             docs = _hub_documents(args.input, args.text_field)
+        elif _format(args) == "text":
+            files = text_source.check_files(args.input, "--input")
+            docs = text_source.documents(files, "--input")
         else:
             files = check_files(args.input, args.text_field, "--input")
             docs = iter_documents(files, args.text_field, "--input")

@@ -264,9 +264,9 @@ def test_pretokenize_and_shards_source(corpus, tmp_path):
 def test_stream_source_resume(corpus, monkeypatch):
     import datasets
 
-    from gn.data import c4
+    from gn.data import stream
 
-    monkeypatch.setattr(c4, "_CHUNK_DOCS", 7)
+    monkeypatch.setattr(stream, "_CHUNK_DOCS", 7)
     files = [str(p) for p in sorted(corpus["dir"].glob("c4-train.*"))]
 
     def open_train():
@@ -276,7 +276,7 @@ def test_stream_source_resume(corpus, monkeypatch):
     tokenizer = load_tokenizer(corpus["tokenizer"])
 
     def make():
-        return c4.StreamSource(open_train, open_train, tokenizer, cfg, seed=0, name="test")
+        return stream.StreamSource(open_train, open_train, tokenizer, cfg, seed=0, name="test")
 
     a = make()
     expected = _stream(corpus["tokenizer"], corpus["train"])

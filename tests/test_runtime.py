@@ -79,7 +79,7 @@ def test_compile_clock_counts_nested_spans_once():
 
 
 def test_one_cache_root_honours_gn_cache_dir_then_xdg_cache_home(monkeypatch, tmp_path):
-    from gn.data.base import cache_root as data_root
+    from gn.data.cache import cache_root as data_root
     from gn.runtime import cache_root
 
     monkeypatch.delenv("GN_CACHE_DIR", raising=False)

@@ -1,4 +1,4 @@
-"""Token data for training: packed, shuffled, resumable batches from four sources.
+"""Token data for training: packed, shuffled, resumable batches from one table of sources.
 
     cfg = DataConfig(source="embedded", seq_len=128)
     check_data(cfg)                      # fast pre-flight, raises ConfigError
@@ -7,70 +7,39 @@
     val = src.validation(batch_size)              # fixed, disjoint from training
     state = src.state_dict()                      # JSON; load_state_dict resumes exactly
 
-Inputs are `w[..., :-1]`, targets `w[..., 1:]`. See `gn.data.config` for the
-sources and their options.
+Inputs are `w[..., :-1]`, targets `w[..., 1:]`. The sources are the modules of
+`gn.data.sources.SOURCES` (embedded, synthetic, c4, shards, text), each with
+`validate`, `check` and `build`; `gn.data.cache` is their one cache.
 """
 
 from __future__ import annotations
 
-from gn.data.base import BatchSource, WindowedSource, cache_root
-from gn.data.config import SOURCES, DataConfig, SyntheticConfig
-from gn.errors import ConfigError
+from gn.data.base import BatchSource, WindowedSource
+from gn.data.cache import cache_root
+from gn.data.config import DataConfig, SyntheticConfig
+from gn.data.sources import SOURCES, source_module
 
 __all__ = ["BatchSource", "DataConfig", "SyntheticConfig", "SOURCES", "WindowedSource", "build_source",
-           "cache_root", "check_data"]
+           "cache_root", "check_data", "source_module"]
 
 
 def check_data(cfg: DataConfig) -> None:
     """Fast pre-flight check of a data config: no tokenising, no downloads.
 
-    Validates the config, then per source: the embedded corpus is importable;
-    c4 local files exist and their first record has `text_field`, the tokenizer
-    file exists, and a Hub dataset or Hub tokenizer name is usable (with
-    `HF_HUB_OFFLINE` set or the Hub unreachable within ~3 s it fails, unless
-    the tokenizer is in the local Hugging Face cache); shard directories are
-    complete. Raises ConfigError saying what to change.
+    Validates the config, then runs the source's own `check` (files exist and
+    parse, the tokenizer is usable, the Hub answers within ~3 s or is declared
+    offline, shard directories are complete). Raises ConfigError saying what to
+    change.
     """
     cfg.validate()
-    if cfg.source == "embedded":
-        try:
-            import pydoc_data.topics  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "data.source 'embedded' needs the pydoc_data module of the Python standard library, which this "
-                "Python lacks; use data.source: synthetic, or c4/shards with local files.") from None
-    elif cfg.source == "c4":
-        from gn.data.c4 import check_c4
-
-        check_c4(cfg)
-    elif cfg.source == "shards":
-        from gn.data.shards import read_meta
-
-        read_meta(cfg.path, "data.path")
-        if cfg.val_path is not None:
-            read_meta(cfg.val_path, "data.val_path")
+    source_module(cfg.source).check(cfg)
 
 
 def build_source(cfg: DataConfig, *, seed: int) -> BatchSource:
     """Build the batch source of a config; `seed` fixes the training order (not the validation set).
 
-    Runs `check_data` first. The embedded and c4-local sources tokenise on
-    first use and cache the result under `cache_root(cfg.cache_dir)`.
+    Runs `check_data` first. Sources that tokenise do it once and cache the
+    result (`gn.data.cache`).
     """
     check_data(cfg)
-    if cfg.source == "embedded":
-        from gn.data.embedded import build_embedded
-
-        return build_embedded(cfg, seed=seed)
-    if cfg.source == "synthetic":
-        from gn.data.synthetic import SyntheticSource
-
-        return SyntheticSource(cfg, seed=seed)
-    if cfg.source == "c4":
-        from gn.data.c4 import build_c4
-
-        return build_c4(cfg, seed=seed)
-    from gn.data.shards import shards_source
-
-    return shards_source(cfg.path, seq_len=cfg.seq_len, val_sequences=cfg.val_sequences, seed=seed,
-                         val_directory=cfg.val_path)
+    return source_module(cfg.source).build(cfg, seed=seed)

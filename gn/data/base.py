@@ -10,8 +10,6 @@ epoch; the position is (epoch, index), so resuming is exact.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -54,23 +52,6 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None:
         """Move to a position returned by `state_dict` of a source with the same config and seed."""
         ...
-
-
-def cache_root(cache_dir: str | None) -> Path:
-    """Directory for trained tokenizers and tokenised corpora: `cache_dir` if given, else
-    the toolkit's cache root (`gn.runtime.cache_root`: $GN_CACHE_DIR, $XDG_CACHE_HOME/gn,
-    ~/.cache/gn)."""
-    from gn.runtime import cache_root as default_root
-
-    return Path(cache_dir) if cache_dir else default_root()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that concurrent readers see either nothing or the whole file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def check_counts(num_batches: int, batch_size: int) -> None:

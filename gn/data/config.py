@@ -1,6 +1,6 @@
 """Data configuration: which token stream feeds training, and how it is cut.
 
-`DataConfig.source` picks one of four sources:
+`DataConfig.source` picks one of the sources of `gn.data.sources.SOURCES`:
 
 - ``embedded`` (default): the English text shipped with CPython
   (`pydoc_data.topics`), ~465 KB, tokenised by a byte-level BPE trained locally
@@ -10,18 +10,17 @@
 - ``c4``: C4 text, either local C4-format JSON-lines shards (`path`) or the
   `allenai/c4` "en" stream from the Hugging Face Hub (`path: null`).
 - ``shards``: packed token shards written by `scripts/pretokenize.py`.
+- ``text``: plain-text files, one document per file, validated on held-out documents.
+
+Each source's module (`gn.data.<source>`) validates, checks and builds it, and
+says which of these fields it reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from gn.errors import ConfigError, suggest
-
-SOURCES = ("embedded", "synthetic", "c4", "shards")
-
-# The paper's tokenizer; used for c4 when `tokenizer` is left at "bpe".
-DEFAULT_C4_TOKENIZER = "t5-base"
+from gn.errors import ConfigError
 
 # A synthetic chain is stored as a table over all V**order contexts.
 MAX_SYNTHETIC_CONTEXTS = 1 << 20
@@ -111,18 +110,11 @@ class DataConfig:
     cache_dir: str | None = None
     synthetic: SyntheticConfig = SyntheticConfig()
 
-    def tokenizer_name(self) -> str:
-        """The tokenizer actually used: "t5-base" for c4 when left at "bpe"."""
-        if self.source == "c4" and self.tokenizer == "bpe":
-            return DEFAULT_C4_TOKENIZER
-        return self.tokenizer
-
     def validate(self) -> None:
         """Cheap consistency checks (no file or network access); raise ConfigError."""
-        if self.source not in SOURCES:
-            raise ConfigError(
-                f"data.source {self.source!r} is not known; choose one of {', '.join(SOURCES)}."
-                + suggest(str(self.source), SOURCES))
+        from gn.data.sources import source_module
+
+        module = source_module(self.source)        # ConfigError for an unknown source
         for name in ("seq_len", "vocab_size", "val_sequences"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -131,20 +123,4 @@ class DataConfig:
             raise ConfigError(f"data.tokenizer must be a non-empty string, got {self.tokenizer!r}.")
         if not isinstance(self.text_field, str) or not self.text_field:
             raise ConfigError(f"data.text_field must be a non-empty string, got {self.text_field!r}.")
-        if self.source == "embedded":
-            if self.tokenizer not in ("bpe", "byte"):
-                raise ConfigError(
-                    f"data.tokenizer {self.tokenizer!r} is not available for the embedded source; "
-                    "use 'bpe' (byte-level BPE trained locally, data.vocab_size entries) or 'byte' (257 ids)."
-                    + suggest(self.tokenizer, ("bpe", "byte")))
-            if self.tokenizer == "bpe" and self.vocab_size < 258:
-                raise ConfigError(
-                    f"data.vocab_size {self.vocab_size} is too small for a byte-level BPE: it needs the "
-                    "256 byte symbols, the EOS token and at least one merge (>= 258). Use tokenizer: byte "
-                    "for a pure byte vocabulary.")
-        if self.source == "shards" and not self.path:
-            raise ConfigError(
-                "data.source 'shards' needs data.path: the directory written by "
-                "scripts/pretokenize.py --out DIR.")
-        if self.source == "synthetic":
-            self.synthetic.validate()
+        module.validate(self)

@@ -1,4 +1,10 @@
-"""Pre-tokenised token shards on disk, read with np.memmap.
+"""The `shards` source and the shard format: pre-tokenised token shards on disk, read with np.memmap.
+
+Fields read: `path` (the shard directory, written by `scripts/pretokenize.py`
+or by any source's tokenise-once cache), `val_path` (a second shard directory
+for validation; without it the held-out tail), `seq_len`, `val_sequences`.
+The tokenizer is the one recorded in `meta.json`; `tokenizer` and
+`vocab_size` are not read.
 
 A shard directory holds `shard_00000.bin`, `shard_00001.bin`, ... (raw
 little-endian uint16 ids when the vocab fits in 16 bits, else uint32), the
@@ -18,13 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
-from gn.data.base import TokenWindows, WindowedSource, atomic_write_bytes, holdout_source
+from gn.data.base import TokenWindows, WindowedSource, holdout_source
+from gn.data.cache import atomic_write_bytes
 from gn.errors import ConfigError
 
 FORMAT, VERSION = "gn-shards", 1
@@ -169,24 +175,21 @@ def shards_source(directory: str | os.PathLike, *, seq_len: int, val_sequences: 
                           eos_id=meta["eos_id"], name=name or f"shards/{meta['tokenizer']}", val_windows=val_windows)
 
 
-def build_cached_shards(key_dir: Path, docs_factory: Callable[[], Iterable[str]], tokenizer, **kwargs) -> dict:
-    """Write shards to `key_dir` unless already complete there; safe against concurrent writers.
+def validate(cfg) -> None:
+    """`path` is required (no file access here)."""
+    if not cfg.path:
+        raise ConfigError(
+            "data.source 'shards' needs data.path: the directory written by scripts/pretokenize.py --out DIR.")
 
-    Writes into a private temporary directory and renames it into place, so a
-    reader never sees a half-written cache entry.
-    """
-    if (key_dir / "meta.json").is_file():
-        return read_meta(key_dir)
-    key_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = key_dir.with_name(f".{key_dir.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write_shards(docs_factory(), tokenizer, tmp, **kwargs)
-        try:
-            os.rename(tmp, key_dir)
-        except OSError:
-            if not (key_dir / "meta.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return read_meta(key_dir)
+
+def check(cfg) -> None:
+    """Pre-flight: the shard directories are complete (meta.json present, every shard of its size)."""
+    read_meta(cfg.path, "data.path")
+    if cfg.val_path is not None:
+        read_meta(cfg.val_path, "data.val_path")
+
+
+def build(cfg, *, seed: int) -> WindowedSource:
+    """The shard directory as shuffled windows (validation: `val_path` or the held-out tail)."""
+    return shards_source(cfg.path, seq_len=cfg.seq_len, val_sequences=cfg.val_sequences, seed=seed,
+                         val_directory=cfg.val_path)

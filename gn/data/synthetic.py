@@ -1,4 +1,8 @@
-"""A synthetic language with an exactly known Bayes-optimal loss.
+"""The `synthetic` source: a language with an exactly known Bayes-optimal loss.
+
+Fields read: `synthetic` (the language: `SyntheticConfig`), `seq_len`,
+`val_sequences`; there is no tokenizer, path or cache (`vocab_size` is
+`synthetic.vocab_size`). The stream is unbounded and never repeats.
 
 An order-k Markov chain over V tokens. The state is the context of the last k
 tokens (V**k states, index c = x_{t-k+1} V^{k-1} + ... + x_t). Each context's
@@ -255,3 +259,17 @@ class SyntheticSource:
         check_state(state, "synthetic", self._identity)
         self.index = int(state["index"])
         self.tokens_consumed = int(state["tokens_consumed"])
+
+
+def validate(cfg: DataConfig) -> None:
+    """The language is well defined and small enough to tabulate (`SyntheticConfig.validate`)."""
+    cfg.synthetic.validate()
+
+
+def check(cfg: DataConfig) -> None:
+    """Nothing to look at before compute: the language is built from its config alone."""
+
+
+def build(cfg: DataConfig, *, seed: int) -> SyntheticSource:
+    """The unbounded synthetic stream of this run's seed."""
+    return SyntheticSource(cfg, seed=seed)

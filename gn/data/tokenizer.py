@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from gn.data import hub
-from gn.data.base import atomic_write_bytes
+from gn.data.cache import atomic_write_bytes
 from gn.errors import ConfigError
 
 # Tried in order when no EOS token is configured.

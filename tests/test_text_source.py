@@ -1,0 +1,153 @@
+"""The `text` source (plain-text files, held-out documents) and the table of sources."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gn.data import SOURCES, DataConfig, build_source, check_data, source_module
+from gn.data.tokenizer import ByteTokenizer
+from gn.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "gauss newton curvature batch step token layer muon adam search damping window".split()
+
+
+def _corpus(d: Path, n: int = 40, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n):
+        # a marker every few words: any window of a document names it
+        words = list(rng.choice(WORDS, size=int(rng.integers(20, 120))))
+        text = " ".join(f"D{i:03d} {w}" if k % 3 == 0 else w for k, w in enumerate(words)) + ".\n"
+        sub = d / ("a" if i % 2 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"doc{i:03d}.rst").write_text(text, encoding="utf-8")
+        docs.append(text)
+    (d / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")     # not a text suffix: never read
+    (d / "empty.txt").write_text("  \n")                            # white space only: no document
+    return docs
+
+
+def _cfg(d: Path, cache: Path, **kw) -> DataConfig:
+    base = dict(source="text", path=str(d), tokenizer="byte", seq_len=16, val_sequences=8, cache_dir=str(cache))
+    return DataConfig(**{**base, **kw})
+
+
+def test_every_source_module_has_the_interface():
+    for name in SOURCES:
+        module = source_module(name)
+        for fn in ("validate", "check", "build"):
+            assert callable(getattr(module, fn)), (name, fn)
+    with pytest.raises(ConfigError, match="not known.*text"):
+        DataConfig(source="txt").validate()
+
+
+def test_validation_is_whole_held_out_documents(tmp_path):
+    docs = _corpus(tmp_path / "corpus")
+    src = build_source(_cfg(tmp_path / "corpus", tmp_path / "cache"), seed=0)
+    eos = ByteTokenizer.eos_id
+    train_ids = np.concatenate([np.asarray(a) for a in src.windows.segments])
+    assert train_ids[-1] == eos                       # training ends at a document's end
+    train_docs = [bytes(d[:-1].astype(np.uint8)).decode() for d in np.split(train_ids, np.flatnonzero(train_ids == eos) + 1)
+                  if len(d)]
+    assert set(train_docs) <= set(docs) and len(set(train_docs)) == len(train_docs)
+    held_out = [d for d in docs if d not in set(train_docs)]
+    assert len(held_out) == src.val_documents >= 1
+    assert len(train_docs) + len(held_out) == len(docs)           # the empty file is no document
+    # Every piece of every validation window lies inside a held-out document (none in a training one).
+    for w in src.validation(8).reshape(-1, 17):
+        for piece in np.split(w, np.flatnonzero(w == eos)):
+            text = bytes(piece[piece != eos].astype(np.uint8)).decode()
+            if text:
+                assert any(text in h for h in held_out), text
+    import re
+    markers = lambda texts: set(re.findall(r"D\d{3}", " ".join(texts)))
+    val_text = " ".join(bytes(w[w != eos].astype(np.uint8)).decode() for w in src.validation(8).reshape(-1, 17))
+    assert markers([val_text]) and markers([val_text]) <= markers(held_out)
+    assert not markers([val_text]) & markers(train_docs)
+
+
+def test_order_is_by_path_hash_and_the_cache_is_reused(tmp_path):
+    _corpus(tmp_path / "corpus")
+    cfg = _cfg(tmp_path / "corpus", tmp_path / "cache")
+    a = build_source(cfg, seed=3)
+    entries = sorted((tmp_path / "cache" / "text").iterdir())
+    b = build_source(cfg, seed=3)
+    assert sorted((tmp_path / "cache" / "text").iterdir()) == entries       # tokenised once
+    assert np.array_equal(a.next(2, 4), b.next(2, 4))
+    assert np.array_equal(a.validation(4), b.validation(4))
+    c = build_source(cfg, seed=4)
+    assert np.array_equal(a.validation(4), c.validation(4))                # the seed orders training only
+    # Resume is exact.
+    state = json.loads(json.dumps(a.state_dict()))
+    d = build_source(cfg, seed=3)
+    d.load_state_dict(state)
+    assert np.array_equal(a.next(3, 4), d.next(3, 4))
+
+
+def test_bpe_and_val_path(tmp_path):
+    _corpus(tmp_path / "train", n=30, seed=1)
+    _corpus(tmp_path / "val", n=10, seed=2)
+    cfg = _cfg(tmp_path / "train", tmp_path / "cache", tokenizer="bpe", vocab_size=300, val_path=str(tmp_path / "val"))
+    src = build_source(cfg, seed=0)
+    assert src.vocab_size <= 300
+    assert not hasattr(src, "val_documents")                       # every training document trains
+    assert src.validation(4).max() < src.vocab_size
+    assert (tmp_path / "cache" / "text" / "tokenizers").is_dir()
+
+
+def test_bad_text_inputs_fail_before_compute(tmp_path):
+    with pytest.raises(ConfigError, match="needs data.path"):
+        DataConfig(source="text").validate()
+    with pytest.raises(ConfigError, match="neither a directory"):
+        check_data(_cfg(tmp_path / "missing", tmp_path / "cache"))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "x.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        check_data(_cfg(tmp_path / "bin", tmp_path / "cache"))
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "x.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds no text file"):
+        check_data(_cfg(tmp_path / "none", tmp_path / "cache"))
+    _corpus(tmp_path / "small", n=3)
+    with pytest.raises(ConfigError, match="leaves no document to train on"):
+        build_source(_cfg(tmp_path / "small", tmp_path / "cache", val_sequences=10_000), seed=0)
+    with pytest.raises(ConfigError, match="too small for a byte-level BPE"):
+        DataConfig(source="text", path="x", tokenizer="bpe", vocab_size=100).validate()
+
+
+def test_pretokenize_reads_text_files(tmp_path):
+    docs = _corpus(tmp_path / "corpus", n=12)
+    spec = importlib.util.spec_from_file_location("pretokenize", ROOT / "scripts" / "pretokenize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--input", str(tmp_path / "corpus"), "--tokenizer", "byte", "--out", str(tmp_path / "out")]) == 0
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["num_docs"] == len(docs)
+    assert meta["num_tokens"] == sum(len(d.encode()) + 1 for d in docs)
+    src = build_source(DataConfig(source="shards", path=str(tmp_path / "out"), seq_len=16, val_sequences=4), seed=0)
+    assert src.vocab_size == 257
+
+
+def test_split_takes_the_fewest_tail_documents():
+    from gn.data.text import split_documents
+
+    eos, L = 9, 4
+    lengths = [10, 7, 5, 13, 6]                 # tokens per document, EOS included
+    stream = np.concatenate([np.r_[np.zeros(n - 1, np.int32), eos] for n in lengths])
+    for val_sequences, expect in ((1, 1), (2, 2), (4, 2), (5, 3), (7, 4)):
+        train, val, n_val = split_documents([stream], eos, L, val_sequences)
+        tail = sum(lengths[-n_val:])
+        assert n_val == expect, (val_sequences, n_val)
+        assert sum(map(len, val)) == tail and sum(map(len, train)) == len(stream) - tail
+        assert (tail - 1) // L >= val_sequences > (sum(lengths[-n_val + 1:]) - 1) // L if n_val > 1 else True
+    # Across shards: a document split over two shards stays whole on one side.
+    train, val, n_val = split_documents([stream[:20], stream[20:]], eos, L, 2)
+    assert n_val == 2 and sum(map(len, val)) == 19 and sum(map(len, train)) == len(stream) - 19
+    with pytest.raises(ConfigError, match="leaves no document"):
+        split_documents([stream], eos, L, 8)
