@@ -89,21 +89,11 @@ class GNBenchConfig:
 
 
 def inner_step_fn(method) -> Callable:
-    """One inner step of `method` (a GaussNewtonMethod), as its scan body does it:
+    """One inner step of `method` (a GaussNewtonMethod): the method's own `inner_step`, the function its
+    inner loop's scan body calls, sharding constraint included:
     (θ_t, θ̂, opt, batch, outer_step, i) -> (θ̂', opt', ℓ(z0), q(θ̂))."""
-    from gn.methods.gauss_newton import inner_lr_factor
+    return method.inner_step
 
-    hp = method.hp
-
-    def step(theta, theta_hat, opt, batch, outer_step, i):
-        value, grads, loss0 = method.local_model(theta, batch).with_loss0(theta_hat)
-        updates, opt = method.tx.update(grads, opt, theta_hat)
-        lr = hp.inner_learning_rate * inner_lr_factor(hp.inner_schedule, outer_step, i, hp.inner_steps,
-                                                      method.total_steps, hp.inner_min_lr_ratio)
-        theta_hat = jax.tree.map(lambda p, u: p + (lr * u).astype(p.dtype), theta_hat, updates)
-        return theta_hat, opt, loss0, value
-
-    return step
 
 def _build(name: str, hparams: dict, ctx):
     from gn.methods import registry

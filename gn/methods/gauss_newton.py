@@ -204,21 +204,29 @@ class GaussNewtonMethod(MethodBase):
                                          partition=self.partition, damping=self.hp.damping,
                                          block_mode=self.hp.block_mode)
 
+    def inner_step(self, theta, theta_hat, opt, batch, outer_step, i):
+        """ONE inner step, exactly as the inner loop's scan body runs it (and as `gn bench` times it):
+        (θ_t, θ̂, opt, batch, outer_step, i) -> (θ̂', opt', ℓ(z0), q(θ̂)), the new (θ̂', opt')
+        under the run's sharding constraint. `i` is the inner step's index (the inner schedule's clock)."""
+        hp = self.hp
+        # ℓ(z0) from the same pass as Q (a chunked model would otherwise pay another head pass).
+        value, grads, loss0 = self.local_model(theta, batch).with_loss0(theta_hat)
+        updates, opt = self.tx.update(grads, opt, theta_hat)
+        lr = hp.inner_learning_rate * inner_lr_factor(hp.inner_schedule, outer_step, i, hp.inner_steps,
+                                                      self.total_steps, hp.inner_min_lr_ratio)
+        theta_hat = jax.tree.map(lambda p, u: p + (lr * u).astype(p.dtype), theta_hat, updates)
+        theta_hat, opt = self._constrain((theta_hat, opt))
+        return theta_hat, opt, loss0, value
+
     def _inner_loop(self, theta, state: GNState, batches):
         hp = self.hp
         start = state.inner_params if hp.warm_start else theta
         opt = state.inner_opt if hp.warm_start else self.tx.init(theta)
 
         def body(carry, xs):
-            theta_hat, opt = carry
             i, batch = xs
-            # ℓ(z0) from the same pass as Q (a chunked model would otherwise pay another head pass).
-            value, grads, loss0 = self.local_model(theta, batch).with_loss0(theta_hat)
-            updates, opt = self.tx.update(grads, opt, theta_hat)
-            lr = hp.inner_learning_rate * inner_lr_factor(hp.inner_schedule, state.outer_step, i, hp.inner_steps,
-                                                          self.total_steps, hp.inner_min_lr_ratio)
-            theta_hat = jax.tree.map(lambda p, u: p + (lr * u).astype(p.dtype), theta_hat, updates)
-            return self._constrain((theta_hat, opt)), (loss0, value)
+            theta_hat, opt, loss0, value = self.inner_step(theta, *carry, batch, state.outer_step, i)
+            return (theta_hat, opt), (loss0, value)
 
         (theta_hat, opt), (loss0, qvals) = jax.lax.scan(body, (start, opt), (jnp.arange(hp.inner_steps), batches))
         metrics = {"train_loss": loss0.mean(), "inner_q_first": qvals[0] - loss0[0],
