@@ -151,3 +151,19 @@ def test_split_takes_the_fewest_tail_documents():
     assert n_val == 2 and sum(map(len, val)) == 19 and sum(map(len, train)) == len(stream) - 19
     with pytest.raises(ConfigError, match="leaves no document"):
         split_documents([stream], eos, L, 8)
+
+
+def test_val_documents_holds_out_more_and_spreads_the_windows(tmp_path):
+    import re
+
+    _corpus(tmp_path / "corpus")
+    few = build_source(_cfg(tmp_path / "corpus", tmp_path / "cache"), seed=0)
+    many = build_source(_cfg(tmp_path / "corpus", tmp_path / "cache", val_documents=10), seed=0)
+    assert many.val_documents == 10 > few.val_documents
+    assert many.num_train < few.num_train
+    def docs_seen(src):
+        texts = [bytes(w[w != ByteTokenizer.eos_id].astype(np.uint8)).decode() for w in src.validation(8).reshape(-1, 17)]
+        return set(re.findall(r"D\d{3}", " ".join(texts)))
+    assert len(docs_seen(many)) >= 4 > len(docs_seen(few))             # windows spread over many documents
+    with pytest.raises(ConfigError, match="val_documents must be a positive integer"):
+        DataConfig(source="text", path="x", val_documents=0).validate()

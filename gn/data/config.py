@@ -94,6 +94,9 @@ class DataConfig:
     - `eos_token`: the tokenizer's end-of-document token; None picks "</s>",
       "<|endoftext|>", "<eos>" or "<|end_of_text|>" if the vocab has one, else
       adds "<|endoftext|>" as a new id.
+    - `val_documents`: for `text`, at least this many documents are held out for
+      validation (None: the fewest that hold `val_sequences` windows); the
+      `val_sequences` windows are spread evenly over them.
     - `cache_dir`: trained tokenizers and tokenised corpora (default
       `$GN_CACHE_DIR` or `~/.cache/gn`).
     """
@@ -108,6 +111,7 @@ class DataConfig:
     eos_token: str | None = None
     val_sequences: int = 64
     cache_dir: str | None = None
+    val_documents: int | None = None
     synthetic: SyntheticConfig = SyntheticConfig()
 
     def validate(self) -> None:
@@ -123,4 +127,7 @@ class DataConfig:
             raise ConfigError(f"data.tokenizer must be a non-empty string, got {self.tokenizer!r}.")
         if not isinstance(self.text_field, str) or not self.text_field:
             raise ConfigError(f"data.text_field must be a non-empty string, got {self.text_field!r}.")
+        if self.val_documents is not None and (not isinstance(self.val_documents, int)
+                                               or isinstance(self.val_documents, bool) or self.val_documents < 1):
+            raise ConfigError(f"data.val_documents must be a positive integer or null, got {self.val_documents!r}.")
         module.validate(self)

@@ -5,7 +5,7 @@ Fields read: `path` (a directory, searched recursively for files ending in
 validation files, given the same way), `tokenizer` ("bpe": a byte-level BPE with
 `vocab_size` ids trained locally on the documents of `path`; "byte"; or a Hugging
 Face tokenizer name / tokenizer.json path), `eos_token`, `seq_len`,
-`val_sequences`, `cache_dir`.
+`val_sequences`, `val_documents`, `cache_dir`.
 
     data: {source: text, path: /usr/share/doc/python3.11/html/_sources, tokenizer: bpe, vocab_size: 4096}
 
@@ -15,8 +15,10 @@ files' paths, sizes and mtimes and the tokenizer) in a fixed pseudo-random order
 tail is a sample of the corpus rather than its alphabetically last directory.
 Without `val_path` the validation set is held out by whole documents: the fewest
 documents at the tail of that order whose windows number at least
-`val_sequences`; training reads only the documents before them, so no token of
-a validation document is ever trained on. (The BPE's merges are learnt from every
+`val_sequences`, or `val_documents` if that is more; the `val_sequences`
+windows are spread evenly over them (a few long documents would otherwise make
+the whole validation set); training reads only the documents before them, so no
+token of a validation document is ever trained on. (The BPE's merges are learnt from every
 document of `path`, as a tokenizer's usually are from its corpus; no model
 parameter sees the validation text.)
 """
@@ -159,19 +161,19 @@ def _stream(cfg: DataConfig, path: str, tokenizer, what: str) -> tuple[list[np.n
     return open_shards(key_dir, what)
 
 
-def split_documents(arrays: list[np.ndarray], eos_id: int, seq_len: int,
-                    val_sequences: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+def split_documents(arrays: list[np.ndarray], eos_id: int, seq_len: int, val_sequences: int,
+                    min_documents: int = 1) -> tuple[list[np.ndarray], list[np.ndarray], int]:
     """(train segments, validation segments, validation documents): whole documents off the stream's tail.
 
     Documents end at their EOS. Walking back from the end, documents join the
     validation part until its windows (stride `seq_len`, never across a shard)
-    number at least `val_sequences`; the training part is everything before
-    them, so the two share no token.
+    number at least `val_sequences` and it holds at least `min_documents`; the
+    training part is everything before them, so the two share no token.
     """
     flat_ends = []                                   # (shard, index after EOS) of every document, in order
     for s, a in enumerate(arrays):
         flat_ends += [(s, int(i) + 1) for i in np.flatnonzero(np.asarray(a) == eos_id)]
-    for n_val in range(1, len(flat_ends)):
+    for n_val in range(max(1, min_documents), len(flat_ends)):
         s, cut = flat_ends[-n_val - 1]               # the end of the last training document
         val = [arrays[s][cut:]] + list(arrays[s + 1:])
         if len(TokenWindows(val, seq_len)) >= val_sequences:
@@ -180,8 +182,9 @@ def split_documents(arrays: list[np.ndarray], eos_id: int, seq_len: int,
     total = len(TokenWindows(arrays, seq_len))
     raise ConfigError(
         f"data: the text corpus has {len(flat_ends)} documents and {total} windows of {seq_len + 1} tokens; "
-        f"holding out whole documents for data.val_sequences={val_sequences} windows leaves no document to "
-        "train on. Lower data.val_sequences or data.seq_len, or give data.val_path.")
+        f"holding out whole documents for data.val_sequences={val_sequences} windows (and at least "
+        f"{min_documents} documents) leaves no document to train on. Lower data.val_sequences, "
+        "data.val_documents or data.seq_len, or give data.val_path.")
 
 
 def build(cfg: DataConfig, *, seed: int) -> WindowedSource:
@@ -195,9 +198,13 @@ def build(cfg: DataConfig, *, seed: int) -> WindowedSource:
         return holdout_source(TokenWindows(arrays, cfg.seq_len), cfg.val_sequences, seed=seed,
                               vocab_size=meta["vocab_size"], eos_id=meta["eos_id"], name=name,
                               val_windows=TokenWindows(val_arrays, cfg.seq_len))
-    train, val, n_val = split_documents(arrays, meta["eos_id"], cfg.seq_len, cfg.val_sequences)
-    source = holdout_source(TokenWindows(train, cfg.seq_len), cfg.val_sequences, seed=seed,
-                            vocab_size=meta["vocab_size"], eos_id=meta["eos_id"], name=name,
-                            val_windows=TokenWindows(val, cfg.seq_len))
+    train, val, n_val = split_documents(arrays, meta["eos_id"], cfg.seq_len, cfg.val_sequences,
+                                        cfg.val_documents or 1)
+    val_windows = TokenWindows(val, cfg.seq_len)
+    # Evenly spread over the held-out documents (distinct indices: there are at least val_sequences).
+    index = np.linspace(0, len(val_windows) - 1, cfg.val_sequences).round().astype(np.int64)
+    source = WindowedSource(TokenWindows(train, cfg.seq_len), len(TokenWindows(train, cfg.seq_len)),
+                            val_windows.gather(index), seed=seed, vocab_size=meta["vocab_size"],
+                            eos_id=meta["eos_id"], name=name)
     source.val_documents = n_val
     return source
