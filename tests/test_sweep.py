@@ -5,6 +5,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -187,11 +188,17 @@ def test_slurm_array_matches_manifest(tmp_path, monkeypatch):
     fake.parent.mkdir()
     fake.write_text('#!/bin/sh\necho "gn $*"\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    env = {**os.environ, "GN_TRAIN": str(fake)}
     for i in (0, 3):
         out = subprocess.run(["bash", "out/sweep.sbatch"], env={**env, "SLURM_ARRAY_TASK_ID": str(i)},
                              capture_output=True, text=True, check=True).stdout.splitlines()
         assert out[-1] == rows[i]["command"]
+    # Absolute log and manifest paths (sbatch may be called from anywhere), the emitting Python.
+    assert f"#SBATCH --output={tmp_path / 'out' / 'slurm'}/%A_%a.out" in script
+    assert sys.executable in script
+    past = subprocess.run(["bash", "out/sweep.sbatch"], env={**env, "SLURM_ARRAY_TASK_ID": "4"},
+                          capture_output=True, text=True)
+    assert past.returncode == 1 and "past the manifest's 4 runs" in past.stderr
     (tmp_path / rows[1]["workdir"] / "summary.json").write_text("{}")            # a finished run exits at once
     out = subprocess.run(["bash", "out/sweep.sbatch"], env={**env, "SLURM_ARRAY_TASK_ID": "1"},
                          capture_output=True, text=True, check=True).stdout
