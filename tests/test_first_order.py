@@ -9,7 +9,7 @@ import pytest
 from gn.model import init_params, make_apply, model_config
 from gn.methods import registry
 from gn.methods.base import MethodContext
-from gn.optim.transforms import muon_dimension_numbers
+from gn.optim import matrix_mask_fn
 from gn.optim.masks import decay_mask, matrix_mask
 from gn.optim.schedules import make_schedule
 from gn.curvature.objective import lm_loss
@@ -69,10 +69,10 @@ def test_gradient_accumulation_equals_full_batch():
 
 def test_muon_routes_hidden_matrices_only_and_orthogonalises_them():
     params = init_params(CFG, jax.random.PRNGKey(2))
-    dims = muon_dimension_numbers(params)
-    assert dims["embed"]["embedding"] is None and dims["lm_head"]["kernel"] is None
-    assert dims["final_norm"]["scale"] is None
-    assert dims["block_0"]["attn"]["wq"]["kernel"] is not None
+    side = matrix_mask_fn()(params)     # the router's matrix side
+    assert not side["embed"]["embedding"] and not side["lm_head"]["kernel"]
+    assert not side["final_norm"]["scale"]
+    assert side["block_0"]["attn"]["wq"]["kernel"]
     assert matrix_mask(params)["block_0"]["mlp"]["w_up"]["kernel"]
     m = _method("muon", learning_rate=1.0, adam_learning_rate=1.0, grad_clip=0.0, schedule="constant",
                 nesterov=False, beta=0.0)

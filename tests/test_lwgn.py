@@ -10,7 +10,6 @@ from optax import contrib
 from gn import curvature, optim
 from gn.model import init_params, make_apply
 from tests.tiny_models import micro
-from gn.optim.transforms import muon_dimension_numbers
 from gn.optim._lwgn import _restricted_partition, fog_gn, layerwise_gn_direction
 from gn.optim.masks import is_hidden_matrix, map_with_path
 from gn.curvature.objective import split_batch
@@ -64,12 +63,14 @@ def test_fog_gn_is_muon_applied_to_the_layerwise_direction():
     params, batch = _setup(1)
     x, y = split_batch(batch)
     grads = jax.grad(lambda p: curvature.mean_loss(APPLY(p, x), y))(params)
-    tx = fog_gn(0.1, APPLY, damping=1e-2, max_iters=30)
+    tx = fog_gn(0.1, APPLY, damping=1e-2, max_iters=30, adam_nesterov=True)   # contrib.muon's AdamW side
     upd, _ = tx.update(grads, tx.init(params), params, inputs=x, targets=y)
     part = _restricted_partition(is_hidden_matrix, "per_tensor")
     nat = layerwise_gn_direction(APPLY, params, x, y, grads, partition=part, damping=1e-2, max_iters=30)
     mixed = jax.tree.map(lambda k, d, g: d if k else g, map_with_path(is_hidden_matrix, grads), nat, grads)
-    muon = contrib.muon(0.1, muon_weight_dimension_numbers=muon_dimension_numbers, adam_b2=0.95)
+    dims = lambda p: map_with_path(lambda path, x: contrib.MuonDimensionNumbers() if is_hidden_matrix(path, x)
+                                   else None, p)
+    muon = contrib.muon(0.1, muon_weight_dimension_numbers=dims, adam_b2=0.95)
     want, _ = muon.update(mixed, muon.init(params), params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), upd, want)
 

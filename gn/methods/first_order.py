@@ -1,6 +1,6 @@
 """Typed hyperparameters of the first-order methods, and how each builds its optax chain.
 
-Every method is the chain (`gn.optim.transforms.clip_and_decay`)
+Every method is the chain (`gn.optim.clip_and_decay`)
 
     clip_by_global_norm(grad_clip) -> <optimizer with learning-rate schedule>
     -> decoupled weight decay (lr_t · wd · θ on a path-based mask)
@@ -21,9 +21,7 @@ from optax import contrib
 from gn.curvature.objective import lm_loss
 from gn.methods.base import MethodConfig, MethodContext, check_choice, check_range, opt
 from gn.methods.optax_method import OptaxMethod
-from gn.optim.masks import validate_decay_rule
-from gn.optim.schedules import SCHEDULES, make_schedule
-from gn.optim.transforms import clip_and_decay
+from gn.optim import SCHEDULES, clip_and_decay, make_schedule, validate_decay_rule
 
 HORIZON_KEYS = ("schedule", "warmup_steps", "min_lr_ratio", "decay_fraction")
 

@@ -46,8 +46,7 @@ from gn.methods import gn_cg
 from gn.methods.linesearch import line_search
 from gn.methods.optimizers import OPTIMIZERS
 from gn.methods.paper_inner import inner_transform
-from gn.optim.masks import decay_mask
-from gn.optim.transforms import tree_norm
+from gn.optim import decay_mask, tree_norm
 from gn.structs import coerce
 
 # constant_inner_cosine is the paper's constant_with_inner_cosine. global_inner_cosine (global cosine x inner

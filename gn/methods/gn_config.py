@@ -17,7 +17,7 @@ from gn.methods.gauss_newton import (INNER_LOOP_KEYS, INNER_SCHEDULES, INNER_SOL
                                      GaussNewtonMethod, inner_optimizer_config)
 from gn.methods.optimizers import OPTIMIZERS
 from gn.methods import gn_cg, paper_inner
-from gn.optim.masks import validate_decay_rule
+from gn.optim import validate_decay_rule
 
 
 CG_KEYS = ("cg_iters", "cg_tol")

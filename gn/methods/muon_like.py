@@ -23,7 +23,7 @@ _ADAM_LR = "AdamW-side peak learning rate (null = the method's own)"
 class MuonConfig(OptimizerConfig):
     name: ClassVar[str] = "muon"
     description: ClassVar[str] = ("Muon: Newton-Schulz orthogonalised momentum on hidden matrices, AdamW on "
-                                  "embeddings/head/norms (Jordan et al. 2024; optax.contrib.muon)")
+                                  "embeddings/head/norms (Jordan et al. 2024; optax.contrib.muon's numbers)")
     learning_rate: float = opt(0.02, "peak learning rate (Muon side)")
     beta: float = opt(0.95, "momentum decay")
     nesterov: bool = opt(True, "Nesterov momentum")
@@ -39,8 +39,9 @@ class MuonConfig(OptimizerConfig):
                     "adam_learning_rate", "positive or null", self.adam_learning_rate)
 
     def core(self, schedule, apply_fn):
+        # adam_nesterov: contrib.muon's AdamW side is Nesterov whenever Muon is (the router's default is not).
         return muon(schedule, adam_learning_rate=self.adam_side_lr(schedule, self.adam_learning_rate),
-                    **_opts(self, "beta", "nesterov", "ns_steps", "adam_b1", "adam_b2"))
+                    adam_nesterov=self.nesterov, **_opts(self, "beta", "nesterov", "ns_steps", "adam_b1", "adam_b2"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +170,7 @@ class FogGNConfig(MuonConfig):
 
     def core(self, schedule, apply_fn):
         return fog_gn(schedule, apply_fn, adam_learning_rate=self.adam_side_lr(schedule, self.adam_learning_rate),
+                      adam_nesterov=self.nesterov,      # as MuonConfig.core
                       **_opts(self, "beta", "nesterov", "ns_steps", "damping", "max_iters", "tol", "adam_b1",
                               "adam_b2", "block_mode"))
 

@@ -18,9 +18,9 @@ scaled by the schedule; and each of the two groups is clipped by its own global 
 
 The options of the GN methods (gn.methods.gn_config.GNConfig):
 
-- `inner_routing: gn` (default): embedding, head and norms all on contrib.muon's AdamW
-  side (`gn.optim.transforms.muon_dimension_numbers`), i.e. NAdam on embedding and head
-  when Muon uses Nesterov. `paper`: the composition above (needs `inner_optimizer: muon`);
+- `inner_routing: gn` (default): embedding, head and norms all on the inner Muon's AdamW
+  side (`gn.optim.muon`, routed by `gn.optim.with_adamw_side`; contrib.muon's numbers),
+  i.e. NAdam on embedding and head when Muon uses Nesterov (MuonConfig passes adam_nesterov). `paper`: the composition above (needs `inner_optimizer: muon`);
   Muon's options still come from `inner_options`, the embedding/head AdamW's from
   `inner_embed_head_options` (default: Muon's AdamW-side rate, adam_b1, adam_b2, eps 1e-8,
   no Nesterov: the paper shares inner_b1/inner_b2 and the schedule between the groups).
@@ -45,7 +45,7 @@ import optax
 from gn import curvature
 from gn.errors import ConfigError, suggest
 from gn.methods.base import check_choice, check_range
-from gn.optim.transforms import clip_and_decay, clip_by_group_norm, embed_head_labels, embed_head_split
+from gn.optim import clip_and_decay, clip_by_group_norm, embed_head_labels, embed_head_split
 from gn.structs import coerce
 
 INNER_ROUTINGS = ("gn", "paper")

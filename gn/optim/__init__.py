@@ -3,14 +3,20 @@
 Every public optimizer of the toolkit is an optax `GradientTransformation`
 (`init`, `update`), composable with `optax.chain`:
 
-- Muon family: `muon` (optax.contrib.muon, path-routed), `normuon`, `rmsuon`, `adarmsuon`.
+- One Muon core, `scale_by_muon` (momentum → Newton–Schulz → width scaling; its pieces
+  `muon_momentum`, `orthogonalize`, `muon_scale` / `scale_width`), and one AdamW-side router,
+  `with_adamw_side` (hidden 2-D kernels, plus lm_head with include_head, on the matrix side;
+  embedding, head, norms, biases on AdamW; defaults `ADAMW_SIDE`), used by every alias below.
+- Muon family: `muon` (the numbers of optax.contrib.muon), `normuon`, `rmsuon`, `adarmsuon`.
 - `soap` / `scale_by_soap` (Vyas et al. 2024).
 - K-FAC: `scale_by_kfac`, `kfac`; FOG / DiagFog / PI-Muon (docs/methods.md §1-3): `fog`, `diagfog`, `pi_muon`,
-  `scale_by_fog`, `scale_by_diagfog`, `scale_by_diag_fisher`, `scale_by_pi_muon`, `scale_by_muon`.
+  `scale_by_fog`, `scale_by_diagfog`, `scale_by_diag_fisher`, `scale_by_pi_muon`.
 - Layerwise Gauss-Newton as a g_fisher backend (docs/methods.md §4): `layerwise_gn_direction`,
   `scale_by_layerwise_gn`, `lwgn`, `fog_gn`, and PI-Muon over it, `pi_muon_gn`.
-- Building blocks: `decoupled_weight_decay`, `clip_and_decay`, path masks (`decay_mask`,
-  `matrix_mask`), schedules (`make_schedule`).
+- Building blocks: `decoupled_weight_decay`, `clip_and_decay`, `clip_by_group_norm`,
+  `embed_head_split` / `embed_head_labels` (the paper's inner-optimizer split), path masks
+  (`decay_mask`, `matrix_mask`, `matrix_mask_fn`, `validate_decay_rule`), schedules
+  (`make_schedule`, `SCHEDULES`), `tree_norm`, `safe_increment`.
 
 They import `gn.curvature` at most: no registry, no trainer, no model. The
 trainer-facing methods built from them live in `gn.methods`.
@@ -22,17 +28,22 @@ from typing import Any, Callable
 
 import optax
 
-from gn.optim._fog import (DIAG_MODES, FISHER_SOURCES, diagfog, fog, kfac, matrix_mask_fn, pi_muon,
-                          predictive_integrity, scale_by_diag_fisher, scale_by_diagfog, scale_by_fog, scale_by_muon,
-                          scale_by_pi_muon, with_adamw_side, with_fisher_direction)
+from gn.optim._fog import (DIAG_MODES, FISHER_SOURCES, diagfog, fog, kfac, pi_muon, predictive_integrity,
+                          scale_by_diag_fisher, scale_by_diagfog, scale_by_fog, scale_by_pi_muon,
+                          with_fisher_direction)
 from gn.optim._kfac import DAMPING_MODES, FISHER_TYPES, batch_factors, scale_by_kfac, stat_layers
 from gn.optim._kfac import Path as ParamPath
 from gn.optim._lwgn import fog_gn, kernels_only, layerwise_gn_direction, lwgn, scale_by_layerwise_gn
-from gn.optim.masks import decay_mask, matrix_mask
-from gn.optim.muon_family import adarmsuon, normuon, rmsuon
-from gn.optim.schedules import make_schedule
+from gn.optim._muon import (ADAM_B1, ADAM_B2, ADAM_EPS, ADAM_NESTEROV, ADAM_WEIGHT_DECAY, ADAMW_SIDE,
+                            matrix_mask_fn, muon, muon_momentum, scale_by_muon, with_adamw_side)
+from gn.optim.masks import DECAY_RULES, decay_mask, matrix_mask, validate_decay_rule
+from gn.optim.muon_family import adarmsuon, normuon, rmsuon, scale_by_normuon, scale_by_rmsuon
+from gn.optim.newton_schulz import (DEFAULT_NS_COEFFS, NS_BACKENDS, muon_scale, orthogonalize, safe_increment,
+                                    scale_width)
+from gn.optim.schedules import SCHEDULES, make_schedule
 from gn.optim._soap import scale_by_soap, soap
-from gn.optim.transforms import clip_and_decay, decoupled_weight_decay, muon, tree_norm
+from gn.optim.transforms import (clip_and_decay, clip_by_group_norm, decoupled_weight_decay, embed_head_labels,
+                                 embed_head_split, tree_norm)
 
 
 def pi_muon_gn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, damping: float = 1e-3,
@@ -48,11 +59,14 @@ def pi_muon_gn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, dam
 
 
 __all__ = [
-    "DAMPING_MODES", "DIAG_MODES", "FISHER_SOURCES", "FISHER_TYPES", "ParamPath", "batch_factors", "kernels_only",
-    "predictive_integrity", "stat_layers",
-    "adarmsuon", "clip_and_decay", "decay_mask", "decoupled_weight_decay", "diagfog", "fog", "fog_gn", "kfac",
-    "layerwise_gn_direction", "lwgn", "make_schedule", "matrix_mask", "matrix_mask_fn", "muon", "normuon",
-    "pi_muon", "pi_muon_gn", "rmsuon", "scale_by_diag_fisher", "scale_by_diagfog", "scale_by_fog",
-    "scale_by_kfac", "scale_by_layerwise_gn", "scale_by_muon", "scale_by_pi_muon", "scale_by_soap", "soap",
-    "tree_norm", "with_adamw_side", "with_fisher_direction",
+    "ADAMW_SIDE", "ADAM_B1", "ADAM_B2", "ADAM_EPS", "ADAM_NESTEROV", "ADAM_WEIGHT_DECAY", "DAMPING_MODES",
+    "DECAY_RULES", "DEFAULT_NS_COEFFS", "DIAG_MODES", "FISHER_SOURCES", "FISHER_TYPES", "NS_BACKENDS", "ParamPath",
+    "SCHEDULES", "batch_factors", "kernels_only", "predictive_integrity", "stat_layers",
+    "adarmsuon", "clip_and_decay", "clip_by_group_norm", "decay_mask", "decoupled_weight_decay", "diagfog",
+    "embed_head_labels", "embed_head_split", "fog", "fog_gn", "kfac", "layerwise_gn_direction", "lwgn",
+    "make_schedule", "matrix_mask", "matrix_mask_fn", "muon", "muon_momentum", "muon_scale", "normuon",
+    "orthogonalize", "pi_muon", "pi_muon_gn", "rmsuon", "safe_increment", "scale_by_diag_fisher",
+    "scale_by_diagfog", "scale_by_fog", "scale_by_kfac", "scale_by_layerwise_gn", "scale_by_muon",
+    "scale_by_normuon", "scale_by_pi_muon", "scale_by_rmsuon", "scale_by_soap", "scale_width", "soap", "tree_norm",
+    "validate_decay_rule", "with_adamw_side", "with_fisher_direction",
 ]

@@ -6,7 +6,8 @@ mixing of a Fisher step and a Muon step by operator composition,
     update = Structural_Op(Statistical_Op(g)),
 
 with Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/) as the
-structural operator on each hidden (in, out) kernel:
+structural operator on each hidden (in, out) kernel, gn.optim's one Muon core
+(`_muon.scale_by_muon`, its defaults: no bias correction, the "gn" Newton–Schulz):
 
     m ← β m + (1 − β) x;   y = β m + (1 − β) x (Nesterov) or y = m
     u = √max(1, out/in) · NS5(y)                    (`newton_schulz.orthogonalize`)
@@ -22,8 +23,9 @@ structural operator on each hidden (in, out) kernel:
             (`fisher=`, default K-FAC) or from the `g_fisher=` extra argument.
 - K-FAC:    plain natural-gradient descent, lr · (momentum of) g_nat.
 
-Embeddings, the output head and norm scales go to an AdamW side (as the seeds
-and the GN paper), so the head's V×V factor is never built unless
+Embeddings, the output head and norm scales go to the AdamW side of gn.optim's one
+router (`_muon.with_adamw_side`, its defaults; `**adam` passes its options), as the
+seeds and the GN paper, so the head's V×V factor is never built unless
 `include_head=True`. The trainer-facing method that gathers the gradient, the
 layer statistics and the entropy in one forward/backward pass is
 `gn.methods.stats.StatsMethod`.
@@ -31,58 +33,19 @@ layer statistics and the entropy in one forward/backward pass is
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from gn.optim._kfac import LayerFactors, ema_decay, resolve_factors, scale_by_kfac
-from gn.optim.newton_schulz import (DEFAULT_NS_COEFFS, default_matrix_mask, muon_scale, orthogonalize,
-                                    safe_increment)
+from gn.optim._muon import ScaleByMuonState, matrix_mask_fn, scale_by_muon, with_adamw_side
+from gn.optim.newton_schulz import safe_increment
 from gn.optim.transforms import tree_norm
-from gn.paths import param_name, top_level
 
 DIAG_MODES = ("kron", "ema_sq")
 FISHER_SOURCES = ("kfac", "lwgn")
-
-
-# --------------------------------------------------------------------------- Muon (structural op)
-
-
-class ScaleByMuonState(NamedTuple):
-    """State of `scale_by_muon`."""
-
-    count: jax.Array
-    mu: optax.Updates
-
-
-def scale_by_muon(beta: float = 0.95, *, nesterov: bool = True, ns_steps: int = 5,
-                  ns_coeffs: Sequence[float] = DEFAULT_NS_COEFFS) -> optax.GradientTransformationExtraArgs:
-    """Muon's structural operator (Jordan et al. 2024) on (in, out) kernels:
-
-        m ← β m + (1 − β) x,  y = β m + (1 − β) x if nesterov else m,
-        u = √max(1, out/in) · NS5(y).
-    """
-    def init_fn(params):
-        def zeros(path, p):
-            if getattr(p, "ndim", 0) != 2:
-                raise ValueError(
-                    f"scale_by_muon orthogonalises 2-D (in, out) kernels, but '{param_name(path)}' has shape "
-                    f"{getattr(p, 'shape', None)}; route non-matrix leaves elsewhere, e.g. with "
-                    "`with_adamw_side` (an AdamW side for embeddings, head, norms and biases).")
-            return jnp.zeros_like(p)
-
-        return ScaleByMuonState(jnp.zeros([], jnp.int32), jax.tree_util.tree_map_with_path(zeros, params))
-
-    def update_fn(updates, state, params=None, **extra):
-        del params, extra
-        mu = jax.tree.map(lambda m, x: beta * m + (1 - beta) * x, state.mu, updates)
-        y = jax.tree.map(lambda m, x: beta * m + (1 - beta) * x, mu, updates) if nesterov else mu
-        u = jax.tree.map(lambda v: muon_scale(v.shape) * orthogonalize(v, coeffs=ns_coeffs, steps=ns_steps), y)
-        return u, ScaleByMuonState(safe_increment(state.count), mu)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # --------------------------------------------------------------------------- DiagFog statistics
@@ -158,7 +121,8 @@ def scale_by_fog(stat_decay: float = 0.95, damping: float = 1e-3, *, damping_mod
                  T_cov: int = 1, T_inv: int = 10, kl_clip: float = 0.0, learning_rate=None,
                  beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5
                  ) -> optax.GradientTransformationExtraArgs:
-    """FOG direction (docs/methods.md §1): u = Muon(K-FAC⁻¹ g); extra arg `factors=`."""
+    """FOG direction (docs/methods.md §1): u = Muon(K-FAC⁻¹ g), chain(scale_by_kfac, scale_by_muon);
+    extra arg `factors=`."""
     return optax.chain(scale_by_kfac(stat_decay, damping, damping_mode=damping_mode, T_cov=T_cov,
                                      T_inv=T_inv, kl_clip=kl_clip, learning_rate=learning_rate),
                        scale_by_muon(beta, nesterov=nesterov, ns_steps=ns_steps))
@@ -167,7 +131,8 @@ def scale_by_fog(stat_decay: float = 0.95, damping: float = 1e-3, *, damping_mod
 def scale_by_diagfog(stat_decay: float = 0.95, eps: float = 1e-8, *, diag: str = "kron", T_cov: int = 1,
                      beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5
                      ) -> optax.GradientTransformationExtraArgs:
-    """DiagFog direction (docs/methods.md §2): u = Muon(g ⊘ (f_diag + ε))."""
+    """DiagFog direction (docs/methods.md §2): u = Muon(g ⊘ (f_diag + ε)),
+    chain(scale_by_diag_fisher, scale_by_muon)."""
     return optax.chain(scale_by_diag_fisher(stat_decay, eps, diag=diag, T_cov=T_cov),
                        scale_by_muon(beta, nesterov=nesterov, ns_steps=ns_steps))
 
@@ -190,6 +155,7 @@ def scale_by_pi_muon(fisher: Optional[optax.GradientTransformation] = None, *, a
                      gamma: float = 0.1, beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5
                      ) -> optax.GradientTransformationExtraArgs:
     """PI-Muon (superseded by FOG; docs/methods.md §3): u = (1 − λ) g_fisher + λ Muon(g),
+    Muon = `scale_by_muon(beta, nesterov=..., ns_steps=...)`,
 
         λ = 1 − PI,  PI = exp(−(α·H + γ·‖g‖)).
 
@@ -227,39 +193,14 @@ def scale_by_pi_muon(fisher: Optional[optax.GradientTransformation] = None, *, a
 # --------------------------------------------------------------------------- full optimizers
 
 
-def matrix_mask_fn(include_head: bool = False) -> Callable[[Any], Any]:
-    """Leaves on the statistical/Muon side: hidden 2-D kernels, plus lm_head if asked."""
-    def mask(params):
-        base = default_matrix_mask(params)
-        if not include_head:
-            return base
-        return jax.tree_util.tree_map_with_path(
-            lambda p, m, x: bool(m) or (top_level(p) == "lm_head" and x.ndim == 2), base, params)
-
-    return mask
-
-
-def with_adamw_side(matrix_tx: optax.GradientTransformation, learning_rate: optax.ScalarOrSchedule, *,
-                    include_head: bool = False, adam_learning_rate=None, adam_b1: float = 0.9,
-                    adam_b2: float = 0.95, adam_eps: float = 1e-8, mask_extra_args: bool = False
-                    ) -> optax.GradientTransformationExtraArgs:
-    """partition: matrix leaves → matrix_tx then −lr; others → Adam then −adam_lr (lr by default).
-
-    `mask_extra_args`: extra args shaped like the params (g_fisher) are masked like the updates."""
-    mask = matrix_mask_fn(include_head)
-    adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
-    return optax.partition(
-        {"matrix": optax.chain(matrix_tx, optax.scale_by_learning_rate(learning_rate)),
-         "adam": optax.chain(optax.scale_by_adam(adam_b1, adam_b2, adam_eps),
-                             optax.scale_by_learning_rate(adam_lr))},
-        lambda params: jax.tree.map(lambda m: "matrix" if m else "adam", mask(params)),
-        mask_compatible_extra_args=mask_extra_args)
-
-
 def kfac(learning_rate, stat_decay=0.95, damping=1e-3, *, damping_mode="eigen", T_cov=1, T_inv=10,
          kl_clip=1e-3, momentum=0.9, nesterov=False, include_head=False, **adam):
-    """K-FAC natural-gradient descent (Martens & Grosse 2015): θ ← θ − lr · trace(ν g_nat)
-    on the kernels (heavy-ball momentum, `momentum=0` disables); AdamW side elsewhere."""
+    """K-FAC natural-gradient descent (Martens & Grosse 2015) on the kernels:
+
+        m ← momentum·m + ν g_nat (heavy ball; `momentum=0` disables),  θ ← θ − lr · m,
+
+    g_nat = K-FAC⁻¹ g (`scale_by_kfac`, KL clip ν); the rest on the AdamW side
+    (`with_adamw_side`, options in `**adam`)."""
     parts = [scale_by_kfac(stat_decay, damping, damping_mode=damping_mode, T_cov=T_cov, T_inv=T_inv,
                            kl_clip=kl_clip, learning_rate=learning_rate)]
     if momentum:
@@ -269,7 +210,9 @@ def kfac(learning_rate, stat_decay=0.95, damping=1e-3, *, damping_mode="eigen", 
 
 def fog(learning_rate, stat_decay=0.95, damping=1e-3, *, damping_mode="eigen", T_cov=1, T_inv=10,
         kl_clip=0.0, beta=0.95, nesterov=True, ns_steps=5, include_head=False, **adam):
-    """FOG (docs/methods.md §1): θ ← θ − lr · Muon(K-FAC⁻¹ g) on the kernels, AdamW side elsewhere."""
+    """FOG (docs/methods.md §1): θ ← θ − lr · u on the kernels, u = Muon(K-FAC⁻¹ g) with
+    Muon = `scale_by_muon(beta, nesterov=..., ns_steps=...)`; the rest on the AdamW side
+    (`with_adamw_side`, options in `**adam`)."""
     tx = scale_by_fog(stat_decay, damping, damping_mode=damping_mode, T_cov=T_cov, T_inv=T_inv,
                       kl_clip=kl_clip, learning_rate=learning_rate, beta=beta, nesterov=nesterov,
                       ns_steps=ns_steps)
@@ -278,7 +221,9 @@ def fog(learning_rate, stat_decay=0.95, damping=1e-3, *, damping_mode="eigen", T
 
 def diagfog(learning_rate, stat_decay=0.95, eps=1e-8, *, diag="kron", T_cov=1, beta=0.95, nesterov=True,
             ns_steps=5, include_head=False, **adam):
-    """DiagFog (docs/methods.md §2): θ ← θ − lr · Muon(g ⊘ (f_diag + ε)) on the kernels, AdamW side elsewhere."""
+    """DiagFog (docs/methods.md §2): θ ← θ − lr · u on the kernels, u = Muon(g ⊘ (f_diag + ε))
+    with Muon = `scale_by_muon(beta, nesterov=..., ns_steps=...)`; the rest on the AdamW
+    side (`with_adamw_side`, options in `**adam`)."""
     tx = scale_by_diagfog(stat_decay, eps, diag=diag, T_cov=T_cov, beta=beta, nesterov=nesterov,
                           ns_steps=ns_steps)
     return with_adamw_side(tx, learning_rate, include_head=include_head, **adam)
@@ -314,7 +259,9 @@ def with_fisher_direction(fisher: optax.GradientTransformation, inner: optax.Gra
 def pi_muon(learning_rate, alpha=0.1, gamma=0.1, *, fisher=None, stat_decay=0.95, damping=1e-3,
             damping_mode="eigen", T_cov=1, T_inv=10, kl_clip=1e-3, beta=0.95, nesterov=True, ns_steps=5,
             include_head=False, **adam):
-    """PI-Muon: θ ← θ − lr · (PI · g_fisher + (1 − PI) · Muon(g)) on the kernels, AdamW side elsewhere.
+    """PI-Muon: θ ← θ − lr · (PI · g_fisher + (1 − PI) · Muon(g)) on the kernels, with
+    Muon = `scale_by_muon(beta, nesterov=..., ns_steps=...)` and PI = exp(−(α·H + γ·‖g‖));
+    the rest on the AdamW side (`with_adamw_side`, options in `**adam`).
 
     g_fisher = fisher.update(g, params, **extra) on the full tree: by default K-FAC
     with these options (masked to the kernels; extra arg `factors=`); any other
@@ -328,3 +275,9 @@ def pi_muon(learning_rate, alpha=0.1, gamma=0.1, *, fisher=None, stat_decay=0.95
     tx = scale_by_pi_muon(alpha=alpha, gamma=gamma, beta=beta, nesterov=nesterov, ns_steps=ns_steps)
     return with_fisher_direction(fisher, with_adamw_side(tx, learning_rate, include_head=include_head,
                                                          mask_extra_args=True, **adam))
+
+
+__all__ = ["DIAG_MODES", "FISHER_SOURCES", "ScaleByDiagFisherState", "ScaleByMuonState", "ScaleByPIMuonState",
+           "diagfog", "fog", "kfac", "matrix_mask_fn", "pi_muon", "predictive_integrity", "scale_by_diag_fisher",
+           "scale_by_diagfog", "scale_by_fog", "scale_by_muon", "scale_by_pi_muon", "with_adamw_side",
+           "with_fisher_direction"]

@@ -23,10 +23,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax import contrib
 
 from gn import curvature
-from gn.optim.transforms import muon_dimension_numbers
+from gn.optim._muon import muon
 from gn.paths import is_hidden_matrix, map_with_path, param_name, top_level
 
 
@@ -128,17 +127,16 @@ def lwgn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, momentum:
 
 def fog_gn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, beta: float = 0.95,
            nesterov: bool = True, ns_steps: int = 5, damping: float = 1e-3, max_iters: int = 50,
-           tol: float = 1e-6, adam_learning_rate: optax.ScalarOrSchedule | None = None,
-           adam_b1: float = 0.9, adam_b2: float = 0.95,
-           block_mode: str = "batched") -> optax.GradientTransformationExtraArgs:
-    """FOG-GN = Muon ∘ LwGN⁻¹ (seeds 000/004): Nesterov momentum, Newton-Schulz
-    orthogonalisation and √max(1, out/in) scaling applied to the per-tensor layerwise
-    GN direction of each hidden matrix; embeddings, head and norms take AdamW on
-    their raw gradients."""
+           tol: float = 1e-6, block_mode: str = "batched", **adamw_side: Any) -> optax.GradientTransformationExtraArgs:
+    """FOG-GN = Muon ∘ LwGN⁻¹ (seeds 000/004): θ ← θ − lr · u on the hidden matrices,
+
+        u = `muon`'s core (bias-corrected Nesterov momentum β, `ns_steps` Newton–Schulz steps,
+            √max(1, out/in); optax.contrib.muon's numbers) of d = (G_bb + λI)⁻¹ g_b,
+
+    the per-tensor layerwise GN direction of each hidden matrix; embeddings, head and norms
+    take the AdamW side of `with_adamw_side` on their raw gradients (options in `**adamw_side`)."""
     return optax.chain(
         scale_by_layerwise_gn(apply_fn, partition="per_tensor", damping=damping, max_iters=max_iters, tol=tol,
                               only=is_hidden_matrix, block_mode=block_mode),
-        contrib.muon(learning_rate, beta=beta, nesterov=nesterov, ns_steps=ns_steps, adam_b1=adam_b1,
-                     adam_b2=adam_b2, adam_learning_rate=adam_learning_rate,
-                     muon_weight_dimension_numbers=muon_dimension_numbers),
+        muon(learning_rate, beta=beta, nesterov=nesterov, ns_steps=ns_steps, **adamw_side),
     )

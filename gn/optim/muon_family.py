@@ -1,14 +1,19 @@
 """Muon variants: NorMuon, RMSuon and AdaRMSuon.
 
-Each optimizer is a `scale_by_*` primitive for the matrix leaves plus an alias
-that routes the non-matrix leaves (embedding, head, norm scales, biases) to an
-AdamW side, like `optax.contrib.muon` with `muon_weight_dimension_numbers`:
+Each is a `scale_by_*` primitive for the matrix leaves, built from the pieces of
+gn.optim's Muon core (`_muon.muon_momentum`, `newton_schulz.orthogonalize`,
+`newton_schulz.muon_scale`: their maths differs from Muon's after, or before, the
+Newton–Schulz step), plus an alias that routes with gn.optim's one AdamW-side router,
+`_muon.with_adamw_side` (its defaults, the same for every alias; `**adamw_side` passes
+its options: adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_nesterov,
+adam_weight_decay):
 
     partition({'matrix': chain(scale_by_X(...),
                                add_decayed_weights(weight_decay, weight_decay_mask),
                                scale_by_learning_rate(learning_rate)),
-               'adam':   adamw(adam_learning_rate or learning_rate, adam_b1, adam_b2,
-                               adam_eps, weight_decay=adam_weight_decay)},
+               'adam':   chain(scale_by_adam(adam_b1, adam_b2, adam_eps, nesterov=adam_nesterov),
+                               add_decayed_weights(adam_weight_decay),
+                               scale_by_learning_rate(adam_learning_rate or learning_rate))},
               labels from matrix_mask)
 
 `matrix_mask` (pytree of bools or callable on params, chosen by path) defaults
@@ -16,9 +21,9 @@ to `default_matrix_mask`: 2-D leaves outside 'embed' / 'lm_head'.
 `weight_decay_mask` (pytree of bools over the full params, or a callable;
 entries of AdamW-side leaves are ignored) restricts the matrix-side decay and
 defaults to every matrix leaf; `adam_weight_decay` (default 0) decays every
-AdamW-side leaf — the same conventions as optax.contrib.muon. A callable
-`weight_decay_mask` is called, as in optax, on the partition-masked tree (AdamW
-leaves replaced by `optax.MaskedNode`), so path- or shape-based callables work.
+AdamW-side leaf. A callable `weight_decay_mask` is called, as in optax, on the
+partition-masked tree (AdamW leaves replaced by `optax.MaskedNode`), so path- or
+shape-based callables work.
 
 Kernels are (in, out) (`x @ W`): a column is one output neuron, Muon's width
 factor is √max(1, out/in) (`newton_schulz.muon_scale`). Leading dims beyond the
@@ -27,16 +32,14 @@ last two are treated as a batch of matrices.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from gn.optim.newton_schulz import (DEFAULT_NS_COEFFS, default_matrix_mask, muon_scale, orthogonalize,
-                                    safe_increment)
-
-MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
+from gn.optim._muon import MaskOrFn, muon_momentum, with_adamw_side
+from gn.optim.newton_schulz import DEFAULT_NS_COEFFS, muon_scale, orthogonalize, safe_increment
 
 
 def _check_matrix(x: jax.Array, name: str) -> None:
@@ -54,31 +57,6 @@ def _safe_div(a: jax.Array, b: jax.Array) -> jax.Array:
     """a / b, and 0 where b == 0 (all-zero gradients give a zero update)."""
     ok = b > 0
     return jnp.where(ok, a / jnp.where(ok, b, 1), 0)
-
-
-def _with_adamw_side(matrix_tx: optax.GradientTransformation, *, learning_rate, weight_decay,
-                     weight_decay_mask: MaskOrFn, matrix_mask: MaskOrFn, adam_learning_rate,
-                     adam_b1, adam_b2, adam_eps, adam_weight_decay) -> optax.GradientTransformation:
-    """Matrix leaves through `matrix_tx` (+ decoupled decay, lr); the rest through AdamW."""
-    mask = default_matrix_mask if matrix_mask is None else matrix_mask
-
-    def labels(tree):
-        resolved = mask(tree) if callable(mask) else mask
-        return jax.tree.map(lambda is_matrix: "matrix" if is_matrix else "adam", resolved)
-
-    adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
-    return optax.partition(
-        {
-            "matrix": optax.chain(
-                matrix_tx,
-                optax.add_decayed_weights(weight_decay, weight_decay_mask),
-                optax.scale_by_learning_rate(learning_rate),
-            ),
-            "adam": optax.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps,
-                                weight_decay=adam_weight_decay),
-        },
-        labels,
-    )
 
 
 # --------------------------------------------------------------------------- NorMuon
@@ -137,8 +115,7 @@ def scale_by_normuon(
 
     def leaf(g, m, v):
         _check_matrix(g, "scale_by_normuon")
-        m = beta * m + (1 - beta) * g
-        x = beta * m + (1 - beta) * g if nesterov else m
+        x, m = muon_momentum(g, m, beta, nesterov)      # Muon's momentum, as `scale_by_muon`
         o = orthogonalize(x, coeffs=coeffs, steps=ns_steps)
         v = b2 * v + (1 - b2) * jnp.mean(jnp.square(o), axis=-2, keepdims=True)
         o_hat = o / (jnp.sqrt(v) + eps)
@@ -170,23 +147,18 @@ def normuon(
     rms_target: Optional[float] = None,
     matrix_mask: MaskOrFn = None,
     weight_decay_mask: MaskOrFn = None,
-    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.999,
-    adam_eps: float = 1e-8,
-    adam_weight_decay: float = 0.0,
+    **adamw_side: Any,
 ) -> optax.GradientTransformation:
     """NorMuon (arXiv 2510.05491) on matrix leaves, AdamW on the rest.
 
     Matrix leaves: θ ← θ − lr·(u + weight_decay·θ) with u from `scale_by_normuon`;
-    other leaves: AdamW. See the module docstring for masks and the AdamW side.
+    other leaves: the AdamW side of `with_adamw_side` (options in `**adamw_side`).
+    See the module docstring for masks and the AdamW side.
     """
     tx = scale_by_normuon(beta, b2, eps, nesterov=nesterov, ns_coeffs=ns_coeffs, ns_steps=ns_steps,
                           rms_target=rms_target)
-    return _with_adamw_side(tx, learning_rate=learning_rate, weight_decay=weight_decay,
-                            weight_decay_mask=weight_decay_mask, matrix_mask=matrix_mask,
-                            adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
-                            adam_eps=adam_eps, adam_weight_decay=adam_weight_decay)
+    return with_adamw_side(tx, learning_rate, matrix_mask=matrix_mask, weight_decay=weight_decay,
+                           weight_decay_mask=weight_decay_mask, **adamw_side)
 
 
 # --------------------------------------------------------------------------- RMSuon
@@ -260,14 +232,11 @@ def scale_by_rmsuon(
 
 
 def _rmsuon_alias(whiten, learning_rate, b1, b2, eps, weight_decay, *, v_penalty, ns_coeffs, ns_steps,
-                  matrix_mask, weight_decay_mask, adam_learning_rate, adam_b1, adam_b2, adam_eps,
-                  adam_weight_decay):
+                  matrix_mask, weight_decay_mask, adamw_side):
     tx = scale_by_rmsuon(b1, b2, eps, whiten=whiten, v_penalty=v_penalty, ns_coeffs=ns_coeffs,
                          ns_steps=ns_steps)
-    return _with_adamw_side(tx, learning_rate=learning_rate, weight_decay=weight_decay,
-                            weight_decay_mask=weight_decay_mask, matrix_mask=matrix_mask,
-                            adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
-                            adam_eps=adam_eps, adam_weight_decay=adam_weight_decay)
+    return with_adamw_side(tx, learning_rate, matrix_mask=matrix_mask, weight_decay=weight_decay,
+                           weight_decay_mask=weight_decay_mask, **adamw_side)
 
 
 def rmsuon(
@@ -282,22 +251,16 @@ def rmsuon(
     ns_steps: int = 5,
     matrix_mask: MaskOrFn = None,
     weight_decay_mask: MaskOrFn = None,
-    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.999,
-    adam_eps: float = 1e-8,
-    adam_weight_decay: float = 0.0,
+    **adamw_side: Any,
 ) -> optax.GradientTransformation:
     """RMSuon: θ ← θ − lr·((E/‖O‖_F)·O + v_penalty·√v̂ + weight_decay·θ), O = NS5(m̂).
 
     E = ‖m̂/(√v̂+ε)‖_F (docs/methods.md §5). v_penalty > 0 gives V-RMSuon. Matrix leaves
-    only; the rest on AdamW (module docstring).
+    only; the rest on the AdamW side of `with_adamw_side` (options in `**adamw_side`).
     """
     return _rmsuon_alias(False, learning_rate, b1, b2, eps, weight_decay, v_penalty=v_penalty,
                          ns_coeffs=ns_coeffs, ns_steps=ns_steps, matrix_mask=matrix_mask,
-                         weight_decay_mask=weight_decay_mask, adam_learning_rate=adam_learning_rate,
-                         adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
-                         adam_weight_decay=adam_weight_decay)
+                         weight_decay_mask=weight_decay_mask, adamw_side=adamw_side)
 
 
 def adarmsuon(
@@ -312,19 +275,13 @@ def adarmsuon(
     ns_steps: int = 5,
     matrix_mask: MaskOrFn = None,
     weight_decay_mask: MaskOrFn = None,
-    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.999,
-    adam_eps: float = 1e-8,
-    adam_weight_decay: float = 0.0,
+    **adamw_side: Any,
 ) -> optax.GradientTransformation:
     """AdaRMSuon: RMSuon with O = NS5(m̂/(√v̂+ε)) (orthogonalise the pre-whitened momentum).
 
     θ ← θ − lr·((E/‖O‖_F)·O + v_penalty·√v̂ + weight_decay·θ), E = ‖m̂/(√v̂+ε)‖_F.
-    Matrix leaves only; the rest on AdamW (module docstring).
+    Matrix leaves only; the rest on the AdamW side of `with_adamw_side` (`**adamw_side`).
     """
     return _rmsuon_alias(True, learning_rate, b1, b2, eps, weight_decay, v_penalty=v_penalty,
                          ns_coeffs=ns_coeffs, ns_steps=ns_steps, matrix_mask=matrix_mask,
-                         weight_decay_mask=weight_decay_mask, adam_learning_rate=adam_learning_rate,
-                         adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
-                         adam_weight_decay=adam_weight_decay)
+                         weight_decay_mask=weight_decay_mask, adamw_side=adamw_side)

@@ -4,8 +4,6 @@
 - `clip_and_decay`: clip_by_global_norm -> core -> decoupled weight decay, the
   chain every registered method is built from, so clipping and decay mean the
   same thing for all of them.
-- `muon`: `optax.contrib.muon` with the toolkit's routing: hidden 2-D kernels
-  are orthogonalised, embeddings, head and norms go to its AdamW side.
 - `embed_head_split`, `clip_by_group_norm`: the pieces of the inner optimizer of
   Abreu et al. (2025) (its own transformation on the embedding and head, each group
   clipped by its own global norm; gn/methods/paper_inner.py assembles them).
@@ -13,15 +11,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
-from optax import contrib
 
 from gn.optim.masks import decay_mask
-from gn.paths import is_embedding_or_head, is_hidden_matrix, map_with_path
+from gn.paths import is_embedding_or_head, map_with_path
 
 
 def tree_norm(tree: Any) -> jnp.ndarray:
@@ -65,33 +62,6 @@ def clip_and_decay(core: optax.GradientTransformation, schedule: optax.Schedule,
         parts.append(decoupled_weight_decay(schedule, weight_decay,
                                             lambda p: decay_mask(p, weight_decay_mask)))
     return optax.chain(*parts)
-
-
-def muon_dimension_numbers(params: Any) -> Any:
-    """Muon routing by path: hidden 2-D kernels (in, out) are orthogonalised;
-    embedding, head, norms and any other leaf go to Muon's AdamW side.
-
-    This is gn's routing, not the paper's: contrib.muon's AdamW side uses Nesterov whenever
-    Muon does, so embedding and head get NAdam here. The paper's code (Abreu et al. 2025,
-    natalieabreu/full-gauss-newton, EasyLM/models/llama/llama_train_gn.py 316-374) gives
-    embedding and head their own `optax.adamw` (no Nesterov) and only the rest to
-    contrib.muon; see `embed_head_split` and the GN option `inner_routing: paper`."""
-    dims = contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
-    return map_with_path(lambda p, x: dims if is_hidden_matrix(p, x) else None, params)
-
-
-def muon(learning_rate: optax.ScalarOrSchedule, *, beta: float = 0.95, nesterov: bool = True,
-         ns_steps: int = 5, adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-         adam_b1: float = 0.9, adam_b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
-    """Muon (Jordan et al. 2024) via `optax.contrib.muon`, routed by `muon_dimension_numbers`.
-
-    Hidden matrices: Nesterov momentum then Newton–Schulz orthogonalisation; other
-    leaves: Adam at `adam_learning_rate` (default: Muon's learning rate).
-    """
-    adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
-    return contrib.muon(learning_rate, beta=beta, nesterov=nesterov, ns_steps=ns_steps, eps=eps,
-                        adam_b1=adam_b1, adam_b2=adam_b2, adam_learning_rate=adam_lr,
-                        muon_weight_dimension_numbers=muon_dimension_numbers)
 
 
 def embed_head_labels(params: Any) -> Any:
