@@ -341,3 +341,32 @@ def test_metrics_jsonl_holds_the_cg_residual_iterations_damping_and_rho(tmp_path
 def test_bad_cg_options_raise_config_errors_naming_the_key(bad, key):
     with pytest.raises(ConfigError, match=rf"'methods\.gn\.{key}'"):
         registry.resolve_entry({"name": "gn", **bad})
+
+
+def test_a_damped_step_taken_beyond_alpha_2_is_not_rejected_for_its_proximal_term():
+    """The rejection rule reads the decrease of the model of the loss, not of the damped model:
+    along the damped model's own minimiser d*, q_λ(α d*) ≥ q_λ(0) for α ≥ 2, so with the proximal
+    term in the prediction every step the line search takes at α ≥ 2 was rejected however much
+    the loss fell (GN-CG at λ0 = 0.1, ls_grid_up 4, on the synthetic language)."""
+    apply = lambda p, tok: p["table"][tok]                                       # noqa: E731
+    theta = {"table": jnp.zeros((16, 16))}
+    ctx = MethodContext(apply_fn=apply, total_steps=3, batch_size=4, reference_batch_size=4)
+    inner = registry.resolve_entry({"name": "gn", "inner_steps": 2, "inner_learning_rate": 0.05,
+                                    "inner_optimizer": "adamw"}).build(ctx)
+    hat, _, _ = inner._inner(theta, inner.init(theta), _batches(1, 2))
+    short = jax.tree.map(lambda t, h: t + 0.25 * (h - t), theta, hat)
+    aux = _batches(2, 2)
+    plain = registry.resolve_entry({"name": "gn", "inner_steps": 2, "ls_grid_up": 6}).build(ctx)
+    damped = registry.resolve_entry({"name": "gn", "inner_steps": 2, "ls_grid_up": 6, "damping": 10.0}).build(ctx)
+    _, rej0, m0 = plain._search(theta, short, aux)
+    _, rej1, m1 = damped._search(theta, short, aux)
+    assert float(m1["alpha"]) >= 2 and not bool(rej1) and float(m1["actual_decrease"]) > 0
+    # The prediction is the undamped model's: the same with or without damping.
+    assert float(m1["pred_decrease"]) == pytest.approx(float(m0["pred_decrease"]), rel=1e-6)
+    assert float(m1["pred_decrease"]) > 0
+    # ... and the damped model's own decrease at that α is not positive (what the old rule read).
+    x, y = split_batch(aux[0])
+    q = curvature.quadratic_model(apply, theta, x, y, damping=10.0)
+    moved = jax.tree.map(lambda t, d: t + float(m1["alpha"]) * d, theta, short)
+    value, _, loss0 = q.with_loss0(moved)
+    assert float(loss0 - value) <= 0

@@ -261,9 +261,19 @@ class GaussNewtonMethod(MethodBase):
         ls = line_search(lambda p, b: lm_loss(self._apply, p, b), theta, delta, aux,
                          grid=hp.ls_grid, extend=hp.ls_extend, vectorize=hp.ls_vectorize, up=hp.ls_grid_up)
         moved = jax.tree.map(lambda p, d: p + ls.alpha.astype(p.dtype) * d, theta, delta)
-        # Predicted decrease of the local model on the line-search data, at the chosen step.
-        pred = jax.lax.map(lambda b: (lambda r: r[2] - r[0])(self.local_model(theta, b).with_loss0(moved)),
-                           aux).mean()
+        # Predicted decrease of the local model of the LOSS (the proximal term (λ/2)‖θ − θ_t‖² of
+        # `damping` left out, as in the LM ratio, gn_cg.lm_update) on the line-search data, at the
+        # chosen step. With the term in, a step at α ≥ 2 along the damped model's own minimiser
+        # would be predicted not to decrease (q_λ(2d*) = q_λ(0)) and be rejected however much the
+        # loss fell: every GN-CG step at λ0 = 0.1 with ls_grid_up was.
+        def predicted(b):
+            inputs, targets = split_batch(b)
+            q = curvature.quadratic_model(self._apply, theta, inputs, targets, kind=self.kind,
+                                          partition=self.partition, damping=0.0, block_mode=hp.block_mode)
+            value, _, loss0 = q.with_loss0(moved)
+            return loss0 - value
+
+        pred = jax.lax.map(predicted, aux).mean()
         # A step the local model does not predict to decrease the loss is not trusted (a diverged inner
         # loop can still find a lucky α on the line-search batches): θ stays at θ_t.
         if hp.reject_nonpositive_prediction:
