@@ -145,9 +145,9 @@ MUTANTS = {
         "sq[g] = sum(jnp.sum(jnp.square(y)) for y in leaves)",
         ["tests/test_paper_protocol.py"]),
     "target_from_ignored_by_the_stop": (
-        "gn/train/trainer.py",
-        "early = _early_stop(tcfg, record, best, _targets(run))",
-        "early = _early_stop(tcfg, record, best)",
+        "gn/train/hooks.py",
+        "return early_stop(sess.run.cfg.train, info.record, sess.history.best, run_targets(sess.run))",
+        "return early_stop(sess.run.cfg.train, info.record, sess.history.best)",
         ["tests/test_paper_protocol.py"]),
 }
 

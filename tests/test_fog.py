@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from gn.model import init_params, make_apply, model_config
-from gn.model.llama import apply_with_layer_stats, init_perturbations, rms_norm
+from gn.curvature.layer_stats import apply_with_layer_stats, layer_perturbations
+from gn.model.llama import rms_norm
 from gn.methods import registry
 from gn.methods.base import MethodContext
 from gn.optim.transforms import tree_norm
@@ -45,7 +46,7 @@ def test_kfac_factors_equal_per_token_definitions():
     inputs, targets = split_batch(batch)
     layers = K.stat_layers(params, F.matrix_mask_fn(include_head=True))
     assert ("lm_head", "kernel") in layers and ("block_0", "attn", "wq", "kernel") in layers
-    perts = init_perturbations(CFG, params, inputs)
+    perts = layer_perturbations(APPLY, params, inputs)
 
     @jax.jit
     def run(params, batch):
@@ -53,11 +54,11 @@ def test_kfac_factors_equal_per_token_definitions():
                                                          fisher=fisher, rng=rng)
                  for kind in ("kron", "diag") for fisher in ("empirical", "true")}
         ref = jax.value_and_grad(lambda p: lm_loss(APPLY, p, batch))(params)
-        logits, acts = apply_with_layer_stats(CFG, params, inputs, perts)
+        logits, acts = apply_with_layer_stats(APPLY, params, perts, inputs)
         sampled = jax.random.categorical(rng, logits.astype(jnp.float32), axis=-1)
 
         def deltas(labels):   # δ_t of the summed loss: Σ_s of the per-token Jacobians ∂ℓ_s/∂y_t
-            per_token = lambda e: _ce_tokens(apply_with_layer_stats(CFG, params, inputs, e)[0], labels)
+            per_token = lambda e: _ce_tokens(apply_with_layer_stats(APPLY, params, e, inputs)[0], labels)
             return jax.tree.map(lambda j: j.sum(0), jax.jacrev(per_token)(perts))
 
         return stats, ref, logits, acts, {"empirical": deltas(targets), "true": deltas(sampled)}

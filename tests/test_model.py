@@ -10,14 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gn.curvature import layer_stats as LS
 from gn.errors import ConfigError
 from gn.model import (
     ModelConfig,
     apply_rope,
-    apply_with_layer_stats,
     count_params,
     init_params,
-    init_perturbations,
     make_apply,
     model_config,
     rms_norm,
@@ -344,7 +343,8 @@ def test_qk_norm_makes_attention_logits_scale_invariant():
 
 
 def test_layer_stats_and_kfac_layers_on_paper_block():
-    """Every dense layer of the gelu/QK-norm block has its hooks, and K-FAC discovers all of them."""
+    """The statistics pass (gn.curvature.layer_stats) finds every dense layer of the gelu/QK-norm block,
+    and K-FAC discovers all of them."""
     from gn.optim import _fog as F
     from gn.optim import _kfac as K
 
@@ -352,7 +352,8 @@ def test_layer_stats_and_kfac_layers_on_paper_block():
     params = init_params(cfg, jax.random.key(5))
     tokens = _tokens(2, 6, cfg.vocab_size)
     n = tokens.size
-    pert = init_perturbations(cfg, params, tokens)
+    apply = make_apply(cfg)
+    pert = LS.layer_perturbations(apply, params, tokens)
     dense = sorted(tuple(path_keys[:-1]) for path_keys in
                    (tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
                    if path_keys[-1] == "kernel")
@@ -365,11 +366,11 @@ def test_layer_stats_and_kfac_layers_on_paper_block():
     assert not any("q_norm" in lay or "k_norm" in lay for lay in layers)
 
     def loss(p, e):
-        logits, _ = apply_with_layer_stats(cfg, p, tokens, e)
+        logits, _ = LS.apply_with_layer_stats(apply, p, e, tokens)
         logp = jax.nn.log_softmax(logits)
         return -jnp.mean(jnp.take_along_axis(logp, tokens[..., None], axis=-1))
 
-    _, inputs = apply_with_layer_stats(cfg, params, tokens, pert)
+    _, inputs = LS.apply_with_layer_stats(apply, params, pert, tokens)
     g_params, g_pert = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, pert)
     for path in dense:
         def at(tree, leaf, path=path):
@@ -403,23 +404,24 @@ def test_init_statistics():
     np.testing.assert_array_equal(np.asarray(q["lm_head"]["kernel"]), np.asarray(p["lm_head"]["kernel"]))
 
 
-# ---------------------------------------------------------------- layer statistics hooks
+# ---------------------------------------------------------------- layer statistics (gn.curvature.layer_stats)
 
 def test_apply_with_layer_stats(nano_params):
     params = nano_params
     tokens = _tokens(2, 12, NANO.vocab_size)
     n = tokens.size
-    pert = init_perturbations(NANO, params, tokens)
+    apply = make_apply(NANO)
+    pert = LS.layer_perturbations(apply, params, tokens)
     assert pert["lm_head"]["outputs"].shape == (n, NANO.vocab_size)
     assert pert["block_1"]["mlp"]["w_gate"]["outputs"].shape == (n, NANO.ffn)
     assert all(float(jnp.abs(a).max()) == 0.0 for a in jax.tree.leaves(pert))
 
     def loss(p, e):
-        logits, _ = apply_with_layer_stats(NANO, p, tokens, e)
+        logits, _ = LS.apply_with_layer_stats(apply, p, e, tokens)
         logp = jax.nn.log_softmax(logits)
         return -jnp.mean(jnp.take_along_axis(logp, tokens[..., None], axis=-1))
 
-    logits, inputs = jax.jit(lambda p, e: apply_with_layer_stats(NANO, p, tokens, e))(params, pert)
+    logits, inputs = jax.jit(lambda p, e: LS.apply_with_layer_stats(apply, p, e, tokens))(params, pert)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(jax.jit(make_apply(NANO))(params, tokens)),
                                rtol=1e-5, atol=1e-5)
     g_params, g_pert = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, pert)

@@ -18,7 +18,11 @@ import numpy as np
 import pytest
 
 from gn import curvature
-from gn.model import apply_with_layer_stats, init_params, init_perturbations, make_apply, model_config
+from gn.curvature import layer_stats as LS
+from gn.methods.stats import loss_grads_and_stats
+from gn.model import init_params, make_apply, model_config
+from gn.optim import _fog as F
+from gn.optim import _kfac as K
 from gn.split import SplitApply
 
 FLAGS = {"scan": dict(scan_layers=True), "remat": dict(remat=True),
@@ -163,17 +167,20 @@ def test_split_body_goes_through_the_scan():
 
 
 def test_layer_stats_stay_unrolled_and_agree():
-    """apply_with_layer_stats (K-FAC hooks) runs the unrolled blocks whatever the
-    flags say, with the same logits and statistics."""
-    cfg, p, x, _ = _setup()
+    """The K-FAC statistics (`loss_grads_and_stats`) run the unrolled blocks whatever the
+    flags say, with the same loss, gradient, factors and entropy; the generic pass refuses
+    the scanned / rematerialised model (its blocks run in a nested flax apply)."""
+    cfg, p, x, y = _setup()
     flagged = dataclasses.replace(cfg, scan_layers=True, remat=True)
-    pert = init_perturbations(flagged, p, x)
-    assert jax.tree.structure(pert) == jax.tree.structure(init_perturbations(cfg, p, x))
-    logits, stats = apply_with_layer_stats(flagged, p, x, pert)
-    logits_ref, stats_ref = apply_with_layer_stats(cfg, p, x, pert)
-    np.testing.assert_array_equal(np.asarray(logits), np.asarray(logits_ref))
-    _close(stats, stats_ref, 0.0, "inputs")
-    assert "scan" not in _primitives(lambda p: apply_with_layer_stats(flagged, p, x, pert), p)
+    batch = jnp.concatenate([x, y[:, -1:]], axis=1)
+    layers = K.stat_layers(p, F.matrix_mask_fn(include_head=True))
+    run = lambda c: loss_grads_and_stats(c, p, batch, layers=layers)
+    out, ref = jax.jit(lambda: run(flagged))(), jax.jit(lambda: run(cfg))()
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), out, ref)
+    assert "scan" not in _primitives(lambda p: loss_grads_and_stats(flagged, p, batch, layers=layers), p)
+    for flags in FLAGS.values():
+        with pytest.raises(ValueError, match="nested flax apply"):
+            LS.layer_perturbations(make_apply(dataclasses.replace(cfg, **flags)), p, x)
 
 
 def test_single_layer_and_float64():

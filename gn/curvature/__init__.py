@@ -14,11 +14,14 @@ pass (`jax.linearize`) and one transpose pass (`jax.linear_transpose`).
 - `model_loss`, `ChunkedLinearization`: for a `gn.split.SplitApply` model, the loss,
   its gradient and every product above `chunk` tokens at a time, never forming the
   (tokens × vocabulary) logits (`gn.curvature.chunked`; used automatically).
+- `layer_stats_vjp` (`gn.curvature.layer_stats`): each dense layer's input and output
+  gradient, for K-FAC statistics, from one forward pass of any flax model.
 """
 
 from gn.curvature.cg import CGInfo, block_conjugate_gradient, conjugate_gradient
 from gn.curvature.chunked import ChunkedLinearization
 from gn.curvature.chunked_loss import model_loss
+from gn.curvature.layer_stats import apply_with_layer_stats, dense_layers, layer_perturbations, layer_stats_vjp
 from gn.curvature.ggn import (
     BLOCK_MODES,
     BlockLinearization,
@@ -61,6 +64,10 @@ __all__ = [
     "ggn_operator",
     "ggn_vector_product",
     "linearize",
+    "apply_with_layer_stats",
+    "dense_layers",
+    "layer_perturbations",
+    "layer_stats_vjp",
     "loss_value_and_grad",
     "make_partition",
     "mean_loss",

@@ -28,7 +28,7 @@ reductions and the head-leaf cotangent sums are in at least float32.
 
 Not chunked (full logits): custom losses (`CustomLoss` or a callable) on a
 SplitApply fall back to `apply(params, inputs)`; so do callers that ask the
-model for logits themselves (K-FAC's `apply_with_layer_stats`, entropy
+model for logits themselves (K-FAC's `layer_stats` pass, entropy
 diagnostics).
 """
 

@@ -3,7 +3,7 @@
 A *method* consumes one or more mini-batches per step and returns new
 parameters. First-order optimizers are optax transformations run by
 `OptaxMethod` (gn.methods.optax_method); the FOG family adds layer statistics
-(`StatsMethod`); the Gauss-Newton outer step hides many sequential inner
+(`StatsMethod`), with the same accumulated step (gn.methods.accumulate); the Gauss-Newton outer step hides many sequential inner
 updates and a line search (`GaussNewtonMethod`). All implement `Method`, so a
 sweep swaps AdamW for GN by name.
 

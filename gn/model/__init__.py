@@ -8,10 +8,8 @@ from gn.model.config import DTYPES, PRESETS, ModelConfig, model_config
 from gn.model.llama import (
     Llama,
     apply_rope,
-    apply_with_layer_stats,
     count_params,
     init_params,
-    init_perturbations,
     make_apply,
     rms_norm,
 )
@@ -22,10 +20,8 @@ __all__ = [
     "Llama",
     "ModelConfig",
     "apply_rope",
-    "apply_with_layer_stats",
     "count_params",
     "init_params",
-    "init_perturbations",
     "make_apply",
     "model_config",
     "rms_norm",

@@ -104,8 +104,8 @@ class ModelConfig:
     seq) score block is alive instead of the whole (seq × seq) one
     (`gn.model.attention`).
     `remat` and `scan_layers` leave logits and losses bit-identical (gradients to
-    float32 summation order); `apply_with_layer_stats` (K-FAC statistics) ignores
-    them and stays unrolled.
+    float32 summation order); the K-FAC statistics pass (`gn.methods.stats`,
+    `gn.curvature.layer_stats`) ignores them and runs the model unrolled.
 
     `memory` sets those four fields as one choice: None (the default) leaves them
     as given; `plain` is all off; `lean` is `LEAN` (attention chunked only where

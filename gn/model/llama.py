@@ -1,4 +1,4 @@
-"""LLaMA-style decoder in Flax linen, with hooks for per-layer curvature statistics.
+"""LLaMA-style decoder in Flax linen.
 
 Architecture: token embedding -> `layers` x [RMSNorm -> causal attention with RoPE
 (optionally grouped KV heads; with `qk_norm`, LayerNorm on the query and key
@@ -37,9 +37,10 @@ rest; measured on XLA CPU this lowers the peak only together with `scan_layers`
 (unrolled, XLA schedules the recomputations early; docs/benchmarks.md). Both work under `jax.grad`, `jax.jvp`, `jax.linearize` and
 `jax.linear_transpose`. Logits and losses are bit-identical to the unrolled
 model's; gradients agree to ~5e-7 of their largest entry on CPU (float32 sums
-fused in another order). Initialisation and the K-FAC statistics path
-(`apply_with_layer_stats`, `init_perturbations`) always run the unrolled flax
-submodules, whose sow/perturb hooks need flax scopes; they ignore both flags.
+fused in another order). Initialisation always runs the unrolled flax
+submodules (they create the parameters); so does the K-FAC statistics pass
+(`gn.curvature.layer_stats`, which intercepts each dense layer in the model's
+own flax scope): `gn.methods.stats` builds this model for it without the flags.
 
 Initialisation (`gn.model.init`): every random leaf is a slice of one normal draw
 over all random leaves in tree order, computed leaf by leaf with one small cached
@@ -66,8 +67,6 @@ Kernels are (in, out): a dense layer computes y = x @ kernel.
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -149,11 +148,9 @@ def apply_rope(x: jax.Array, theta: float = 10000.0) -> jax.Array:
 
 
 class Dense2D(nn.Module):
-    """Bias-free dense layer on a 2-D input (N, in) -> (N, features).
+    """Bias-free dense layer on a 2-D input (N, in) -> (N, features): y = x @ kernel.
 
-    Records its input with `sow("intermediates", "inputs", x)` and passes its
-    output through `perturb("outputs", y)`; both are no-ops unless the caller
-    supplies those collections (see `apply_with_layer_stats`).
+    Its 2-D "kernel" makes it a dense layer for `gn.curvature.layer_stats`, as nn.Dense is.
     """
 
     features: int
@@ -163,9 +160,7 @@ class Dense2D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", INITIALIZERS["kernel"], (x.shape[-1], self.features), self.dtype)
-        # Keep only the latest value (not flax's default tuple): each layer runs once.
-        self.sow("intermediates", "inputs", x, init_fn=lambda: None, reduce_fn=lambda _, new: new)
-        return self.perturb("outputs", matmul(x, kernel, self.compute_dtype))
+        return matmul(x, kernel, self.compute_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -275,7 +270,8 @@ class Llama(nn.Module):
             raise ConfigError("the model needs 'vocab_size'; set it or resolve it from the data source.")
         batch, seq = tokens.shape
         x = Embed(cfg.vocab_size, cfg.hidden, dt, cd, name="embed")(tokens)
-        if (cfg.scan_layers or cfg.remat) and not self._layer_hooks():
+        # Initialising runs the Block submodules unrolled: they create the parameters.
+        if (cfg.scan_layers or cfg.remat) and not self.is_initializing():
             # Pure-function blocks on this module's "block_i" parameters (gn.model.stack):
             # the same Block, applied outside flax's module tree so jax.lax.scan and
             # jax.checkpoint see plain functions of arrays.
@@ -293,14 +289,6 @@ class Llama(nn.Module):
             return x.reshape(batch, seq, cfg.hidden)
         logits = Dense2D(cfg.vocab_size, dt, cd, name="lm_head")(x)
         return logits.reshape(batch, seq, cfg.vocab_size)
-
-
-    def _layer_hooks(self) -> bool:
-        # Initialising (parameters are created by the Block submodules), or the
-        # K-FAC hooks are live (`apply_with_layer_stats`, `init_perturbations`):
-        # these run the unrolled submodules, whose sow/perturb need flax scopes.
-        return (self.is_initializing() or self.is_mutable_collection("intermediates")
-                or self.is_mutable_collection("perturbations") or "perturbations" in self.variables)
 
 
 def _checked(cfg: ModelConfig) -> ModelConfig:
@@ -362,40 +350,6 @@ def make_apply(cfg: ModelConfig) -> Callable[[Params, jax.Array], jax.Array]:
         return matmul(h, params["lm_head"]["kernel"], _compute_dtype(cfg))
 
     return SplitApply(body, head, cfg.logits_chunk)
-
-
-def init_perturbations(cfg: ModelConfig, params: Params, tokens: jax.Array) -> Params:
-    """Zero "perturbations" tree for `apply_with_layer_stats` at this batch shape.
-
-    Structure: one entry per dense layer, at the layer's module path with leaf
-    name "outputs" in place of "kernel", holding zeros of shape (B*T, out), e.g.
-    `{"block_0": {"attn": {"wq": {"outputs": (B*T, H*hd)}}, ...}, "lm_head":
-    {"outputs": (B*T, V)}}`. Costs no compute (shapes come from `jax.eval_shape`).
-    """
-    model = Llama(_checked(cfg))
-    shapes = jax.eval_shape(
-        lambda p, t: model.apply({"params": p}, t, mutable=["perturbations"])[1], params, tokens)
-    return _to_dict(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"]))
-
-
-def apply_with_layer_stats(
-    cfg: ModelConfig, params: Params, tokens: jax.Array, perturbations: Params
-) -> tuple[jax.Array, Params]:
-    """Forward pass that also exposes each dense layer's input and output gradient.
-
-    `perturbations` (from `init_perturbations`) is added to every dense layer's 2-D
-    output, so `jax.grad` with respect to it gives the per-token output gradient δ
-    of shape (B*T, out); for the layer's weight gradient, ∇kernel = aᵀ δ.
-
-    Returns (logits, inputs): logits (B, T, V) as from `make_apply`; `inputs`
-    mirrors the dense layers' module paths with leaf name "inputs" holding the 2-D
-    input a of shape (B*T, in), e.g. `inputs["block_0"]["mlp"]["w_down"]["inputs"]`
-    and `inputs["lm_head"]["inputs"]`. wq, wk and wv share the same input.
-    """
-    model = Llama(_checked(cfg))
-    logits, state = model.apply(
-        {"params": params, "perturbations": perturbations}, tokens, mutable=["intermediates"])
-    return logits, _to_dict(state["intermediates"])
 
 
 def count_params(cfg: ModelConfig, *, non_embedding: bool = False) -> int:

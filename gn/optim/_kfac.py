@@ -14,7 +14,7 @@ input a_t ∈ R^in and output y_t ∈ R^out, and
     ∇_W ℓ̄ = (1/n) Σ_t a_t δ_tᵀ             (in, out)
     A = (1/n) Σ_t a_t a_tᵀ   (in × in),     G = (1/n) Σ_t δ_t δ_tᵀ   (out × out)
 
-The perturbation gradients of `gn.model.apply_with_layer_stats` are ∂ℓ̄/∂y_t, so
+The perturbation gradients of `gn.curvature.layer_stats` are ∂ℓ̄/∂y_t, so
 they are multiplied by n here (without it G is n² too small: the known defect
 of the PyTorch reference code, DESIGN.md §5). With vec the row-major (C-order)
 flattening of an (in, out) kernel, vec(a δᵀ) = a ⊗ δ, so the per-token Fisher
@@ -95,8 +95,8 @@ def _insert(tree: dict, keys: Path, value: Any) -> None:
 def stat_layers(params: Any, mask: Any | Callable[[Any], Any]) -> tuple[Path, ...]:
     """Paths of the kernels selected by `mask` (pytree of bools or callable on params).
 
-    Each must be a 2-D leaf named 'kernel' (a `Dense2D` of gn.model), since its
-    statistics are read at the module path (the path without 'kernel').
+    Each must be a 2-D leaf named 'kernel' (a dense layer: flax's nn.Dense, gn.model's
+    Dense2D), since its statistics are read at the module path (the path without 'kernel').
     """
     resolved = mask(params) if callable(mask) else mask
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -121,7 +121,7 @@ def batch_factors(layer_inputs: Any, layer_output_grads: Any, layers: Sequence[P
     """Per-batch factors of each layer in `layers` (kernel paths).
 
     Args:
-      layer_inputs: tree of `apply_with_layer_stats` ({...: {"inputs": a (n, in)}}).
+      layer_inputs: tree of `gn.curvature.layer_stats` ({...: {"inputs": a (n, in)}}).
       layer_output_grads: gradient of the MEAN loss w.r.t. the perturbations
         ({...: {"outputs": ∂ℓ̄/∂y (n, out)}}).
       layers: kernel paths (from `stat_layers`).

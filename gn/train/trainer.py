@@ -14,6 +14,11 @@ Steps and tokens are accounted the same way for every method: a step reads
 `aux_tokens`). Rerunning on a workdir with checkpoints resumes from the newest
 good one and recomputes the steps after it, so the finished metrics equal those
 of an uninterrupted run.
+
+`loop` runs a step, then the session's hooks (gn/train/hooks.py: evaluation,
+divergence, metrics log, early stop, notes, checkpoint, progress bar, in that
+order), and stops when one asks; `train(..., hooks=...)` or `Session.add_hook`
+adds a user's.
 """
 
 from __future__ import annotations
@@ -23,19 +28,20 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gn.config import Config, dump_config, target_keys
+from gn.config import Config, dump_config
 from gn.curvature.objective import lm_loss
 from gn.model import count_params, init_params
 from gn.train import interrupts, workdirs
 from gn.train import mesh as meshlib
 from gn.train import sharding
 from gn.train.checkpoint import Checkpointer
+from gn.train.hooks import EvalHistory, Hook, Hooks, StepInfo, default_hooks, run_targets
 from gn.train.memory import describe as describe_memory
 from gn.train.loggers import close_metrics_log, open_metrics_log
 from gn.train.metrics import MetricsLog, summarize
@@ -88,15 +94,22 @@ class Session:
     divergence: str = ""   # why the run diverged ("" while it has not)
     stop_reason: str = "steps"
     compile_mark: float = 0.0   # compile_clock() reading at the start of the current step
+    history: EvalHistory = dataclasses.field(default_factory=lambda: EvalHistory.of([]))
+    hooks: Hooks = dataclasses.field(default_factory=Hooks)   # run after every step (gn.train.hooks)
 
     @property
     def diverged(self) -> bool:
         return bool(self.divergence)
 
+    def add_hook(self, fn=None, *, every: int = 1, **kw):
+        """Run `fn(info: StepInfo)` after every `every` steps (gn.train.hooks.Hooks.add_hook)."""
+        return self.hooks.add_hook(fn, every=every, **kw)
+
 
 def setup(run: Run, workdir: Path) -> Session:
     """Write the resolved config, initialise (or warm-start) the state and restore
-    the newest verified checkpoint; a fresh run logs its step-0 evaluation."""
+    the newest verified checkpoint; a fresh run logs its step-0 evaluation. The session's
+    hooks are the trainer's defaults (gn.train.hooks.default_hooks)."""
     cfg, method, mesh = run.cfg, run.method, run.mesh
     tcfg = cfg.train
     workdir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +148,11 @@ def setup(run: Run, workdir: Path) -> Session:
         loss0 = float(evaluate(state["params"], val))
         log.append({"step": 0, "outer_step": 0.0, **{k: v for k, v in counters.items() if k != "step"},
                     "val_loss": loss0, **({"val_loss_ema": loss0} if ema_update is not None else {})})
-    return Session(run, workdir, state, counters, log, ckpt, evaluate, ema_update, val, noise)
+    # The log is read once (it holds a resumed run's history); the hooks keep what they need.
+    sess = Session(run, workdir, state, counters, log, ckpt, evaluate, ema_update, val, noise,
+                   history=EvalHistory.of(log.read()))
+    sess.hooks = default_hooks(sess, save_checkpoint)
+    return sess
 
 
 def _one_step(sess: Session, step: int) -> tuple[dict, dict]:
@@ -181,67 +198,39 @@ def _advance(sess: Session, step: int, m: dict, dt: float) -> dict:
             "step_time_s": dt, "compile_time_s": compile_s, "wall_time_s": c["wall_time_s"], **m}
 
 
+def _train_step(sess: Session) -> StepInfo:
+    """Run the next step and count it; its state is kept only when its loss and parameters
+    are finite (the EMA follows the kept parameters)."""
+    step = sess.counters["step"] + 1
+    t0 = time.perf_counter()
+    state, m = _one_step(sess, step)
+    finite = math.isfinite(m["train_loss"]) and _all_finite(state["params"])
+    if finite:
+        if sess.ema_update is not None:
+            state["ema"] = sess.ema_update(state["ema"], state["params"])
+        sess.state = state
+    # A dropped step's tokens were read, so they are counted.
+    record = _advance(sess, step, m, time.perf_counter() - t0)
+    return StepInfo(step, record, m, sess, finite=finite, final=step == sess.run.steps)
+
+
 def loop(sess: Session) -> None:
-    """Train from the session's step to the run's last step, logging every step,
-    evaluating and checkpointing on their cadences; stop at the first non-finite step, at a
-    diverged evaluation, or early (train.max_tokens, train.stop_at_target)."""
-    run, method, tcfg = sess.run, sess.run.method, sess.run.cfg.train
-    plan = method.plan
-    tokens_per_step = plan.train * plan.micro_batch * run.source.seq_len
-    c = sess.counters
-    bar = _progress(run.steps, tcfg.progress, c["step"], run.entry.name)
-    # The log is read once (it holds a resumed run's history); the loop keeps what it needs.
-    evals = [r for r in sess.log.read() if r.get("val_loss") is not None]
-    last_val = evals[-1]["val_loss"] if evals else float("nan")
-    initial = evals[0]["val_loss"] if evals else float("nan")
-    best = {k: min((r[k] for r in evals if r.get(k) is not None and math.isfinite(r[k])), default=math.inf)
-            for k in ("val_loss", "val_loss_ema")}
+    """Train from the session's step to the run's last step: each step, then the session's
+    hooks (evaluating, logging and checkpointing on their cadences: gn.train.hooks); stop when
+    a hook asks (a non-finite step, a diverged evaluation, train.max_tokens,
+    train.stop_at_target, a user's hook) or at a SIGTERM/Ctrl-C before a step."""
+    hooks = sess.hooks
+    hooks.start()
     try:
-        while c["step"] < run.steps:
+        while sess.counters["step"] < sess.run.steps:
             if interrupts.pending():     # SIGTERM/Ctrl-C: stop at this step boundary (train() checkpoints)
                 break
-            step = c["step"] + 1
-            t0 = time.perf_counter()
-            state, m = _one_step(sess, step)
-            if not math.isfinite(m["train_loss"]) or not _all_finite(state["params"]):
-                # The step's parameters are dropped; its tokens were read, so they are counted.
-                what = "training loss" if not math.isfinite(m["train_loss"]) else "parameters"
-                sess.divergence = f"non-finite {what} at step {step}"
-                sess.log.append({**_advance(sess, step, m, time.perf_counter() - t0), "diverged": True})
+            reason = hooks.run(_train_step(sess))
+            if reason is not None:
+                sess.stop_reason = reason
                 break
-            if sess.ema_update is not None:
-                state["ema"] = sess.ema_update(state["ema"], state["params"])
-            sess.state = state
-            record = _advance(sess, step, m, time.perf_counter() - t0)
-            if step % (tcfg.eval_every * run.every) == 0 or step == run.steps:
-                record["val_loss"] = float(sess.evaluate(sess.state["params"], sess.val))
-                if sess.ema_update is not None:
-                    record["val_loss_ema"] = float(sess.evaluate(sess.state["ema"], sess.val))
-                sess.divergence = _check_divergence(record["val_loss"], initial, tcfg.divergence_margin, step)
-                if sess.divergence:
-                    record["diverged"] = True
-            sess.log.append(record)
-            if sess.divergence:
-                break
-            for k in best:
-                if record.get(k) is not None and math.isfinite(record[k]):
-                    best[k] = min(best[k], record[k])
-            early = _early_stop(tcfg, record, best, _targets(run))   # train.max_tokens, stop_at_target
-            last_val = record.get("val_loss", last_val)
-            for note in method.notes(step, m):
-                _note(bar, note)
-            if step % (tcfg.checkpoint_every * run.every) == 0 or step == run.steps or early is not None:
-                save_checkpoint(sess)
-            if early is not None:
-                sess.stop_reason = early
-                break
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{m['train_loss']:.3f}", val=f"{last_val:.3f}",
-                                tok_s=f"{tokens_per_step / record['step_time_s']:,.0f}")
     finally:
-        if bar is not None:
-            bar.close()
+        hooks.close()
 
 
 def finish(sess: Session) -> dict:
@@ -256,7 +245,7 @@ def finish(sess: Session) -> dict:
     summary = {
         "method": run.entry.name,
         "registered_method": run.entry.method,
-        **summarize(rows, run.cfg.train.target_losses, key=_targets(run)[0]),
+        **summarize(rows, run.cfg.train.target_losses, key=run_targets(run)[0]),
         **method.summarize(rows),
         "wall_time_s": c["wall_time_s"],
         "compile_time_s": c.get("compile_time_s", 0.0),
@@ -295,48 +284,15 @@ def _device_peak() -> dict:
     return {"device_peak_bytes": int(stats["peak_bytes_in_use"])} if "peak_bytes_in_use" in stats else {}
 
 
-def _check_divergence(val: float, initial: float, margin: float, step: int) -> str:
-    """Why the run diverged at this evaluation, or "": a non-finite validation loss, or one
-    above the initial by more than `train.divergence_margin` nats (0 disables that check)."""
-    if not math.isfinite(val):
-        return f"non-finite validation loss at step {step}"
-    if margin > 0 and math.isfinite(initial) and val > initial + margin:
-        return (f"validation loss {val:.4g} at step {step} is above the initial {initial:.4g} by more than "
-                f"train.divergence_margin = {margin:g}")
-    return ""
-
-
-def _targets(run: Run) -> tuple[str, ...]:
-    """The losses this run's targets are read from (the entry's target_from, else train.target_from)."""
-    tcfg = run.cfg.train
-    return target_keys(run.entry.target_from or tcfg.target_from, tcfg.ema_decay)
-
-
-def _early_stop(tcfg, record: dict, best: dict, keys: tuple[str, ...] = ("val_loss", "val_loss_ema")) -> str | None:
-    """Why the run stops after this step's record, or None.
-
-    "max_tokens": the token budget is spent. "targets_reached": at an evaluation,
-    every target loss has been reached by each of `keys` that is evaluated (train.target_from:
-    the EMA's, the raw parameters' or both; `best` holds their minima so far).
-    """
-    if tcfg.max_tokens and record["tokens"] >= tcfg.max_tokens:
-        return "max_tokens"
-    if tcfg.stop_at_target and "val_loss" in record:
-        for key in keys:
-            if key in record and not all(best[key] <= t for t in tcfg.target_losses):
-                return None
-        return "targets_reached"
-    return None
-
-
 def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None = None,
-          branch: str | Path | None = None) -> dict:
+          branch: str | Path | None = None, hooks: Sequence[Hook] = ()) -> dict:
     """Train one method of `cfg` in `workdir` (resuming if it holds checkpoints); return the summary.
 
     Before any compute the workdir is locked and its stored config compared with
     this one (gn/train/workdirs.py); a finished run returns its stored summary.
     `branch`: continue the run of `workdir` in this new directory with `cfg`.
     SIGTERM/Ctrl-C stop at a step boundary with a checkpoint (gn.errors.Stopped).
+    `hooks`: more hooks (gn.train.hooks.Hook) after the trainer's own, run after every step.
     """
     run = run or prepare(cfg, method_name)
     with workdirs.claim(run, Path(workdir), branch=branch) as claim:
@@ -345,6 +301,8 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
             return claim.finished
         with interrupts.handled():
             sess = setup(run, claim.workdir)
+            for hook in hooks:
+                sess.hooks.add(hook)
             if describe_memory(run.memory):
                 print(describe_memory(run.memory), flush=True)
             if sess.counters["step"] > 0:
@@ -363,13 +321,6 @@ def save_checkpoint(sess: Session) -> None:
     sess.ckpt.save(c["step"], sess.state, meta)
 
 
-def _note(bar, text: str) -> None:
-    if bar is not None:
-        bar.write(text)
-    else:
-        print(text)
-
-
 def _json_default(x: Any) -> Any:
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
@@ -378,12 +329,4 @@ def _json_default(x: Any) -> Any:
     return str(x)
 
 
-def _progress(total: int, enabled: bool, start: int, name: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True, leave=True)
-
-
-__all__ = ["train", "prepare", "setup", "loop", "finish", "Run", "Session"]
+__all__ = ["train", "prepare", "setup", "loop", "finish", "Run", "Session", "Hook", "StepInfo"]

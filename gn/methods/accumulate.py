@@ -1,0 +1,99 @@
+"""The step `OptaxMethod` and `StatsMethod` share: gradient accumulation, then one update.
+
+A step reads `train.grad_accum` micro-batches of `batch_size / grad_accum`
+sequences (`micro_batch_plan`), averages what each micro-batch gives — the
+loss, the gradient and, for the statistics methods, the layer factors and the
+entropy — over them (`accumulate`: one call for a single micro-batch, else a
+`lax.scan` that sums and scales by 1/n, so memory stays that of one
+micro-batch), makes one update from the averages and pins the new parameters
+and state to the run's sharding (`MethodContext.constrain`).
+`AccumulatedMethod._step` is that sequence, written once; a subclass says what
+a micro-batch computes (`micro`) and how the averages become an update
+(`update`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gn.errors import require
+from gn.methods.base import BatchPlan, MethodBase, MethodContext
+
+# (micro-batch [b, T+1], rng or None) -> (mean loss, pytree to average)
+MicroFn = Callable[[jax.Array, Optional[jax.Array]], tuple[jax.Array, Any]]
+
+
+def tree_scale(tree: Any, s: Any) -> Any:
+    return jax.tree.map(lambda x: x * s, tree)
+
+
+def micro_batch_plan(ctx: MethodContext) -> BatchPlan:
+    """`grad_accum` training batches of batch_size / grad_accum sequences (ConfigError unless it divides)."""
+    require(ctx.batch_size % ctx.grad_accum == 0,
+            f"batch_size {ctx.batch_size} is not divisible by grad_accum {ctx.grad_accum}.")
+    return BatchPlan(train=ctx.grad_accum, micro_batch=ctx.batch_size // ctx.grad_accum)
+
+
+def accumulate(fn: MicroFn, batches: jax.Array, rng: Optional[jax.Array] = None) -> tuple[jax.Array, Any]:
+    """(mean loss, mean tree) of `fn` over the micro-batches `batches` [n, b, T+1].
+
+    n = 1 calls `fn(batches[0], rng)` once. Otherwise a `lax.scan` adds the trees
+    into zeros and scales the sum by 1/n; each micro-batch gets its own key of
+    `jax.random.split(rng, n)` (None when `rng` is None)."""
+    n = batches.shape[0]
+    if n == 1:
+        return fn(batches[0], rng)
+
+    def body(acc, xs):
+        loss, tree = fn(*xs)
+        return jax.tree.map(jnp.add, acc, tree), loss
+
+    shapes = jax.eval_shape(lambda: fn(batches[0], rng)[1])
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    keys = jax.random.split(rng, n) if rng is not None else None
+    total, losses = jax.lax.scan(body, zeros, (batches, keys))
+    return losses.mean(), tree_scale(total, 1.0 / n)
+
+
+class AccumulatedMethod(MethodBase):
+    """One optax update per step from averages over the step's micro-batches.
+
+    Subclasses implement `micro(params, state)` (the per-micro-batch function for
+    `accumulate`; it also gets the step's rng when `uses_rng`) and
+    `update(params, state, loss, mean, batches)` -> (params, state, metrics)."""
+
+    uses_rng = False
+
+    def __init__(self, name: str, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                 ctx: MethodContext):
+        self.plan = micro_batch_plan(ctx)
+        self.name = name
+        self.tx = tx
+        self.schedule = schedule
+        self.updates_per_step = 1
+        self._constrain = ctx.constrain
+        self.step = jax.jit(self._step)
+
+    def init(self, params: Any) -> Any:
+        return self.tx.init(params)
+
+    def lr(self, step: int) -> float:
+        return float(self.schedule(step))
+
+    def micro(self, params: Any, state: Any) -> MicroFn:
+        raise NotImplementedError
+
+    def update(self, params: Any, state: Any, loss: jax.Array, mean: Any,
+               batches: jax.Array) -> tuple[Any, Any, dict]:
+        raise NotImplementedError
+
+    def _step(self, params, state, batches, aux, rng):
+        del aux
+        loss, mean = accumulate(self.micro(params, state), batches, rng if self.uses_rng else None)
+        params, state, metrics = self.update(params, state, loss, mean, batches)
+        # The run's parameter sharding (FSDP) on the outputs, not whatever propagation chose.
+        return self._constrain(params), self._constrain(state), metrics
