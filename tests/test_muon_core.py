@@ -237,8 +237,7 @@ def test_every_routing_alias_uses_the_routers_defaults(name):
 
 # Imports of gn.optim's modules still in files under concurrent edit (issue 17): they move to
 # `from gn.optim import ...` with those edits; then this set is emptied.
-PENDING = {"optax_method.py: from gn.optim.transforms import ...", "stats.py: from gn.optim.newton_schulz import ...",
-           "stats.py: from gn.optim.transforms import ..."}
+PENDING: set = set()      # none left: every method module imports gn.optim's public API
 
 
 def test_methods_import_only_the_public_optim_api():

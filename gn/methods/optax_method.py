@@ -11,7 +11,7 @@ import optax
 from gn.curvature.objective import lm_loss
 from gn.methods.accumulate import AccumulatedMethod, tree_scale
 from gn.methods.base import MethodContext
-from gn.optim.transforms import tree_norm
+from gn.optim import tree_norm
 
 # (apply_fn, batches [k, b, T+1]) -> extra keyword arguments of tx.update
 StepExtras = Callable[[Any, jnp.ndarray], dict]

@@ -31,8 +31,8 @@ from gn.methods.base import MethodContext
 from gn.model import ModelConfig, make_apply
 from gn.optim import ParamPath as Path
 from gn.optim import FISHER_TYPES, batch_factors, predictive_integrity, stat_layers
-from gn.optim.newton_schulz import safe_increment
-from gn.optim.transforms import tree_norm
+from gn.optim import safe_increment
+from gn.optim import tree_norm
 
 
 def _ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
