@@ -167,3 +167,24 @@ def test_val_documents_holds_out_more_and_spreads_the_windows(tmp_path):
     assert len(docs_seen(many)) >= 4 > len(docs_seen(few))             # windows spread over many documents
     with pytest.raises(ConfigError, match="val_documents must be a positive integer"):
         DataConfig(source="text", path="x", val_documents=0).validate()
+
+
+def test_summary_counts_passes_over_the_training_data(tmp_path, capsys):
+    from gn.config import config_from_dict
+    from gn.train.trainer import train
+    from tests.tiny_models import TINY_RUN
+
+    _corpus(tmp_path / "corpus", n=12)
+    raw = json.loads(json.dumps(TINY_RUN))
+    raw["data"] = {"source": "text", "path": str(tmp_path / "corpus"), "tokenizer": "byte", "seq_len": 16,
+                   "val_sequences": 8, "cache_dir": str(tmp_path / "cache")}
+    raw["train"].update(steps=60, batch_size=8, eval_every=30, checkpoint_every=60)
+    raw["methods"] = [{"name": "adamw"}]
+    cfg = config_from_dict(raw)
+    src = build_source(cfg.data, seed=cfg.train.seed)
+    s = train(cfg, "adamw", tmp_path / "run")
+    assert s["data_passes"] == pytest.approx(60 * 8 / src.num_train) and s["data_passes"] > 1
+    assert "read its training data" in capsys.readouterr().out                # and says so
+    syn = json.loads(json.dumps(TINY_RUN))
+    syn["methods"] = [{"name": "adamw"}]
+    assert train(config_from_dict(syn), "adamw", tmp_path / "syn")["data_passes"] is None   # unbounded

@@ -262,8 +262,13 @@ def finish(sess: Session) -> dict:
         "num_params": count_params(run.model_cfg),
         "hparams": run.entry.to_dict(),
         **({"memory": run.memory} if run.memory else {}),
+        "data_passes": data_passes(run.source),
         **_device_peak(),
     }
+    if (summary["data_passes"] or 0) > 1:
+        print(f"warning: the run read its training data {summary['data_passes']:.2f} times (windows repeated; "
+              "line-search batches count): a study that must not repeat data needs a larger corpus or fewer tokens",
+              flush=True)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
     try:
         from gn.train.plots import plot_run  # matplotlib: imported only when a run finishes
@@ -273,6 +278,15 @@ def finish(sess: Session) -> dict:
     except Exception as exc:  # a plot must never lose a finished run
         print(f"warning: could not write the loss plot: {exc}")
     return summary
+
+
+def data_passes(source) -> float | None:
+    """How many times a finite source's training windows were read (epochs + the fraction of the current
+    one; line-search batches count, as they come from the same stream); None for unbounded sources."""
+    num_train = getattr(source, "num_train", None)
+    if not num_train:
+        return None
+    return float(source.epoch + source.index / num_train)
 
 
 def _device_peak() -> dict:
