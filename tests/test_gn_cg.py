@@ -241,10 +241,9 @@ def test_line_search_grid_goes_above_one_and_the_default_grid_is_unchanged():
     assert float(top.alpha) == pytest.approx(2 ** 0.5) and bool(top.at_top)
 
 
-def test_the_gn_step_takes_alpha_above_one_when_the_loss_along_delta_is_minimised_beyond_it():
-    """A lookup-table model (logits = W[token]) with Δ a quarter of an inner-loop solution: the loss
-    along Δ falls past α = 1 (checked by brute force on the grid), the line search takes that grid's
-    argmin α* > 1 and θ_{t+1} = θ_t + α*·Δ."""
+def _table_and_short_delta():
+    """A lookup-table model (logits = W[token]) at θ = 0, and Δ = a quarter of an inner-loop solution
+    (the loss along it falls past α = 1): (apply, θ, ctx, θ + Δ)."""
     apply = lambda p, tok: p["table"][tok]                                       # noqa: E731
     theta = {"table": jnp.zeros((16, 16))}
     ctx = MethodContext(apply_fn=apply, total_steps=3, batch_size=4, reference_batch_size=4)
@@ -252,6 +251,14 @@ def test_the_gn_step_takes_alpha_above_one_when_the_loss_along_delta_is_minimise
                                     "inner_optimizer": "adamw"}).build(ctx)
     hat, _, _ = inner._inner(theta, inner.init(theta), _batches(1, 2))
     short = jax.tree.map(lambda t, h: t + 0.25 * (h - t), theta, hat)
+    return apply, theta, ctx, short
+
+
+def test_the_gn_step_takes_alpha_above_one_when_the_loss_along_delta_is_minimised_beyond_it():
+    """A lookup-table model (logits = W[token]) with Δ a quarter of an inner-loop solution: the loss
+    along Δ falls past α = 1 (checked by brute force on the grid), the line search takes that grid's
+    argmin α* > 1 and θ_{t+1} = θ_t + α*·Δ."""
+    apply, theta, ctx, short = _table_and_short_delta()
     m = registry.resolve_entry({"name": "gn", "inner_steps": 2, "ls_grid_up": 6}).build(ctx)
     aux = _batches(2, 2)
     new, rejected, metrics = m._search(theta, short, aux)
@@ -348,13 +355,7 @@ def test_a_damped_step_taken_beyond_alpha_2_is_not_rejected_for_its_proximal_ter
     along the damped model's own minimiser d*, q_λ(α d*) ≥ q_λ(0) for α ≥ 2, so with the proximal
     term in the prediction every step the line search takes at α ≥ 2 was rejected however much
     the loss fell (GN-CG at λ0 = 0.1, ls_grid_up 4, on the synthetic language)."""
-    apply = lambda p, tok: p["table"][tok]                                       # noqa: E731
-    theta = {"table": jnp.zeros((16, 16))}
-    ctx = MethodContext(apply_fn=apply, total_steps=3, batch_size=4, reference_batch_size=4)
-    inner = registry.resolve_entry({"name": "gn", "inner_steps": 2, "inner_learning_rate": 0.05,
-                                    "inner_optimizer": "adamw"}).build(ctx)
-    hat, _, _ = inner._inner(theta, inner.init(theta), _batches(1, 2))
-    short = jax.tree.map(lambda t, h: t + 0.25 * (h - t), theta, hat)
+    apply, theta, ctx, short = _table_and_short_delta()
     aux = _batches(2, 2)
     plain = registry.resolve_entry({"name": "gn", "inner_steps": 2, "ls_grid_up": 6}).build(ctx)
     damped = registry.resolve_entry({"name": "gn", "inner_steps": 2, "ls_grid_up": 6, "damping": 10.0}).build(ctx)

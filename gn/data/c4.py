@@ -21,10 +21,10 @@ from typing import Callable
 
 from gn.data import hub
 from gn.data.base import TokenWindows
-from gn.data.cache import cache_key, entry_dir, tokenise_once
+from gn.data.cache import cache_key, entry_dir
 from gn.data.config import DataConfig
 from gn.data.jsonl import check_files, iter_documents, resolve_files
-from gn.data.shards import open_shards, shards_source
+from gn.data.shards import open_shards, shards_source, tokenise_once
 from gn.data.tokenizer import check_tokenizer, load_tokenizer
 from gn.errors import ConfigError
 

@@ -9,8 +9,8 @@ ids plus `meta.json`), under
 where the key hashes what the stream depends on (the input, the tokenizer, the
 format version), so a changed input gets a new entry and an old entry is never
 read for new text. An entry is built in a private temporary directory and
-renamed into place, so a reader (a second process of the same sweep, say)
-sees either nothing or a complete entry. Trained tokenizers live beside the
+renamed into place (`gn.data.shards.tokenise_once`), so a reader (a second
+process of the same sweep, say) sees either nothing or a complete entry. Trained tokenizers live beside the
 entries, under `<source>/tokenizers/`.
 
 The root is `data.cache_dir` if set, else the toolkit's cache (`gn.runtime.cache_root`:
@@ -22,15 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
-import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from gn.errors import os_error
-
-log = logging.getLogger(__name__)
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -57,34 +52,3 @@ def cache_key(*parts: Any) -> str:
 def entry_dir(cache_dir: str | None, source: str, key: str) -> Path:
     """The directory of one tokenised stream: `cache_root / source / key`."""
     return cache_root(cache_dir) / source / key
-
-
-def tokenise_once(key_dir: Path, docs_factory: Callable[[], Iterable[str]], tokenizer, **kwargs) -> dict:
-    """The shard directory `key_dir`, written from `docs_factory()` unless already complete; its meta.
-
-    Safe against concurrent writers: each writes into a private temporary
-    directory and renames it into place; the loser of the race drops its copy.
-    `kwargs` go to `gn.data.shards.write_shards` (text_field, input_desc, ...).
-    An OS refusal (full disk, read-only cache) is a RunError naming the cache.
-    """
-    from gn.data.shards import read_meta, write_shards
-
-    if (key_dir / "meta.json").is_file():
-        return read_meta(key_dir)
-    log.info("tokenising %s into %s (once; cached)", kwargs.get("input_desc") or "the corpus", key_dir)
-    tmp = key_dir.with_name(f".{key_dir.name}.{os.getpid()}.tmp")
-    try:
-        key_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            write_shards(docs_factory(), tokenizer, tmp, **kwargs)
-            try:
-                os.rename(tmp, key_dir)
-            except OSError:
-                if not (key_dir / "meta.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as exc:
-        raise os_error(exc, f"writing the tokenised data cache {key_dir} (data.cache_dir or GN_CACHE_DIR)") from None
-    return read_meta(key_dir)

@@ -19,10 +19,10 @@ import importlib
 from pathlib import Path
 
 from gn.data.base import TokenWindows, WindowedSource, holdout_source
-from gn.data.cache import cache_root, entry_dir, tokenise_once
+from gn.data.cache import cache_root, entry_dir
 from gn.data.config import DataConfig
-from gn.data.shards import open_shards
-from gn.data.tokenizer import ByteTokenizer, HFTokenizer, train_bpe
+from gn.data.shards import open_shards, tokenise_once
+from gn.data.tokenizer import ByteTokenizer, HFTokenizer, cached_bpe
 from gn.errors import ConfigError, suggest
 
 # Bump when the tokenisation or packing of the cached stream changes (2: the shard format).
@@ -80,12 +80,7 @@ def embedded_tokenizer(cfg: DataConfig) -> ByteTokenizer | HFTokenizer:
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     docs = corpus_documents()
-    path = _tokenizer_path(cfg, docs)
-    if path.is_file():
-        from tokenizers import Tokenizer
-
-        return HFTokenizer(Tokenizer.from_file(str(path)), f"bpe-{cfg.vocab_size}")
-    return train_bpe(docs, cfg.vocab_size, path)
+    return cached_bpe(_tokenizer_path(cfg, docs), lambda: docs, cfg.vocab_size)
 
 
 def build(cfg: DataConfig, *, seed: int) -> WindowedSource:

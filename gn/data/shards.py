@@ -23,7 +23,9 @@ interrupted write.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -31,7 +33,9 @@ import numpy as np
 
 from gn.data.base import TokenWindows, WindowedSource, holdout_source
 from gn.data.cache import atomic_write_bytes
-from gn.errors import ConfigError
+from gn.errors import ConfigError, os_error
+
+log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "gn-shards", 1
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -193,3 +197,32 @@ def build(cfg, *, seed: int) -> WindowedSource:
     """The shard directory as shuffled windows (validation: `val_path` or the held-out tail)."""
     return shards_source(cfg.path, seq_len=cfg.seq_len, val_sequences=cfg.val_sequences, seed=seed,
                          val_directory=cfg.val_path)
+
+
+def tokenise_once(key_dir: Path, docs_factory: Callable[[], Iterable[str]], tokenizer, **kwargs) -> dict:
+    """The shard directory `key_dir`, written from `docs_factory()` unless already complete; its meta.
+
+    Safe against concurrent writers: each writes into a private temporary
+    directory and renames it into place; the loser of the race drops its copy.
+    `kwargs` go to `gn.data.shards.write_shards` (text_field, input_desc, ...).
+    An OS refusal (full disk, read-only cache) is a RunError naming the cache.
+    """
+    if (key_dir / "meta.json").is_file():
+        return read_meta(key_dir)
+    log.info("tokenising %s into %s (once; cached)", kwargs.get("input_desc") or "the corpus", key_dir)
+    tmp = key_dir.with_name(f".{key_dir.name}.{os.getpid()}.tmp")
+    try:
+        key_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            write_shards(docs_factory(), tokenizer, tmp, **kwargs)
+            try:
+                os.rename(tmp, key_dir)
+            except OSError:
+                if not (key_dir / "meta.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        raise os_error(exc, f"writing the tokenised data cache {key_dir} (data.cache_dir or GN_CACHE_DIR)") from None
+    return read_meta(key_dir)

@@ -35,10 +35,10 @@ from typing import Iterator
 import numpy as np
 
 from gn.data.base import TokenWindows, WindowedSource, holdout_source
-from gn.data.cache import cache_key, cache_root, entry_dir, tokenise_once
+from gn.data.cache import cache_key, cache_root, entry_dir
 from gn.data.config import DataConfig
-from gn.data.shards import open_shards
-from gn.data.tokenizer import check_tokenizer, load_tokenizer, train_bpe
+from gn.data.shards import open_shards, tokenise_once
+from gn.data.tokenizer import cached_bpe, check_tokenizer, load_tokenizer
 from gn.errors import ConfigError
 
 TEXT_SUFFIXES = (".txt", ".text", ".rst", ".md", ".tex")
@@ -144,13 +144,7 @@ def _tokenizer(cfg: DataConfig, root: Path, files: list[Path]):
         return load_tokenizer(cfg.tokenizer, cfg.eos_token)
     key = cache_key(CACHE_VERSION, "bpe", cfg.vocab_size, _identity(files))
     path = cache_root(cfg.cache_dir) / "text" / "tokenizers" / f"bpe{cfg.vocab_size}-{key}.json"
-    if path.is_file():
-        from tokenizers import Tokenizer
-
-        from gn.data.tokenizer import DEFAULT_EOS, HFTokenizer
-
-        return HFTokenizer(Tokenizer.from_file(str(path)), f"bpe-{cfg.vocab_size}", DEFAULT_EOS)
-    return train_bpe(list(documents(_ordered(root, files))), cfg.vocab_size, path)
+    return cached_bpe(path, lambda: list(documents(_ordered(root, files))), cfg.vocab_size)
 
 
 def _stream(cfg: DataConfig, path: str, tokenizer, what: str) -> tuple[list[np.ndarray], dict]:
@@ -200,11 +194,10 @@ def build(cfg: DataConfig, *, seed: int) -> WindowedSource:
                               val_windows=TokenWindows(val_arrays, cfg.seq_len))
     train, val, n_val = split_documents(arrays, meta["eos_id"], cfg.seq_len, cfg.val_sequences,
                                         cfg.val_documents or 1)
-    val_windows = TokenWindows(val, cfg.seq_len)
+    val_windows, train_windows = TokenWindows(val, cfg.seq_len), TokenWindows(train, cfg.seq_len)
     # Evenly spread over the held-out documents (distinct indices: there are at least val_sequences).
     index = np.linspace(0, len(val_windows) - 1, cfg.val_sequences).round().astype(np.int64)
-    source = WindowedSource(TokenWindows(train, cfg.seq_len), len(TokenWindows(train, cfg.seq_len)),
-                            val_windows.gather(index), seed=seed, vocab_size=meta["vocab_size"],
-                            eos_id=meta["eos_id"], name=name)
+    source = WindowedSource(train_windows, len(train_windows), val_windows.gather(index), seed=seed,
+                            vocab_size=meta["vocab_size"], eos_id=meta["eos_id"], name=name)
     source.val_documents = n_val
     return source

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -171,3 +171,12 @@ def train_bpe(texts: Sequence[str], vocab_size: int, path: Path) -> HFTokenizer:
     tokenizer.train_from_iterator(list(texts), trainer)
     atomic_write_bytes(path, tokenizer.to_str().encode("utf-8"))
     return HFTokenizer(tokenizer, f"bpe-{vocab_size}", DEFAULT_EOS)
+
+
+def cached_bpe(path: Path, texts: Callable[[], Sequence[str]], vocab_size: int) -> HFTokenizer:
+    """The byte-level BPE saved at `path`, or trained on `texts()` and saved there (`train_bpe`)."""
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        return HFTokenizer(Tokenizer.from_file(str(path)), f"bpe-{vocab_size}", DEFAULT_EOS)
+    return train_bpe(texts(), vocab_size, path)
