@@ -38,6 +38,10 @@ def cmd_train(args) -> int | None:
     workdir = Path(args.workdir) if args.workdir else _default_workdir(args.config, args.method)
     summary = train(cfg, args.method, workdir, branch=args.branch)
     workdir = Path(args.branch) if args.branch else workdir
+    from gn.train.distributed import is_primary
+
+    if not is_primary():         # process 0 reports the run
+        return DIVERGED if summary["diverged"] else None
     if summary["diverged"]:
         print(f"error: {summary['method']} diverged: {summary['divergence']}; {summary['steps']} steps, "
               f"{summary['tokens']:,} tokens ran; nothing of the diverged step was saved -> {workdir}",
@@ -111,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gn", description="Gauss-Newton and second-order optimization for LMs.")
     p.add_argument("--version", action="version", version=f"gn {version()}")
     p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host runs)")
+                   help="one run over several processes: start jax.distributed first, from the options below "
+                        "or from the cluster's environment (SLURM's under srun); process 0 writes the files")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="with --distributed: process 0's address")
+    p.add_argument("--num-processes", type=int, metavar="N", help="with --distributed: number of processes")
+    p.add_argument("--process-id", type=int, metavar="I", help="with --distributed: this process's index")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add_common(sp):
@@ -197,15 +205,21 @@ def main(argv: list[str] | None = None) -> int:
 
             check_writable_dir(Path(os.environ["JAX_COMPILATION_CACHE_DIR"]),
                                "the compilation cache (GN_CACHE_DIR or JAX_COMPILATION_CACHE_DIR)")
-        if args.distributed:
-            import jax
+        if args.distributed or args.coordinator or args.num_processes is not None:
+            if args.command != "train":
+                raise ConfigError(f"--distributed runs one training run over several processes (`gn train`); "
+                                  f"`gn {args.command}` is not supported there (a sweep's runs are separate "
+                                  f"jobs: use --emit slurm).")
+            from gn.train import distributed
 
-            jax.distributed.initialize()
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         status = args.fn(args)
         if status:
             return status
     except (ConfigError, RunError) as exc:
-        print("error: " + _paragraph(exc), file=sys.stderr)
+        # In a multi-process run a verdict of process 0 is raised in every process: printed once.
+        if not getattr(exc, "echo", False):
+            print("error: " + _paragraph(exc), file=sys.stderr)
         return 2
     except OSError as exc:   # an OS refusal not converted where it happened: still one paragraph
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""

@@ -163,6 +163,26 @@ def test_stale_lock_is_reported_and_taken_over(tmp_path, capsys):
     assert not (w / workdirs.LOCK).exists()          # released at exit
 
 
+def test_lock_of_a_requeued_slurm_job_is_taken_over_from_another_host(tmp_path, monkeypatch, capsys):
+    """SLURM requeues a preempted job under the same id with a higher restart count, perhaps on
+    another node: its earlier incarnation's lock is stale. Any other foreign lock is refused."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    old = {"pid": 1, "host": "node-that-was-preempted", "started": "2026-01-01T00:00:00",
+           "slurm_job": "4242", "slurm_restart": 0}
+    for other, refused in [({}, False), ({"slurm_job": "4243"}, True), ({"slurm_restart": 1}, True)]:
+        (tmp_path / workdirs.LOCK).write_text(json.dumps({**old, **other}))
+        if refused:
+            with pytest.raises(ConfigError, match="another host"):
+                workdirs.Lock(tmp_path)
+            continue
+        lock = workdirs.Lock(tmp_path)
+        info = json.loads((tmp_path / workdirs.LOCK).read_text())
+        assert info["pid"] == os.getpid() and (info["slurm_job"], info["slurm_restart"]) == ("4242", 1)
+        assert "requeued" in capsys.readouterr().err
+        lock.release()
+
+
 def test_lock_is_exclusive_and_released_on_exceptions(tmp_path, monkeypatch):
     lock = workdirs.Lock(tmp_path)
     info = json.loads((tmp_path / workdirs.LOCK).read_text())

@@ -28,7 +28,7 @@ from gn.curvature.objective import mean_entropy, split_batch
 from gn.errors import require
 from gn.methods.accumulate import AccumulatedMethod, micro_batch_plan
 from gn.methods.base import MethodContext
-from gn.model import ModelConfig, make_apply
+from gn.model import FlaxLM, ModelConfig, make_apply
 from gn.optim import ParamPath as Path
 from gn.optim import FISHER_TYPES, batch_factors, predictive_integrity, stat_layers
 from gn.optim import safe_increment
@@ -42,10 +42,12 @@ def _ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def stats_model(model: Any) -> Any:
     """What `gn.curvature.layer_stats` runs for `model`: a ModelConfig becomes the LLaMA
     apply function, unrolled and unchunked (its statistics need every dense layer in
-    the model's own flax scope and the full logits); a flax Module or an apply
-    function is returned as is."""
+    the model's own flax scope and the full logits); a FlaxLM gives its apply function;
+    a flax Module or an apply function is returned as is."""
     if isinstance(model, ModelConfig):
         return make_apply(dataclasses.replace(model, scan_layers=False, remat=False, logits_chunk=0))
+    if isinstance(model, FlaxLM):
+        return model.apply
     return model
 
 

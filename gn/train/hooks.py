@@ -49,6 +49,7 @@ import math
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from gn.config import target_keys
+from gn.train import distributed
 
 if TYPE_CHECKING:
     from gn.train.trainer import Session
@@ -295,7 +296,7 @@ class _Progress:
 
     def start(self) -> None:
         run, c = self.sess.run, self.sess.counters
-        if run.cfg.train.progress:
+        if run.cfg.train.progress and distributed.is_primary():   # one bar per run, not per process
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=run.steps, initial=c["step"], desc=run.entry.name, unit="step",

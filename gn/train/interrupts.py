@@ -33,6 +33,20 @@ def pending() -> int | None:
     return _pending[0] if _pending else None
 
 
+def agreed() -> int | None:
+    """`pending()` agreed by every process of a multi-process run: a request that reached any
+    process is taken by all (the largest signal number), so all stop at the same step boundary
+    and take part in the same checkpoint. One collective per call; with one process, `pending()`."""
+    from gn.train import distributed
+
+    if distributed.process()[1] == 1:
+        return pending()
+    signum = distributed.max_over_processes(pending() or 0)
+    if signum and not _pending:
+        _pending.append(signum)
+    return pending()
+
+
 def _handler(signum, frame) -> None:
     if _pending and signum == signal.SIGINT:
         raise KeyboardInterrupt          # second Ctrl-C: stop now

@@ -18,9 +18,10 @@ the collectives (gradient all-reduce, parameter all-gathers).
   shardings, so a run saved on 8 devices with fsdp = 8 resumes on 1 device or
   on 4 devices with fsdp = 4 (gn.train.checkpoint).
 
-Multi-host: call `jax.distributed.initialize()` first (the CLI's
-`--distributed` flag); every host builds the same global batch from the same
-seed and `make_array_from_callback` places only its addressable shards.
+Several processes: start `jax.distributed` first (the CLI's `--distributed`,
+gn.train.distributed); every process builds the same global batch from the same
+seed and `make_array_from_callback` places only its addressable shards (`place`
+does the same for states made on one host).
 """
 
 from __future__ import annotations
@@ -78,6 +79,27 @@ def put_batches(batches: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_callback(batches.shape, sharding, lambda idx: batches[idx])
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """`jax.device_put(tree, shardings)`, also for shardings that span several processes.
+
+    With several processes, a process-local jax.Array (one made by `jnp` on this host's
+    device) is copied to the host and placed shard by shard: jax 0.10's `device_put` of such
+    an array onto a multi-process NamedSharding returns an array whose shards cannot be
+    listed, which orbax's save then rejects. With one process it is `device_put` itself."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)      # already global: a reshard
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
+
+
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
     """Replicate a pytree of arrays on every device of the mesh."""
-    return jax.device_put(tree, replicated(mesh))
+    return place(tree, replicated(mesh))

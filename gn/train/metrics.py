@@ -52,6 +52,32 @@ class MetricsLog:
         return rows
 
 
+class MirrorLog(MetricsLog):
+    """The run's records kept in memory, by a process that does not write `metrics.jsonl`.
+
+    In a multi-process run only process 0 writes the log (gn.train.distributed); the
+    others need the same records (the hooks' history, the summary), so they read
+    process 0's file once when the log is truncated to the restored step (before any
+    later step can be appended: every step is collective) and then append in memory.
+    Records pass through JSON, as process 0's do on their way to the file.
+    """
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self.rows: list[dict] | None = None
+
+    def truncate_after(self, step: int) -> None:
+        self.rows = [r for r in super().read() if r["step"] <= step]
+
+    def append(self, record: dict) -> None:
+        if self.rows is None:
+            self.rows = []
+        self.rows.append(json.loads(json.dumps(record)))
+
+    def read(self) -> list[dict]:
+        return list(self.rows) if self.rows is not None else super().read()
+
+
 def first_crossing(rows: Iterable[dict], target: float, key: str = "val_loss") -> dict | None:
     """The first record whose `key` is at or below `target`."""
     for r in rows:

@@ -18,7 +18,7 @@ from gn import data as gn_data
 from gn.config import Config
 from gn.errors import ConfigError, require
 from gn.methods.base import MethodContext
-from gn.model import make_apply
+from gn.model import FlaxLM, make_apply
 from gn.train import mesh as meshlib
 from gn.train.checkpoint import Checkpointer
 from gn.train.memory import resolve_memory
@@ -43,12 +43,13 @@ class Run:
     memory: dict | None = None   # what model.memory measured and chose (gn.train.memory)
 
 
-def prepare(cfg: Config, method_name: str, *, num_devices: int | None = None) -> Run:
+def prepare(cfg: Config, method_name: str, *, num_devices: int | None = None, model: Any = None) -> Run:
     """Validate the method, data and sharding, then build source, model and method.
 
     Everything that can be wrong with the input raises ConfigError here, before
     any training compute. `num_devices`: use only the first devices (default all;
-    tests compare device counts within one process).
+    tests compare device counts within one process). `model`: a gn.model.FlaxLM to
+    train instead of the config's LLaMA model (cfg.model is then not used).
     """
     entry = cfg.method(method_name)
     gn_data.check_data(cfg.data)
@@ -72,7 +73,9 @@ def prepare(cfg: Config, method_name: str, *, num_devices: int | None = None) ->
                 f"train.init_from: '{cfg.train.init_from}' holds no finished run's parameters "
                 f"(expected {src}/ written at the end of `gn train`).")
     source = gn_data.build_source(cfg.data, seed=cfg.train.seed)
-    model_cfg = cfg.model
+    require(model is None or isinstance(model, FlaxLM),
+            f"prepare(model=...): a gn.model.FlaxLM is expected, got {type(model).__name__}.")
+    model_cfg = model if model is not None else cfg.model
     if model_cfg.vocab_size is None:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=source.vocab_size)
     require(model_cfg.vocab_size >= source.vocab_size,

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gn.train.mesh import FSDP_AXIS, fsdp_size
+from gn.train.mesh import FSDP_AXIS, fsdp_size, place
 
 # Leaves smaller than this (elements) stay replicated by default: splitting a norm
 # scale or a bias buys no memory and costs a collective per use.
@@ -54,7 +54,7 @@ def tree_shardings(tree: Any, mesh: Mesh, min_size: int = DEFAULT_MIN_SIZE) -> A
 
 def shard_tree(tree: Any, mesh: Mesh, min_size: int = DEFAULT_MIN_SIZE) -> Any:
     """`tree` placed on the mesh by the rule (a copy only where a leaf's layout changes)."""
-    return jax.device_put(tree, tree_shardings(tree, mesh, min_size))
+    return place(tree, tree_shardings(tree, mesh, min_size))
 
 
 def constrainer(mesh: Mesh, min_size: int = DEFAULT_MIN_SIZE) -> Callable[[Any], Any]:

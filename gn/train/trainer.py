@@ -36,15 +36,15 @@ import numpy as np
 
 from gn.config import Config, dump_config
 from gn.curvature.objective import lm_loss
-from gn.model import count_params, init_params
-from gn.train import interrupts, workdirs
+from gn.model import FlaxLM, count_params, init_params
+from gn.train import distributed, interrupts, workdirs
 from gn.train import mesh as meshlib
 from gn.train import sharding
 from gn.train.checkpoint import Checkpointer
 from gn.train.hooks import EvalHistory, Hook, Hooks, StepInfo, default_hooks, run_targets
 from gn.train.memory import describe as describe_memory
 from gn.train.loggers import close_metrics_log, open_metrics_log
-from gn.train.metrics import MetricsLog, summarize
+from gn.train.metrics import MetricsLog, MirrorLog, summarize
 from gn.train.noise import NoiseScaleTracker, chunked, estimate, make_measure
 from gn.train.run import FINAL_PARAMS, Run, abstract, prepare, warm_start
 from gn.train.timing import compile_clock
@@ -113,8 +113,10 @@ def setup(run: Run, workdir: Path) -> Session:
     cfg, method, mesh = run.cfg, run.method, run.mesh
     tcfg = cfg.train
     workdir.mkdir(parents=True, exist_ok=True)
-    resolved = dataclasses.replace(cfg, model=run.model_cfg, methods=(run.entry,))
-    dump_config(resolved, workdir / "config.yaml")
+    primary = distributed.is_primary()    # process 0 writes the run's files (gn.train.distributed)
+    resolved = workdirs.resolved_config(run)
+    if primary:
+        dump_config(resolved, workdir / "config.yaml")
     evaluate = _eval_fn(run.apply_fn)
     # The decay counts sequential updates, so a GN outer step of N inner updates decays N times.
     ema_update = _ema_fn(tcfg.ema_decay ** method.updates_per_step) if tcfg.ema_decay > 0 else None
@@ -133,7 +135,8 @@ def setup(run: Run, workdir: Path) -> Session:
         state["ema"] = params
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
-    log = open_metrics_log(workdir, tcfg.loggers, run_name=f"{workdir.name}", config=resolved.to_dict())
+    log = (open_metrics_log(workdir, tcfg.loggers, run_name=f"{workdir.name}", config=resolved.to_dict())
+           if primary else MirrorLog(workdir / "metrics.jsonl"))
     counters = {"step": 0, "tokens": 0, "aux_tokens": 0, "updates": 0, "grad_evals": 0.0, "wall_time_s": 0.0}
     restored = workdirs.restore(ckpt, abstract(state), workdir)   # a mismatch: ConfigError
     if restored is not None:
@@ -223,7 +226,7 @@ def loop(sess: Session) -> None:
     hooks.start()
     try:
         while sess.counters["step"] < sess.run.steps:
-            if interrupts.pending():     # SIGTERM/Ctrl-C: stop at this step boundary (train() checkpoints)
+            if interrupts.agreed():      # SIGTERM/Ctrl-C (in any process): stop at this step boundary
                 break
             reason = hooks.run(_train_step(sess))
             if reason is not None:
@@ -260,11 +263,14 @@ def finish(sess: Session) -> dict:
         "family": run.entry.hparams.family,
         "loss_floor": run.source.loss_floor,
         "num_params": count_params(run.model_cfg),
+        **({"model": run.model_cfg.name} if isinstance(run.model_cfg, FlaxLM) else {}),
         "hparams": run.entry.to_dict(),
         **({"memory": run.memory} if run.memory else {}),
         "data_passes": data_passes(run.source),
         **_device_peak(),
     }
+    if not distributed.is_primary():      # process 0 writes summary.json and the plot
+        return summary
     if (summary["data_passes"] or 0) > 1:
         print(f"warning: the run read its training data {summary['data_passes']:.2f} times (windows repeated; "
               "line-search batches count): a study that must not repeat data needs a larger corpus or fewer tokens",
@@ -299,7 +305,7 @@ def _device_peak() -> dict:
 
 
 def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None = None,
-          branch: str | Path | None = None, hooks: Sequence[Hook] = ()) -> dict:
+          branch: str | Path | None = None, hooks: Sequence[Hook] = (), model: Any = None) -> dict:
     """Train one method of `cfg` in `workdir` (resuming if it holds checkpoints); return the summary.
 
     Before any compute the workdir is locked and its stored config compared with
@@ -307,20 +313,22 @@ def train(cfg: Config, method_name: str, workdir: str | Path, *, run: Run | None
     `branch`: continue the run of `workdir` in this new directory with `cfg`.
     SIGTERM/Ctrl-C stop at a step boundary with a checkpoint (gn.errors.Stopped).
     `hooks`: more hooks (gn.train.hooks.Hook) after the trainer's own, run after every step.
+    `model`: a gn.model.FlaxLM (any flax Module from tokens to logits) instead of cfg.model.
     """
-    run = run or prepare(cfg, method_name)
+    run = run or prepare(cfg, method_name, model=model)
     with workdirs.claim(run, Path(workdir), branch=branch) as claim:
+        say = print if distributed.is_primary() else (lambda *a, **k: None)
         if claim.finished is not None:
-            print(f"finished: {claim.workdir} holds a finished run (summary.json); nothing to do", flush=True)
+            say(f"finished: {claim.workdir} holds a finished run (summary.json); nothing to do", flush=True)
             return claim.finished
         with interrupts.handled():
             sess = setup(run, claim.workdir)
             for hook in hooks:
                 sess.hooks.add(hook)
             if describe_memory(run.memory):
-                print(describe_memory(run.memory), flush=True)
+                say(describe_memory(run.memory), flush=True)
             if sess.counters["step"] > 0:
-                print(f"resumed from step {sess.counters['step']} in {claim.workdir}", flush=True)
+                say(f"resumed from step {sess.counters['step']} in {claim.workdir}", flush=True)
             loop(sess)
             interrupts.stop_if_requested(sess, save_checkpoint)
             return finish(sess)

@@ -7,7 +7,10 @@
   second `gn train` on the workdir is refused naming the holder's pid and host.
   A lock whose pid is not alive on this host (a killed run) is reported as
   stale and taken over; a lock from another host is never taken over (delete
-  the file by hand if that run is gone).
+  the file by hand if that run is gone), except one left by an earlier
+  incarnation of the same SLURM job (a requeued job may restart on another
+  node, and SLURM runs a job once at a time: SLURM_JOB_ID equal,
+  SLURM_RESTART_COUNT higher).
 * Config drift. When `workdir/config.yaml` exists, the new resolved config (the
   one `setup` writes: this method only, model.vocab_size filled in) must equal
   it, except for `train.steps` (extend or shorten a run; schedules over the
@@ -27,6 +30,9 @@
   with the new config; SRC is left untouched. The model and the registered
   method must stay the same (the parameters and optimizer state are reused).
   Rerunning the branch command once NEW exists simply resumes NEW.
+* Several processes (`jax.distributed`): process 0 alone takes the lock and makes
+  these checks, and every process gets its verdict (gn.train.distributed), so a
+  second launch on a busy workdir is refused once, in every process.
 """
 
 from __future__ import annotations
@@ -47,7 +53,9 @@ from typing import Any, Iterator
 import yaml
 
 from gn.config import config_from_dict
+from gn.model.custom import FlaxLM
 from gn.errors import ConfigError, RunError, os_error, require
+from gn.train import distributed
 from gn.train.checkpoint import Checkpointer
 
 LOCK = "train.lock"
@@ -78,6 +86,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _slurm_job() -> dict:
+    """The SLURM job (array task) this process runs in and its restart count, or {} outside SLURM."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return {}
+    try:
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    except ValueError:
+        restart = 0
+    return {"slurm_job": job, "slurm_restart": restart}
+
+
+def _requeued(info: dict) -> bool:
+    """A lock left by an earlier incarnation of this same SLURM job: after a requeue (preemption)
+    SLURM runs a job once at a time, so that holder is gone, even if it ran on another host."""
+    mine = _slurm_job()
+    theirs = info.get("slurm_restart")
+    return (bool(mine) and info.get("slurm_job") == mine["slurm_job"] and isinstance(theirs, int)
+            and theirs < mine["slurm_restart"])
+
+
 def _read_lock(path: Path) -> dict | None:
     try:
         info = json.loads(path.read_text())
@@ -97,7 +126,7 @@ class Lock:
         self.path = Path(workdir) / LOCK
         self.info = {"pid": os.getpid(), "host": socket.gethostname(),
                      "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                     "command": " ".join(sys.argv)}
+                     "command": " ".join(sys.argv), **_slurm_job()}
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -126,6 +155,9 @@ class Lock:
                 raise ConfigError(f"The workdir {self.path.parent} is being claimed by another `gn train` "
                                   f"(lock file {self.path} was just created).")
             reason = "unreadable, more than 30 s old"
+        elif _requeued(info):
+            reason = (f"{_describe(info)} was incarnation {info.get('slurm_restart', 0)} of SLURM job "
+                      f"{info['slurm_job']}, which SLURM has requeued (this is incarnation {_slurm_job()['slurm_restart']})")
         elif info.get("host") != socket.gethostname():
             raise ConfigError(
                 f"The workdir {self.path.parent} is in use by {_describe(info)} (lock file {self.path}). "
@@ -163,7 +195,9 @@ class Lock:
 
 def resolved_config(run) -> Any:
     """The single-method config `setup` writes to workdir/config.yaml."""
-    return dataclasses.replace(run.cfg, model=run.model_cfg, methods=(run.entry,))
+    # A FlaxLM (gn.model.custom) is not a config: the config's model section stays as written.
+    model = run.cfg.model if isinstance(run.model_cfg, FlaxLM) else run.model_cfg
+    return dataclasses.replace(run.cfg, model=model, methods=(run.entry,))
 
 
 def _normal(raw: dict) -> dict:
@@ -328,17 +362,32 @@ def _mkdir(workdir: Path) -> None:
 def claim(run, workdir: Path, *, branch: str | Path | None = None) -> Iterator[Claim]:
     """Lock the workdir (the branch directory with `branch`), refuse config drift,
     and report a finished run; release the lock at exit."""
-    workdir = Path(workdir)
-    if branch is not None:
-        _prepare_branch(run, workdir, Path(branch))
-        workdir = Path(branch)
-    _mkdir(workdir)
-    lock = Lock(workdir)
+    source = Path(workdir)
+    workdir = Path(branch) if branch is not None else source
+    held: list[Lock] = []
+
+    def take() -> dict | None:
+        if branch is not None:
+            _prepare_branch(run, source, workdir)
+        _mkdir(workdir)
+        lock = Lock(workdir)
+        try:
+            check_drift(run, workdir)
+            finished = finished_summary(run, workdir)
+        except BaseException:
+            lock.release()
+            raise
+        held.append(lock)
+        return finished
+
+    # Several processes, one run: process 0 takes the lock and checks the workdir; every process
+    # gets its verdict (a refusal is raised everywhere and printed once: gn.train.distributed).
+    finished = distributed.primary_decides(take)
     try:
-        check_drift(run, workdir)
-        yield Claim(workdir, finished_summary(run, workdir))
+        yield Claim(workdir, finished)
     finally:
-        lock.release()
+        for lock in held:
+            lock.release()
 
 
 def restore(ckpt, abstract_state: Any, workdir: Path):
