@@ -63,7 +63,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise ConfigError("--num-processes needs --coordinator HOST:PORT (the address of process 0), "
                           "or JAX_COORDINATOR_ADDRESS in the environment.")
     if "cpu" in os.environ.get("JAX_PLATFORMS", "cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        try:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        except (AttributeError, KeyError, ValueError):   # an option a later jax may drop (gloo its default)
+            pass
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
