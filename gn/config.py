@@ -89,6 +89,11 @@ class TrainConfig:
     # the fsdp axis along its largest divisible dimension. 1 = data parallelism only (replicated).
     fsdp: int = 1
     fsdp_min_size: int = 1024
+    # The learning rate (every scalar of the methods' schedules) an argument of the compiled step
+    # instead of a constant folded into it (gn/optim/schedules.py), for the first-order and statistics
+    # methods: one program, compiled once, serves every learning rate of a sweep. Off by default: XLA
+    # compiles a different program, so some methods' numbers change at float32 rounding (docs/benchmarks.md).
+    compile_reuse: bool = False
 
     def validate(self) -> None:
         """Raise ConfigError on invalid values."""

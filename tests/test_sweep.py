@@ -484,3 +484,21 @@ def test_bench_optimizers_selects_methods_by_their_traits(monkeypatch):
     assert selected_methods(("zz_one_update",)) == ["adamw", "zz_one_update"]
     with pytest.raises(ConfigError, match="outer-step method"):
         selected_methods(("zz_outer",))
+
+
+def test_a_key_added_at_its_default_keeps_existing_run_names():
+    """train.compile_reuse came after sweeps were run: at its default (False) a run's digest is the
+    digest of the config without the key (the formula before it), so sweep directories keep their
+    finished runs; set to true, the run is another run."""
+    import hashlib
+
+    from gn.config import config_from_dict
+    from gn.studies.sweep import run_digest
+
+    resolved = config_from_dict({"methods": [{"name": "adamw"}]}).to_dict()
+    assert resolved["train"]["compile_reuse"] is False
+    before = {**resolved, "train": {k: v for k, v in resolved["train"].items() if k != "compile_reuse"}}
+    old = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    assert run_digest(resolved) == old
+    assert run_digest({**resolved, "train": {**resolved["train"], "compile_reuse": True}}) != old
+    assert resolved["train"]["compile_reuse"] is False        # the caller's dict is not changed

@@ -14,7 +14,7 @@ a micro-batch computes (`micro`) and how the averages become an update
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ import optax
 
 from gn.errors import require
 from gn.methods.base import BatchPlan, MethodBase, MethodContext
+from gn.optim import Schedule, bound_schedules as bound
 
 # (micro-batch [b, T+1], rng or None) -> (mean loss, pytree to average)
 MicroFn = Callable[[jax.Array, Optional[jax.Array]], tuple[jax.Array, Any]]
@@ -77,6 +78,25 @@ class AccumulatedMethod(MethodBase):
         self.updates_per_step = 1
         self._constrain = ctx.constrain
         self.step = jax.jit(self._step)
+
+    def bind_schedules(self, schedules: Sequence[Schedule]) -> None:
+        """Make the scalars of `schedules` (the ones this method's builder made: gn.optim.schedules)
+        arguments of the compiled step instead of constants folded into it. The numbers are the
+        same; the program is the same for every learning rate, so a sweep compiles it once (the
+        persistent cache hits across grid points). Called by the trainer's `prepare`."""
+        if not schedules:
+            return
+        schedules = tuple(schedules)
+        arguments = tuple(s.arguments() for s in schedules)
+
+        def step_with(args, params, state, batches, aux, rng):
+            with bound(schedules, args):
+                return self._step(params, state, batches, aux, rng)
+
+        jitted = jax.jit(step_with)
+        # Kept for inspection (tests compare the lowered programs of two learning rates).
+        self.bound_step, self.step_arguments = jitted, arguments
+        self.step = lambda params, state, batches, aux, rng: jitted(arguments, params, state, batches, aux, rng)
 
     def init(self, params: Any) -> Any:
         return self.tx.init(params)

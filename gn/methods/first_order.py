@@ -21,7 +21,7 @@ from optax import contrib
 from gn.curvature.objective import lm_loss
 from gn.methods.base import MethodConfig, MethodContext, check_choice, check_range, opt
 from gn.methods.optax_method import OptaxMethod
-from gn.optim import SCHEDULES, clip_and_decay, make_schedule, validate_decay_rule
+from gn.optim import SCHEDULES, Schedule, clip_and_decay, make_schedule, validate_decay_rule
 
 HORIZON_KEYS = ("schedule", "warmup_steps", "min_lr_ratio", "decay_fraction")
 
@@ -88,6 +88,8 @@ class OptimizerConfig(MethodConfig):
         if adam_learning_rate is None:
             return None
         ratio = adam_learning_rate / self.learning_rate
+        if isinstance(schedule, Schedule):      # the ratio, too, an argument of the compiled step
+            return schedule.scaled(ratio)
         return lambda s: schedule(s) * ratio
 
 

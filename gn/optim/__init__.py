@@ -16,7 +16,7 @@ Every public optimizer of the toolkit is an optax `GradientTransformation`
 - Building blocks: `decoupled_weight_decay`, `clip_and_decay`, `clip_by_group_norm`,
   `embed_head_split` / `embed_head_labels` (the paper's inner-optimizer split), path masks
   (`decay_mask`, `matrix_mask`, `matrix_mask_fn`, `validate_decay_rule`), schedules
-  (`make_schedule`, `SCHEDULES`), `tree_norm`, `safe_increment`.
+  (`make_schedule`, `SCHEDULES`; `Schedule`, whose scalars can be arguments of a compiled step: `collecting_schedules`, `bound_schedules`), `tree_norm`, `safe_increment`.
 
 They import `gn.curvature` at most: no registry, no trainer, no model. The
 trainer-facing methods built from them live in `gn.methods`.
@@ -40,7 +40,8 @@ from gn.optim.masks import DECAY_RULES, decay_mask, matrix_mask, validate_decay_
 from gn.optim.muon_family import adarmsuon, normuon, rmsuon, scale_by_normuon, scale_by_rmsuon
 from gn.optim.newton_schulz import (DEFAULT_NS_COEFFS, NS_BACKENDS, muon_scale, orthogonalize, safe_increment,
                                     scale_width)
-from gn.optim.schedules import SCHEDULES, make_schedule
+from gn.optim.schedules import SCHEDULES, Schedule, make_schedule
+from gn.optim.schedules import bound as bound_schedules, collecting as collecting_schedules
 from gn.optim._soap import scale_by_soap, soap
 from gn.optim.transforms import (clip_and_decay, clip_by_group_norm, decoupled_weight_decay, embed_head_labels,
                                  embed_head_split, tree_norm)
@@ -64,7 +65,7 @@ __all__ = [
     "SCHEDULES", "batch_factors", "kernels_only", "predictive_integrity", "stat_layers",
     "adarmsuon", "clip_and_decay", "clip_by_group_norm", "decay_mask", "decoupled_weight_decay", "diagfog",
     "embed_head_labels", "embed_head_split", "fog", "fog_gn", "kfac", "layerwise_gn_direction", "lwgn",
-    "make_schedule", "matrix_mask", "matrix_mask_fn", "muon", "muon_momentum", "muon_scale", "normuon",
+    "make_schedule", "Schedule", "bound_schedules", "collecting_schedules", "matrix_mask", "matrix_mask_fn", "muon", "muon_momentum", "muon_scale", "normuon",
     "orthogonalize", "pi_muon", "pi_muon_gn", "rmsuon", "safe_increment", "scale_by_diag_fisher",
     "scale_by_diagfog", "scale_by_fog", "scale_by_kfac", "scale_by_layerwise_gn", "scale_by_muon",
     "scale_by_normuon", "scale_by_pi_muon", "scale_by_rmsuon", "scale_by_soap", "scale_width", "soap", "tree_norm",

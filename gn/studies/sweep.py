@@ -156,7 +156,7 @@ def _resolve(spec: SweepSpec, m: SweepMethod, B: int, lr: float, seed: int, vary
     except ConfigError as exc:
         raise ConfigError(f"Sweep run {label}: {exc}") from None
     resolved = cfg.to_dict()
-    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = run_digest(resolved)
     hp = cfg.methods[0].hparams.to_dict()
     sched = hp.get("inner_schedule") if m.is_gn else hp.get("schedule")
     return RunPlan(id=index, name=f"{label}_{digest}", method=m.name, registered_method=m.registered,
@@ -164,6 +164,21 @@ def _resolve(spec: SweepSpec, m: SweepMethod, B: int, lr: float, seed: int, vary
                    tokens=steps * tokens_per_step, est_cost=_cost(steps * tokens_per_step, hp, m),
                    vary=vary, config=resolved, schedule_tied_to_horizon=sched in HORIZON_SCHEDULES,
                    warmup_steps=warmup, eval_every=cfg.train.eval_every, min_evals=spec.min_evals)
+
+
+# Config keys added after sweeps were run, left out of a run's digest while at their default, so that
+# an existing sweep directory keeps its run names (and its finished runs) across the addition.
+DIGEST_OMITTED_DEFAULTS = {("train", "compile_reuse"): False}
+
+
+def run_digest(resolved: Mapping) -> str:
+    """The 8 hex digits that key a run's workdir to its resolved config."""
+    keyed = {section: dict(values) if isinstance(values, Mapping) else values
+             for section, values in resolved.items()}
+    for (section, key), default in DIGEST_OMITTED_DEFAULTS.items():
+        if keyed.get(section, {}).get(key, default) == default:
+            keyed.get(section, {}).pop(key, None)
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def _scale_b2(entry: dict, defaults: Mapping, B: int, m: SweepMethod) -> None:

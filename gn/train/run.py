@@ -19,6 +19,7 @@ from gn.config import Config
 from gn.errors import ConfigError, require
 from gn.methods.base import MethodContext
 from gn.model import FlaxLM, make_apply
+from gn.optim import collecting_schedules
 from gn.train import mesh as meshlib
 from gn.train.checkpoint import Checkpointer
 from gn.train.memory import resolve_memory
@@ -87,7 +88,13 @@ def prepare(cfg: Config, method_name: str, *, num_devices: int | None = None, mo
                             grad_accum=cfg.train.grad_accum, num_devices=n_dev, model_cfg=mcfg,
                             reference_batch_size=cfg.train.batch_size,
                             constrain=constrainer(mesh, tcfg.fsdp_min_size))
-        return apply, entry.build(ctx)
+        # train.compile_reuse: the learning rate an argument of the compiled step, not a constant
+        # (gn.optim.schedules): one program, compiled once, for every grid point of a sweep.
+        with collecting_schedules() as made:
+            method = entry.build(ctx)
+        if tcfg.compile_reuse and hasattr(method, "bind_schedules"):
+            method.bind_schedules(made)
+        return apply, method
 
     # model.memory: the method's plan (built cheaply on the config as written) gives the
     # micro-batch whose compiled memory chooses plain or lean (gn.train.memory).
