@@ -129,7 +129,7 @@ def bench_methods(cfg: "GNBenchConfig", mcfg: Any, apply: Callable) -> tuple:
 def run_gn_bench(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str], None] | None = None) -> dict:
     """Run the GN step benchmark; returns the JSON-able result (see the module docstring)."""
     from gn import curvature
-    from gn.model import count_params, init_params, make_apply
+    from gn.model import count_params, make_apply
     from gn.methods.base import MethodContext
     from gn.curvature.objective import lm_loss
 
@@ -144,16 +144,8 @@ def run_gn_bench(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str], N
 
     adamw, muon, gn, prox, lw = bench_methods(cfg, mcfg, apply)
 
-    params = init_params(mcfg, jax.random.PRNGKey(cfg.seed))
-    rng = np.random.default_rng(cfg.seed)
-    batch = random_tokens(rng, (b, T + 1), V)
+    params, batch, inner_batches, aux, theta_hat = _inputs(cfg, mcfg, gn.hp.ls_batches)
     batches1 = batch[None]
-    inner_batches = random_tokens(rng, (N, b, T + 1), V)
-    aux = random_tokens(rng, (gn.hp.ls_batches, b, T + 1), V)
-    # θ̂ a little away from θ_t: a non-trivial direction for the inner step and the line search
-    # (built in numpy: eager per-leaf JAX ops would each compile a kernel).
-    theta_hat = jax.tree.map(
-        lambda p: jnp.asarray(np.asarray(p) + 1e-2 * rng.standard_normal(p.shape).astype(p.dtype)), params)
     key = jax.random.PRNGKey(cfg.seed + 2)
     step0 = jnp.zeros((), jnp.int32)
     i0 = jnp.asarray(1, jnp.int32)
@@ -215,10 +207,40 @@ def run_gn_bench(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str], N
     samples = time_round_robin(fns, cfg.repeats, warmup=1, counts={"outer_step": outer_rounds})
     outer_metrics = outer_metrics[1:]   # the first call was the warm-up
     med = {k: statistics.median(v) for k, v in samples.items()}
-    peak, peak_note = peak_memory()
 
-    inner_loop = statistics.median(float(m["inner_time_s"]) for m in outer_metrics)
-    ls_in_step = statistics.median(float(m["linesearch_time_s"]) for m in outer_metrics)
+    res = _result(cfg, mcfg, gn, lw, med, samples, compiled, outer_metrics, num_blocks=num_blocks,
+                  outer_compile_s=outer_compile_s, outer_rounds=outer_rounds, malloc_tuned=malloc_tuned,
+                  peak=peak_memory())
+    res["compiled"] = compiled
+    res["min_s"] = {k: min(v) for k, v in samples.items()}
+    res["samples_s"] = samples
+    return res
+
+
+def _inputs(cfg: GNBenchConfig, mcfg, ls_batches: int):
+    """θ_t, one inner batch, the N inner batches, the line-search batches and a θ̂ near θ_t."""
+    from gn.model import init_params
+
+    b, T, N, V = cfg.inner_batch, cfg.seq_len, cfg.inner_steps, mcfg.vocab_size
+    params = init_params(mcfg, jax.random.PRNGKey(cfg.seed))
+    rng = np.random.default_rng(cfg.seed)
+    batch = random_tokens(rng, (b, T + 1), V)
+    inner_batches = random_tokens(rng, (N, b, T + 1), V)
+    aux = random_tokens(rng, (ls_batches, b, T + 1), V)
+    # θ̂ a little away from θ_t: a non-trivial direction for the inner step and the line search
+    # (built in numpy: eager per-leaf JAX ops would each compile a kernel).
+    theta_hat = jax.tree.map(
+        lambda p: jnp.asarray(np.asarray(p) + 1e-2 * rng.standard_normal(p.shape).astype(p.dtype)), params)
+    return params, batch, inner_batches, aux, theta_hat
+
+
+def _result(cfg: GNBenchConfig, mcfg, gn, lw, med: dict, samples: dict, compiled: dict, outer_metrics: list,
+            *, num_blocks: int, outer_compile_s: float, outer_rounds: int, malloc_tuned: bool, peak) -> dict:
+    """The JSON-able result from the medians `med` (and the outer steps' own timings)."""
+    from gn.model import count_params
+
+    b, T, N, V = cfg.inner_batch, cfg.seq_len, cfg.inner_steps, mcfg.vocab_size
+    peak, peak_note = peak
     res: dict[str, Any] = {
         "benchmark": "gn_step",
         "config": {"preset": cfg.preset, "vocab_size": V, "hidden": mcfg.hidden, "layers": mcfg.layers,
@@ -255,14 +277,30 @@ def run_gn_bench(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str], N
         "linesearch_fraction_of_outer": ratio(res["linesearch_s"], res["outer_step_s"]),
         "gn_inner_over_value_and_grad": ratio(res["gn_inner_step_s"], res["value_and_grad_s"]),
     })
-    res["goals"] = {}
+    res["goals"] = _goals(res, N)
+    res["breakdown"] = _breakdown(med, samples, compiled, outer_metrics, N=N, num_blocks=num_blocks,
+                                  outer_compile_s=outer_compile_s, gn_inner_step_s=res["gn_inner_step_s"])
+    return res
+
+
+def _goals(res: dict, N: int) -> dict:
+    """Each of GOALS with its value and whether it passes."""
+    goals = {}
     for name, metric, threshold, desc in GOALS:
         value = res[metric]
-        res["goals"][name] = {"description": desc, "metric": metric, "threshold": threshold, "value": value,
+        goals[name] = {"description": desc, "metric": metric, "threshold": threshold, "value": value,
                               "pass": value is not None and value <= threshold}
-    res["goals"]["linesearch_le_20pct_of_outer"]["at_paper_inner_steps"] = N == PAPER_INNER_STEPS
+    goals["linesearch_le_20pct_of_outer"]["at_paper_inner_steps"] = N == PAPER_INNER_STEPS
+    return goals
+
+
+def _breakdown(med: dict, samples: dict, compiled: dict, outer_metrics: list, *, N: int, num_blocks: int,
+               outer_compile_s: float, gn_inner_step_s: float) -> dict:
+    """Where the GN step's time goes: the inner step split, the outer step's own timings, FLOP ratios."""
+    inner_loop = statistics.median(float(m["inner_time_s"]) for m in outer_metrics)
+    ls_in_step = statistics.median(float(m["linesearch_time_s"]) for m in outer_metrics)
     flops = {k: v.get("flops") for k, v in compiled.items()}
-    res["breakdown"] = {
+    out = {
         "forward_s": med.get("forward"),
         "gn_model_grad_s": med.get("gn_model_grad"),
         "inner_update_s": med.get("inner_update"),
@@ -286,13 +324,10 @@ def run_gn_bench(cfg: GNBenchConfig = GNBenchConfig(), *, log: Callable[[str], N
     }
     for name in samples:
         if name.startswith("gn_layerwise_") and name.endswith("_inner_step") and name != "gn_layerwise_inner_step":
-            res["breakdown"][f"{name}_s"] = med[name]
-            res["breakdown"][f"{name}_over_blocks_times_gn_inner"] = ratio(
-                med[name], num_blocks * res["gn_inner_step_s"])
-    res["compiled"] = compiled
-    res["min_s"] = {k: min(v) for k, v in samples.items()}
-    res["samples_s"] = samples
-    return res
+            out[f"{name}_s"] = med[name]
+            out[f"{name}_over_blocks_times_gn_inner"] = ratio(
+                med[name], num_blocks * gn_inner_step_s)
+    return out
 
 
 def _fmt(x: Any, unit: str = "") -> str:

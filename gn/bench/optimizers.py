@@ -91,6 +91,29 @@ def selected_methods(names: tuple[str, ...] | None, exclude: tuple[str, ...] = (
     return [REFERENCE] + [n for n in chosen if n != REFERENCE and n not in exclude]
 
 
+def _compiled_step(name: str, ctx, params, batches, key):
+    """(step thunk carrying its own params and state, the initial state, XLA statistics, first call's s)
+    of the registered method `name`, compiled ahead of time where its step is a jitted function."""
+    from gn.methods import registry
+
+    method = registry.build(registry.resolve_entry({"name": name}), ctx)
+    state = method.init(params)
+    step = method.step
+    if hasattr(step, "lower"):
+        step, stats = compile_aot(step, params, state, batches, None, key)
+    else:
+        stats = {}
+    carry = [params, state]
+
+    def thunk(step=step, carry=carry):
+        carry[0], carry[1], _ = step(carry[0], carry[1], batches, None, key)
+        return carry[0], carry[1]
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(thunk())      # fails here, not in the timing loop, if the step is broken
+    return thunk, state, stats, time.perf_counter() - t0
+
+
 def run_optimizer_bench(cfg: OptimizerBenchConfig = OptimizerBenchConfig(), *,
                         log: Callable[[str], None] | None = None) -> dict:
     from gn.model import count_params, init_params, make_apply
@@ -121,22 +144,7 @@ def run_optimizer_bench(cfg: OptimizerBenchConfig = OptimizerBenchConfig(), *,
     for name in names:
         say(f"compiling {name}")
         try:
-            method = registry.build(registry.resolve_entry({"name": name}), ctx)
-            state = method.init(params)
-            step = method.step
-            if hasattr(step, "lower"):
-                step, stats = compile_aot(step, params, state, batches, None, key)
-            else:
-                stats = {}
-            carry = [params, state]
-
-            def thunk(step=step, carry=carry):
-                carry[0], carry[1], _ = step(carry[0], carry[1], batches, None, key)
-                return carry[0], carry[1]
-
-            t0 = time.perf_counter()
-            jax.block_until_ready(thunk())      # fails here, not in the timing loop, if the step is broken
-            first_call[name] = time.perf_counter() - t0
+            thunk, state, stats, first_call[name] = _compiled_step(name, ctx, params, batches, key)
         except ConfigError:
             raise
         except Exception as exc:   # a method under development must not sink the whole table

@@ -98,6 +98,46 @@ def _unrotate(x, q_l, q_r):
     return x
 
 
+def _soap_init(params, max_precond_dim: int) -> "ScaleBySoapState":
+    """Zero moments and statistics, identity eigenbases, on the sides a leaf preconditions."""
+    leaves, treedef = jax.tree.flatten(params)
+    mu, nu, gl, gr, ql, qr = [], [], [], [], [], []
+    for p in leaves:
+        use_l, use_r = _sides(p.shape, max_precond_dim)
+        mu.append(jnp.zeros_like(p))
+        nu.append(jnp.zeros_like(p))
+        gl.append(jnp.zeros((p.shape[0],) * 2, jnp.float32) if use_l else None)
+        gr.append(jnp.zeros((p.shape[1],) * 2, jnp.float32) if use_r else None)
+        ql.append(jnp.eye(p.shape[0], dtype=jnp.float32) if use_l else None)
+        qr.append(jnp.eye(p.shape[1], dtype=jnp.float32) if use_r else None)
+    unflat = treedef.unflatten
+    return ScaleBySoapState(jnp.zeros([], jnp.int32), unflat(mu), unflat(nu), unflat(gl),
+                            unflat(gr), unflat(ql), unflat(qr))
+
+
+def _eigh_refresh(operand):
+    """New eigenbases of L and R by eigh (the sides a leaf has; None elsewhere); v unchanged."""
+    gl_, gr_, ql_, qr_, v_ = operand
+    return (_eigh_basis(gl_) if gl_ is not None else None, _eigh_basis(gr_) if gr_ is not None else None, v_)
+
+
+def _qr_refresh(operand):
+    """One power-iteration step per side (the authors' QR update): sort the current basis by its
+    estimated eigenvalues (v permuted alike), then Q ← qr(G Q)."""
+    gl_, gr_, ql_, qr_, v_ = operand
+    outs = []
+    for axis, (gg, q) in enumerate(((gl_, ql_), (gr_, qr_))):
+        if gg is None:
+            outs.append(None)
+            continue
+        est = jnp.diag(q.T @ gg @ q)
+        order = jnp.argsort(-est)
+        q = q[:, order]
+        v_ = jnp.take(v_, order, axis=axis)
+        outs.append(jnp.linalg.qr(gg @ q)[0])
+    return outs[0], outs[1], v_
+
+
 def scale_by_soap(
     b1: float = 0.95,
     b2: float = 0.95,
@@ -131,19 +171,7 @@ def scale_by_soap(
     beta_s = b2 if shampoo_beta is None else shampoo_beta
 
     def init_fn(params):
-        leaves, treedef = jax.tree.flatten(params)
-        mu, nu, gl, gr, ql, qr = [], [], [], [], [], []
-        for p in leaves:
-            use_l, use_r = _sides(p.shape, max_precond_dim)
-            mu.append(jnp.zeros_like(p))
-            nu.append(jnp.zeros_like(p))
-            gl.append(jnp.zeros((p.shape[0],) * 2, jnp.float32) if use_l else None)
-            gr.append(jnp.zeros((p.shape[1],) * 2, jnp.float32) if use_r else None)
-            ql.append(jnp.eye(p.shape[0], dtype=jnp.float32) if use_l else None)
-            qr.append(jnp.eye(p.shape[1], dtype=jnp.float32) if use_r else None)
-        unflat = treedef.unflatten
-        return ScaleBySoapState(jnp.zeros([], jnp.int32), unflat(mu), unflat(nu), unflat(gl),
-                                unflat(gr), unflat(ql), unflat(qr))
+        return _soap_init(params, max_precond_dim)
 
     def adam_direction(m, v, k):
         kf = k.astype(jnp.float32)
@@ -180,28 +208,10 @@ def scale_by_soap(
             gr = beta_s * gr + (1 - beta_s) * (g32.T @ g32)
         refresh = first | (k % precondition_frequency == 0)
 
-        def do_eigh(operand):
-            gl_, gr_, ql_, qr_, v_ = operand
-            return (_eigh_basis(gl_) if use_l else None, _eigh_basis(gr_) if use_r else None, v_)
-
-        def do_qr(operand):
-            gl_, gr_, ql_, qr_, v_ = operand
-            outs = []
-            for axis, (gg, q) in enumerate(((gl_, ql_), (gr_, qr_))):
-                if gg is None:
-                    outs.append(None)
-                    continue
-                est = jnp.diag(q.T @ gg @ q)
-                order = jnp.argsort(-est)
-                q = q[:, order]
-                v_ = jnp.take(v_, order, axis=axis)
-                outs.append(jnp.linalg.qr(gg @ q)[0])
-            return outs[0], outs[1], v_
-
         def refresh_fn(operand):
             if eigenbasis_update == "eigh":
-                return do_eigh(operand)
-            return jax.lax.cond(first, do_eigh, do_qr, operand)
+                return _eigh_refresh(operand)
+            return jax.lax.cond(first, _eigh_refresh, _qr_refresh, operand)
 
         keep = lambda operand: (operand[2], operand[3], operand[4])
         ql, qr, v = jax.lax.cond(refresh, refresh_fn, keep, (gl, gr, ql, qr, v))

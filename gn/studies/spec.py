@@ -80,7 +80,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -89,6 +88,7 @@ import yaml
 from gn.errors import ConfigError, require, suggest
 from gn.config import config_from_dict, merge_raw, read_config_yaml
 from gn.methods import registry
+from gn.studies.spec_values import _check, _int, _list, _num, _round
 
 SPEC_KEYS = ("base", "config", "methods", "batch_sizes", "seeds", "tokens", "lr", "warmup_tokens", "warmup_updates",
              "scale_b2", "schedule", "ema_halflife_updates", "eval_every_tokens", "min_evals", "crossing_tokens",
@@ -374,43 +374,3 @@ def _vary(raw: Any, where: str, *, allow_sections: bool) -> tuple[tuple[str, tup
             require("." not in key, f"{where}: key '{key}' must be a hyperparameter name of the method.")
         out.append((key, tuple(_list(values, f"{where}.{key}"))))
     return tuple(out)
-
-
-def _check(raw: Mapping, valid: tuple, where: str) -> None:
-    for key in raw:
-        require(key in valid, f"Unknown key '{key}' in {where}.{suggest(str(key), valid)} "
-                              f"Valid keys: {', '.join(valid)}.")
-
-
-def _list(value: Any, where: str, *, allow_empty: bool = False) -> list:
-    require(value is not None, f"'{where}' is required (a list).")
-    require(isinstance(value, (list, tuple)), f"'{where}' must be a list, got {value!r}.")
-    require(allow_empty or len(value) > 0, f"'{where}' is an empty grid: give at least one value.")
-    return list(value)
-
-
-def _int(value: Any, where: str, *, minimum: int) -> int:
-    require(value is not None, f"'{where}' is required.")
-    ok = isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(value, float) and value.is_integer():
-        value, ok = int(value), True
-    require(ok and value >= minimum, f"'{where}' must be an integer >= {minimum}, got {value!r}.")
-    return value
-
-
-def _num(value: Any, where: str, *, minimum: float | None = None, strict: bool = False) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value)   # YAML reads 3e-3 (no dot) as a string
-        except ValueError:
-            pass
-    require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-            f"'{where}' must be a number, got {value!r}.")
-    if minimum is not None:
-        require(value > minimum if strict else value >= minimum,
-                f"'{where}' must be {'>' if strict else '>='} {minimum}, got {value}.")
-    return float(value)
-
-
-def _round(x: float) -> float:
-    return float(f"{x:.6g}")
