@@ -217,7 +217,7 @@ def test_count_params_paper_presets():
         assert (cfg.mlp, cfg.qk_norm, cfg.norm_eps, cfg.vocab_size) == ("gelu", True, 1e-6, 32000)
         assert count_params(cfg) == want_total
         assert count_params(cfg, non_embedding=True) == want_non_emb
-        # The numbers the paper (and DESIGN.md §1) quote, at their rounding.
+        # The numbers the paper quotes, at their rounding.
         assert shown == (f"{want_total / 1e6:.{len(shown[0]) - shown[0].index('.') - 2}f}M",
                          f"{want_non_emb / 1e6:.1f}M")
         assert want_total - want_non_emb == 2 * 32000 * cfg.hidden

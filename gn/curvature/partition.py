@@ -2,7 +2,7 @@
 
 A partition gives every leaf of the parameter tree a hashable label; leaves with
 the same label form one block b, and layerwise Gauss-Newton keeps only the
-diagonal blocks G_bb of G = Jᵀ H_z J (paper: Abreu et al. 2025, §3 of DESIGN.md).
+diagonal blocks G_bb of G = Jᵀ H_z J (Abreu et al. 2025, layerwise GN).
 
 Accepted `partition` values:
 

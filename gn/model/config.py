@@ -1,7 +1,7 @@
 """Model configuration: a frozen dataclass, named presets, and validation.
 
 Presets `45m` and `150m` are the full Gauss-Newton paper's models exactly (Abreu
-et al. 2026; its public code natalieabreu/full-gauss-newton, an EasyLM fork):
+et al. 2025; its public code natalieabreu/full-gauss-newton, an EasyLM fork):
 GELU MLP with two matrices, LayerNorm on queries and keys, RMSNorm eps 1e-6,
 vocab 32000. `45m_swiglu` and `150m_swiglu` keep the same widths and depths with
 this toolkit's earlier SwiGLU block (no QK-norm, eps 1e-5, vocab 32128): they are

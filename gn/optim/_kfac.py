@@ -16,7 +16,7 @@ input a_t ∈ R^in and output y_t ∈ R^out, and
 
 The perturbation gradients of `gn.curvature.layer_stats` are ∂ℓ̄/∂y_t, so
 they are multiplied by n here (without it G is n² too small: the known defect
-of the PyTorch reference code, DESIGN.md §5). With vec the row-major (C-order)
+of the PyTorch reference code of Abreu et al. 2025). With vec the row-major (C-order)
 flattening of an (in, out) kernel, vec(a δᵀ) = a ⊗ δ, so the per-token Fisher
 F = (1/n) Σ_t vec(a_t δ_tᵀ) vec(a_t δ_tᵀ)ᵀ ≈ A ⊗ G, and (A ⊗ G) vec(X) = vec(A X G).
 

@@ -1,5 +1,5 @@
 """Critical batch size: target crossings, the McCandlish fit, Zhang et al.'s CBS
-and the best learning rate per batch size (DESIGN.md §6). Intervals are in
+and the best learning rate per batch size (McCandlish et al. 2018; Zhang et al. 2024). Intervals are in
 `gn.studies.intervals`, fit diagnostics in `gn.studies.diagnostics`.
 
 Pure numpy, no JAX: these functions run on tables of finished runs. Two
