@@ -25,14 +25,7 @@ from gn.model import init_params
 from gn.optim import bound_schedules, collecting_schedules, make_schedule
 from gn.train.run import prepare
 from gn.train.trainer import train
-
-BASE = {
-    "model": {"preset": "nano", "hidden": 32, "layers": 1, "heads": 2, "ffn": 64},
-    "data": {"source": "embedded", "tokenizer": "bpe", "vocab_size": 320, "seq_len": 16},
-    "train": {"batch_size": 16, "eval_batch_size": 16, "eval_every": 1, "steps": 4, "progress": False,
-              "ema_decay": 0.0},
-}
-
+from tests.tiny_models import nano_run
 
 @pytest.mark.parametrize("name", ["constant", "cosine", "wsd"])
 @pytest.mark.parametrize("warmup", [0, 7])
@@ -58,10 +51,7 @@ def test_schedule_values_are_the_same_with_traced_scalars(name, warmup):
 
 
 def _cfg(method: dict, reuse: bool):
-    raw = json.loads(json.dumps(BASE))
-    raw["train"]["compile_reuse"] = reuse
-    raw["methods"] = [method]
-    return config_from_dict(raw)
+    return config_from_dict(nano_run([method], steps=4, ema_decay=0.0, compile_reuse=reuse))
 
 
 def _hlo(method: dict, lr: float, reuse: bool) -> str:

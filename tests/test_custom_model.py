@@ -26,20 +26,13 @@ from gn.model.llama import Llama
 from gn.optim import matrix_mask_fn, stat_layers
 from gn.train.run import prepare
 from gn.train.trainer import train
+from tests.tiny_models import nano_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 try:
     import fog_lm_trainer as example
 finally:
     sys.path.pop(0)
-
-BASE = {
-    "model": {"preset": "nano", "hidden": 32, "layers": 1, "heads": 2, "ffn": 64, "vocab_size": 320},
-    "data": {"source": "embedded", "tokenizer": "bpe", "vocab_size": 320, "seq_len": 16},
-    "train": {"batch_size": 16, "eval_batch_size": 16, "eval_every": 1, "steps": 3, "progress": False,
-              "ema_decay": 0.0},
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class LlamaAsFlax(FlaxLM):
@@ -51,6 +44,10 @@ class LlamaAsFlax(FlaxLM):
         return init_params(self.model_cfg, rng)
 
 
+def _raw(method: dict) -> dict:
+    return nano_run([method], model={"vocab_size": 320}, steps=3, ema_decay=0.0)
+
+
 def _rows(workdir):
     drop = ("time", "wall", "_s")
     return [{k: v for k, v in json.loads(line).items() if not any(d in k for d in drop)}
@@ -59,7 +56,7 @@ def _rows(workdir):
 
 @pytest.mark.parametrize("method", [{"name": "fog"}, {"name": "adamw", "learning_rate": 0.01}])
 def test_llama_as_a_flax_model_trains_bit_for_bit_like_the_config_model(tmp_path, method):
-    cfg = config_from_dict({**BASE, "methods": [method]})
+    cfg = config_from_dict(_raw(method))
     train(cfg, method["name"], tmp_path / "config_model")
     mcfg = cfg.model
     custom = LlamaAsFlax(Llama(mcfg), vocab_size=320, model_cfg=mcfg)
@@ -82,6 +79,6 @@ def test_fog_trains_a_flax_mlp_through_the_trainer(tmp_path, monkeypatch):
 
 
 def test_a_model_that_is_not_a_flax_lm_is_refused(tmp_path):
-    cfg = config_from_dict({**BASE, "methods": [{"name": "fog"}]})
+    cfg = config_from_dict(_raw({"name": "fog"}))
     with pytest.raises(ConfigError, match="FlaxLM"):
         prepare(cfg, "fog", model=Llama(cfg.model))

@@ -30,17 +30,12 @@ import yaml
 
 from gn.config import load_config
 from gn.train.trainer import train
+from tests.tiny_models import nano_run
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "multiprocess_worker.py"
 RTOL = 2e-6                  # tests/test_sharding.py's tolerance for a sharded run against one device
 
-BASE = {
-    "model": {"preset": "nano", "hidden": 32, "layers": 1, "heads": 2, "ffn": 64},
-    "data": {"source": "embedded", "tokenizer": "bpe", "vocab_size": 320, "seq_len": 16},
-    "train": {"batch_size": 16, "eval_batch_size": 16, "eval_every": 1, "checkpoint_every": 2, "steps": 4,
-              "progress": False, "ema_decay": 0.9},
-}
 METHODS = {
     "adamw": {"name": "adamw", "learning_rate": 0.01},
     "fog": {"name": "fog"},
@@ -50,9 +45,7 @@ METHODS = {
 
 
 def _config(tmp: Path, method: str, steps: int = 4) -> Path:
-    raw = json.loads(json.dumps(BASE))
-    raw["train"]["steps"] = steps
-    raw["methods"] = [METHODS[method]]
+    raw = nano_run([METHODS[method]], steps=steps, checkpoint_every=2, ema_decay=0.9)
     path = tmp / f"{method}_{steps}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

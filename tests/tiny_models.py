@@ -23,3 +23,24 @@ TINY_RUN = {
     "train": {"steps": 3, "batch_size": 4, "eval_every": 1, "eval_batch_size": 4, "checkpoint_every": 3,
               "progress": False},
 }
+
+
+# A nano run on the embedded BPE corpus, 16 sequences a step: the shape the sharding, multi-process,
+# custom-model and compile-reuse tests train (tests add `methods` and their own train keys: `nano_run`).
+NANO_RUN = {
+    "model": {"preset": "nano", "hidden": 32, "layers": 1, "heads": 2, "ffn": 64},
+    "data": {"source": "embedded", "tokenizer": "bpe", "vocab_size": 320, "seq_len": 16},
+    "train": {"batch_size": 16, "eval_batch_size": 16, "eval_every": 1, "progress": False},
+}
+
+
+def nano_run(methods=(), *, model=None, **train) -> dict:
+    """A fresh copy of NANO_RUN with `train` keys set, `model` keys added and `methods` (a list of entries)."""
+    import copy
+
+    raw = copy.deepcopy(NANO_RUN)
+    raw["train"].update(train)
+    raw["model"].update(model or {})
+    if methods:
+        raw["methods"] = list(methods)
+    return raw
