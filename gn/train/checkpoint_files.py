@@ -105,7 +105,7 @@ def _process() -> tuple[int, int]:
 
 
 def _barrier(name: str) -> None:
-    """Wait for every process (a no-op with one process, the only case tested here)."""
+    """Wait for every process (a no-op with one process; several: tests/test_multiprocess.py)."""
     if _process()[1] > 1:
         from jax.experimental import multihost_utils
 
