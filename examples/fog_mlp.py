@@ -7,24 +7,11 @@ into K-FAC's A and G, and `gn.optim.fog` orthogonalises the K-FAC natural
 gradient of each kernel (the biases go to its AdamW side).
     python examples/fog_mlp.py         # prints the loss before and after
 """
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
 from gn import curvature, optim
-
-
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(3)(nn.tanh(nn.Dense(32)(x)))
-
-
-def data():
-    x = jax.random.normal(jax.random.PRNGKey(0), (256, 2))
-    y = (jnp.arctan2(x[:, 1], x[:, 0]) // (2 * jnp.pi / 3)).astype(jnp.int32) % 3
-    return x, y
+from lwgn_mlp import MLP, data, fit     # the same MLP, data and loop (examples/ is on the path)
 
 
 def main(steps: int = 30, learning_rate: float = 0.05) -> tuple[float, float]:
@@ -45,9 +32,7 @@ def main(steps: int = 30, learning_rate: float = 0.05) -> tuple[float, float]:
         updates, s = tx.update(grads, s, p, factors=factors)
         return optax.apply_updates(p, updates), s
 
-    for _ in range(steps):
-        params, state = step(params, state)
-    return first, float(loss(params))
+    return first, float(loss(fit(step, params, state, steps)))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,22 @@ class MLP(nn.Module):
         return nn.Dense(3)(nn.tanh(nn.Dense(32)(x)))
 
 
-def main(steps: int = 30) -> tuple[float, float]:
+def data():
+    """256 points of the plane, labelled by which third of the circle they lie in."""
     x = jax.random.normal(jax.random.PRNGKey(0), (256, 2))
     y = (jnp.arctan2(x[:, 1], x[:, 0]) // (2 * jnp.pi / 3)).astype(jnp.int32) % 3
+    return x, y
+
+
+def fit(step, params, state, steps: int):
+    """`steps` calls of the jitted `step(params, state) -> (params, state)`; the final parameters."""
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params
+
+
+def main(steps: int = 30) -> tuple[float, float]:
+    x, y = data()
     model = MLP()
     params = model.init(jax.random.PRNGKey(1), x)          # {"params": {"Dense_0": ..., "Dense_1": ...}}
     tx = optax.chain(optim.scale_by_layerwise_gn(model.apply, partition="top_level", damping=1e-3, max_iters=20),
@@ -33,9 +46,7 @@ def main(steps: int = 30) -> tuple[float, float]:
         updates, s = tx.update(jax.grad(loss)(p), s, p, inputs=x, targets=y)
         return optax.apply_updates(p, updates), s
 
-    for _ in range(steps):
-        params, state = step(params, state)
-    return first, float(loss(params))
+    return first, float(loss(fit(step, params, state, steps)))
 
 
 if __name__ == "__main__":

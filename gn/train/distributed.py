@@ -21,7 +21,7 @@ Who does what, so that N processes make one run and not N:
   finished-run check. A refusal raises the same error in every process, and the
   CLI prints it once (from process 0).
 * A stop request (SIGTERM before preemption, Ctrl-C) that reaches any process
-  stops all of them at the same step boundary (`any_process`), so no process is
+  stops all of them at the same step boundary (`max_over_processes`), so no process is
   left waiting in a collective the others never enter (gn.train.interrupts.agreed).
 
 With one process every helper here is the plain single-process behaviour; no
@@ -115,19 +115,13 @@ def max_over_processes(value: int) -> int:
     return int(np.asarray(values).max())
 
 
-def any_process(flag: bool) -> bool:
-    """True in every process when `flag` is true in at least one (a no-op with one process)."""
-    return bool(max_over_processes(int(bool(flag))))
-
-
-def primary_decides(decide: Callable[[], T], encode: Callable[[T], Any] = lambda x: x,
-                    decode: Callable[[Any], T] = lambda x: x) -> T:
+def primary_decides(decide: Callable[[], T]) -> T:
     """Run `decide()` in process 0 only and give its outcome to every process.
 
     A ConfigError or RunError raised by process 0 is raised in every process with
     the same message; in the others it carries `echo = True`, so the CLI prints it
-    once. Any other exception in process 0 is broadcast as a RunError. `encode` /
-    `decode` map the result to JSON and back for the other processes."""
+    once. Any other exception in process 0 is broadcast as a RunError. The result must be
+    JSON-serialisable (the others receive it through JSON)."""
     index, count = process()
     if count == 1:
         return decide()
@@ -135,7 +129,7 @@ def primary_decides(decide: Callable[[], T], encode: Callable[[T], Any] = lambda
     if index == 0:
         try:
             result = decide()
-            outcome = {"ok": encode(result)}
+            outcome = {"ok": result}
         except (ConfigError, RunError) as exc:
             error, outcome = exc, {"error": type(exc).__name__, "message": str(exc)}
         except Exception as exc:  # noqa: BLE001 - the others must not wait forever
@@ -150,16 +144,7 @@ def primary_decides(decide: Callable[[], T], encode: Callable[[T], Any] = lambda
         exc = _ERRORS[shared["error"]](shared["message"])
         exc.echo = True
         raise exc
-    return decode(shared["ok"])
+    return shared["ok"]
 
 
-def barrier(name: str) -> None:
-    """Wait until every process reaches `name` (a no-op with one process)."""
-    if process()[1] > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-__all__ = ["initialize", "process", "is_primary", "broadcast_json", "max_over_processes", "any_process", "primary_decides",
-           "barrier"]
+__all__ = ["initialize", "process", "is_primary", "broadcast_json", "max_over_processes", "primary_decides"]

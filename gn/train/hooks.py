@@ -46,13 +46,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from gn.config import target_keys
 from gn.train import distributed
 
-if TYPE_CHECKING:
-    from gn.train.trainer import Session
+# The trainer's Session (gn.train.trainer), which holds the hooks: named, not imported, so the
+# trainer imports this module and not the other way round.
+Session = Any
 
 HookFn = Callable[["StepInfo"], Optional[str]]
 
@@ -64,7 +65,7 @@ class StepInfo:
     step: int
     record: dict           # this step's metrics record (hooks before "metrics" may add to it)
     metrics: dict          # the method's metrics of the step (floats)
-    sess: "Session"
+    sess: Session
     finite: bool = True    # False: the step's loss or parameters were non-finite and were dropped
     final: bool = False    # the run's last step (train.steps)
     stop: Optional[str] = None   # the first stop reason a hook gave this step
@@ -205,7 +206,7 @@ class EvalHistory:
         self.last = record.get("val_loss", self.last)
 
 
-def default_hooks(sess: "Session", save: Callable[["Session"], None]) -> Hooks:
+def default_hooks(sess: Session, save: Callable[[Session], None]) -> Hooks:
     """The trainer's hooks for `sess`, in the order of this module's docstring; `save(sess)`
     writes a checkpoint (gn.train.trainer.save_checkpoint)."""
     run, tcfg = sess.run, sess.run.cfg.train
@@ -291,7 +292,7 @@ def early_stop(tcfg, record: dict, best: dict, keys: tuple[str, ...] = ("val_los
 class _Progress:
     """The tqdm bar (train.progress) of the loop, and the method's notes printed through it."""
 
-    def __init__(self, sess: "Session"):
+    def __init__(self, sess: Session):
         self.sess, self.bar = sess, None
 
     def start(self) -> None:
