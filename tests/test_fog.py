@@ -351,3 +351,24 @@ def test_grad_accumulation_averages_statistics():
     kf = [jax.tree.map(lambda l: (l.a, l.g), _find(o[1], K.ScaleByKFACState).layers,
                        is_leaf=lambda x: isinstance(x, K.KFACLayerState)) for o in outs]
     jax.tree.map(close, kf[0], kf[1])
+
+
+@pytest.mark.parametrize("entry,diagonal,t_cov", [({"name": "fog"}, False, 1), ({"name": "kfac", "T_cov": 2}, False, 2),
+                                                  ({"name": "diagfog"}, True, 1)])
+def test_statistics_are_counted_in_compute(entry, diagonal, t_cov):
+    """grad_evals_per_step = 1 + Σ 2(d_in² + d_out²) / (6N) / T_cov over the kernels with statistics
+    (diagonal factors: d_in + d_out), computed here from the shapes; Muon (no statistics) counts 1."""
+    params = init_params(CFG, jax.random.PRNGKey(0))
+    ctx = MethodContext(apply_fn=APPLY, total_steps=4, batch_size=8, model_cfg=CFG)
+    m = registry.resolve_entry(entry).build(ctx)
+    m.init(params)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    # the hidden 2-D kernels: every matrix but the embedding and the head
+    kernels = [x.shape for p, x in flat if x.ndim == 2 and str(getattr(p[0], "key", p[0])) not in ("embed", "lm_head")]
+    assert kernels
+    per_token = sum(2 * ((a + b) if diagonal else (a * a + b * b)) for a, b in kernels)
+    assert m.grad_evals_per_step == pytest.approx(1 + per_token / (6 * n) / t_cov, rel=1e-12)
+    muon = registry.resolve_entry({"name": "muon"}).build(ctx)
+    muon.init(params)
+    assert muon.grad_evals_per_step == 1.0

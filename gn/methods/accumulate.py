@@ -26,6 +26,8 @@ from gn.optim import Schedule, bound_schedules as bound
 
 # (micro-batch [b, T+1], rng or None) -> (mean loss, pytree to average)
 MicroFn = Callable[[jax.Array, Optional[jax.Array]], tuple[jax.Array, Any]]
+# params -> extra value_and_grad equivalents per step, relative to the gradient at the step's batch
+BackendCost = Callable[[Any], float]
 
 
 def tree_scale(tree: Any, s: Any) -> Any:
@@ -70,8 +72,11 @@ class AccumulatedMethod(MethodBase):
     uses_rng = False
 
     def __init__(self, name: str, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                 ctx: MethodContext):
+                 ctx: MethodContext, *, backend_cost: Optional[BackendCost] = None):
         self.plan = micro_batch_plan(ctx)
+        # A curvature backend inside tx (layerwise GN's CG products) costs more than the gradient;
+        # its count depends on the parameter tree, so it is added once the tree is known (init).
+        self._gradient_cost, self._backend_cost = self.grad_evals_per_step, backend_cost
         self.name = name
         self.tx = tx
         self.schedule = schedule
@@ -98,7 +103,13 @@ class AccumulatedMethod(MethodBase):
         self.bound_step, self.step_arguments = jitted, arguments
         self.step = lambda params, state, batches, aux, rng: jitted(arguments, params, state, batches, aux, rng)
 
+    def count_backend(self, params: Any) -> None:
+        """grad_evals_per_step = the gradient's cost × (1 + the backend's, per gradient at the step's batch)."""
+        if self._backend_cost is not None:
+            self.grad_evals_per_step = self._gradient_cost * (1.0 + float(self._backend_cost(params)))
+
     def init(self, params: Any) -> Any:
+        self.count_backend(params)
         return self.tx.init(params)
 
     def lr(self, step: int) -> float:

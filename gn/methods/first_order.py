@@ -62,6 +62,12 @@ class OptimizerConfig(MethodConfig):
         del apply_fn, batches
         return {}
 
+    def backend_cost(self, ctx: MethodContext, name: str) -> Optional[Callable[[Any], float]]:
+        """params -> what a curvature backend inside the chain costs per step, in gradients at
+        the step's batch (None: nothing beyond the gradient). Counted in the run's compute."""
+        del ctx, name
+        return None
+
     def schedule_fn(self, total_steps: int) -> optax.Schedule:
         """The learning-rate schedule these hyperparameters describe."""
         return make_schedule(self.schedule, self.learning_rate, total_steps, warmup_steps=self.warmup_steps,
@@ -81,7 +87,8 @@ class OptimizerConfig(MethodConfig):
     def build(self, ctx: MethodContext, name: str) -> OptaxMethod:
         schedule = self.schedule_fn(ctx.total_steps)
         extras = None if type(self).step_extras is OptimizerConfig.step_extras else self.step_extras
-        return OptaxMethod(name, self.transform(schedule, ctx.apply_fn), schedule, ctx, extras=extras)
+        return OptaxMethod(name, self.transform(schedule, ctx.apply_fn), schedule, ctx, extras=extras,
+                           backend_cost=self.backend_cost(ctx, name))
 
     def adam_side_lr(self, schedule: optax.Schedule, adam_learning_rate: Optional[float]):
         """The AdamW side's rate: the same schedule shape at its own peak (None = Muon's own)."""

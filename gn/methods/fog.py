@@ -10,17 +10,19 @@ layerwise Gauss-Newton instead of K-FAC (`fisher_source: lwgn`, docs/methods.md 
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import ClassVar, Optional
 
 from gn.methods.base import MethodContext, check_choice, check_range, opt
 from gn.methods.first_order import OptimizerConfig
+from gn.methods.muon_like import CURVATURE_BATCH_HELP, lwgn_backend_cost
 from gn.methods.stats import StatsMethod
 from gn.optim import (DAMPING_MODES, DIAG_MODES, FISHER_SOURCES, FISHER_TYPES, clip_and_decay, diagfog, fog,
                       kernels_only, kfac, matrix_mask_fn, pi_muon, scale_by_layerwise_gn, scale_by_muon,
                       with_adamw_side)
 
 # Not arguments of the optax alias: they choose how the StatsMethod gathers statistics.
-_METHOD_KEYS = ("fisher", "fisher_source", "lwgn_iters", "statistics")
+_METHOD_KEYS = ("fisher", "fisher_source", "lwgn_iters", "curvature_batch", "statistics")
 _KFAC_ONLY = ("stat_decay", "damping_mode", "T_cov", "T_inv", "kl_clip", "fisher")
 _STATS_KEYS = ("stat_decay", "T_cov", "fisher")
 
@@ -82,7 +84,7 @@ class _StatsConfig(OptimizerConfig):
         return StatsMethod(name, tx, schedule, ctx,
                            stats=self.stats_kind() if getattr(self, "statistics", True) else None,
                            layer_mask=matrix_mask_fn(self.include_head), fisher=self.fisher,
-                           T_cov=self.T_cov, pi=pi)
+                           T_cov=self.T_cov, pi=pi, backend_cost=self.backend_cost(ctx, name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +187,16 @@ class PIMuonConfig(_StatsConfig):
             # Layerwise Gauss-Newton (docs/methods.md §4) as g_fisher: per-kernel (G_bb + λI)⁻¹ g_b by block CG.
             o["fisher"] = scale_by_layerwise_gn(ctx.apply_fn, damping=self.damping,
                                                 only=kernels_only(self.include_head),
-                                                max_iters=getattr(self, "lwgn_iters", 5), block_mode="unrolled")
+                                                max_iters=getattr(self, "lwgn_iters", 5), block_mode="unrolled",
+                                                curvature_batch=getattr(self, "curvature_batch", 0))
         return o
+
+    def backend_cost(self, ctx, name):
+        if self.fisher_source != "lwgn":
+            return None
+        cfg = types.SimpleNamespace(curvature_batch=getattr(self, "curvature_batch", 0),
+                                    max_iters=getattr(self, "lwgn_iters", 5))
+        return lwgn_backend_cost(cfg, ctx, name, only=kernels_only(self.include_head))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +206,13 @@ class PIMuonGNConfig(PIMuonConfig):
                                   "λ Muon(g) (docs/methods.md §4)")
     fisher_source: str = opt("lwgn", "g_fisher from kfac or lwgn (layerwise Gauss-Newton)")
     lwgn_iters: int = opt(5, "block-CG iterations of the layerwise-GN solve")
+    curvature_batch: int = opt(0, CURVATURE_BATCH_HELP)
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        check_range(self.lwgn_iters >= 1, where, "lwgn_iters", ">= 1", self.lwgn_iters)
+        check_range(self.curvature_batch >= 0, where, "curvature_batch", ">= 0 (0 = the whole batch)",
+                    self.curvature_batch)
 
 
 CONFIGS = (KFACConfig, FOGConfig, DiagFogConfig, PIMuonConfig, PIMuonGNConfig)

@@ -12,9 +12,11 @@ from typing import ClassVar, Optional
 
 from gn import curvature
 from gn.curvature.objective import split_batch
-from gn.methods.base import check_choice, check_range, opt
+from gn.errors import ConfigError
+from gn.methods.base import MethodContext, check_choice, check_range, opt
 from gn.methods.first_order import OptimizerConfig, _opts
-from gn.optim import adarmsuon, fog_gn, lwgn, muon, normuon, rmsuon, soap
+from gn.optim import adarmsuon, fog_gn, layerwise_gn_cost, lwgn, muon, normuon, rmsuon, soap
+from gn.paths import is_hidden_matrix
 
 _ADAM_LR = "AdamW-side peak learning rate (null = the method's own)"
 
@@ -114,9 +116,30 @@ class SOAPConfig(OptimizerConfig):
 
 
 def _batch_extras(apply_fn, batches) -> dict:
-    # Curvature backends see the whole step's batch (all micro-batches).
+    # Curvature backends see the whole step's batch (all micro-batches; curvature_batch takes its first k).
     inputs, targets = split_batch(batches.reshape((-1,) + batches.shape[2:]))
     return {"inputs": inputs, "targets": targets}
+
+
+CURVATURE_BATCH_HELP = ("sequences of the step's batch the layerwise-GN solve reads (0 = all; Martens 2010 §4.3 "
+                        "solves on a smaller curvature batch than the gradient's)")
+
+
+def curvature_fraction(cfg, ctx: MethodContext, name: str) -> float:
+    """The share of the step's batch the layerwise-GN solve reads; a curvature_batch larger than the
+    batch is a ConfigError before any compute."""
+    k, b = cfg.curvature_batch, ctx.batch_size
+    if k > b:
+        raise ConfigError(f"'{name}.curvature_batch' ({k}) is larger than the step's batch ({b} sequences).")
+    return (k or b) / b
+
+
+def lwgn_backend_cost(cfg, ctx: MethodContext, name: str, *, only=None, partition="per_tensor", iters=None):
+    """The layerwise-GN solve's cost per step (gn.optim.layerwise_gn_cost), scaled to the share of the
+    batch it reads, as a backend_cost."""
+    frac = curvature_fraction(cfg, ctx, name)
+    iters = cfg.max_iters if iters is None else iters
+    return lambda params: frac * layerwise_gn_cost(params, partition=partition, max_iters=iters, only=only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +158,7 @@ class LwGNConfig(OptimizerConfig):
     max_iters: int = opt(10, "CG iterations per step")
     tol: float = opt(1e-6, "CG relative residual tolerance")
     block_mode: str = opt("unrolled", "batched, sequential or unrolled (same numbers)")
+    curvature_batch: int = opt(0, CURVATURE_BATCH_HELP)
 
     def validate(self, where: str) -> None:
         super().validate(where)
@@ -142,13 +166,18 @@ class LwGNConfig(OptimizerConfig):
         check_choice(self.block_mode, curvature.BLOCK_MODES, where, "block_mode")
         check_range(self.damping >= 0, where, "damping", ">= 0", self.damping)
         check_range(self.max_iters >= 1, where, "max_iters", ">= 1", self.max_iters)
+        check_range(self.curvature_batch >= 0, where, "curvature_batch", ">= 0 (0 = the whole batch)",
+                    self.curvature_batch)
 
     def core(self, schedule, apply_fn):
         return lwgn(schedule, apply_fn, **_opts(self, "momentum", "partition", "damping", "max_iters", "tol",
-                                                "block_mode"))
+                                                "block_mode", "curvature_batch"))
 
     def step_extras(self, apply_fn, batches):
         return _batch_extras(apply_fn, batches)
+
+    def backend_cost(self, ctx, name):
+        return lwgn_backend_cost(self, ctx, name, partition=self.partition)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,25 +186,31 @@ class FogGNConfig(MuonConfig):
     family: ClassVar[str] = "curvature"
     inner_ok: ClassVar[bool] = False
     description: ClassVar[str] = ("FOG-GN = Muon ∘ LwGN⁻¹: Muon on the per-tensor layerwise GN direction of "
-                                  "hidden matrices, AdamW elsewhere (seeds 000/004)")
+                                  "hidden matrices, AdamW elsewhere (docs/methods.md §4)")
     damping: float = opt(1e-3, "λ in (G_bb + λI)")
     max_iters: int = opt(5, "CG iterations per step")
     tol: float = opt(1e-6, "CG relative residual tolerance")
     block_mode: str = opt("unrolled", "batched, sequential or unrolled (same numbers)")
+    curvature_batch: int = opt(0, CURVATURE_BATCH_HELP)
 
     def validate(self, where: str) -> None:
         super().validate(where)
         check_choice(self.block_mode, curvature.BLOCK_MODES, where, "block_mode")
         check_range(self.max_iters >= 1, where, "max_iters", ">= 1", self.max_iters)
+        check_range(self.curvature_batch >= 0, where, "curvature_batch", ">= 0 (0 = the whole batch)",
+                    self.curvature_batch)
 
     def core(self, schedule, apply_fn):
         return fog_gn(schedule, apply_fn, adam_learning_rate=self.adam_side_lr(schedule, self.adam_learning_rate),
                       adam_nesterov=self.nesterov,      # as MuonConfig.core
                       **_opts(self, "beta", "nesterov", "ns_steps", "damping", "max_iters", "tol", "adam_b1",
-                              "adam_b2", "block_mode"))
+                              "adam_b2", "block_mode", "curvature_batch"))
 
     def step_extras(self, apply_fn, batches):
         return _batch_extras(apply_fn, batches)
+
+    def backend_cost(self, ctx, name):
+        return lwgn_backend_cost(self, ctx, name, only=is_hidden_matrix)
 
 
 CONFIGS: tuple[type[OptimizerConfig], ...] = (

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from gn.curvature.objective import lm_loss
-from gn.methods.accumulate import AccumulatedMethod, tree_scale
+from gn.methods.accumulate import AccumulatedMethod, BackendCost, tree_scale
 from gn.methods.base import MethodContext
 from gn.optim import tree_norm
 
@@ -28,12 +28,13 @@ class OptaxMethod(AccumulatedMethod):
     `inputs`/`targets`)."""
 
     def __init__(self, name: str, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                 ctx: MethodContext, *, extras: Optional[StepExtras] = None):
+                 ctx: MethodContext, *, extras: Optional[StepExtras] = None,
+                 backend_cost: Optional[BackendCost] = None):
         self._apply = ctx.apply_fn
         self._extras = extras
         # value_and_grad equivalents at the reference batch (train.batch_size).
         self.grad_evals_per_step = ctx.batch_size / (ctx.reference_batch_size or ctx.batch_size)
-        super().__init__(name, tx, schedule, ctx)
+        super().__init__(name, tx, schedule, ctx, backend_cost=backend_cost)
 
     def micro(self, params, state):
         del state

@@ -26,11 +26,11 @@ from gn.curvature.layer_stats import layer_stats_vjp
 from gn.curvature.losses import mean_loss
 from gn.curvature.objective import mean_entropy, split_batch
 from gn.errors import require
-from gn.methods.accumulate import AccumulatedMethod, micro_batch_plan
+from gn.methods.accumulate import AccumulatedMethod, BackendCost, micro_batch_plan
 from gn.methods.base import MethodContext
 from gn.model import FlaxLM, ModelConfig, make_apply
 from gn.optim import ParamPath as Path
-from gn.optim import FISHER_TYPES, batch_factors, predictive_integrity, stat_layers
+from gn.optim import FISHER_TYPES, batch_factors, kron_stats_cost, predictive_integrity, stat_layers
 from gn.optim import safe_increment
 from gn.optim import tree_norm
 
@@ -130,7 +130,8 @@ class StatsMethod(AccumulatedMethod):
 
     def __init__(self, name: str, tx: optax.GradientTransformation, schedule: optax.Schedule,
                  ctx: MethodContext, *, stats: Optional[str], layer_mask: Callable[[Any], Any],
-                 fisher: str = "empirical", T_cov: int = 1, pi: Optional[tuple[float, float]] = None):
+                 fisher: str = "empirical", T_cov: int = 1, pi: Optional[tuple[float, float]] = None,
+                 backend_cost: Optional[BackendCost] = None):
         require(ctx.model_cfg is not None,
                 f"method '{name}' needs the model config (MethodContext.model_cfg) to gather layer statistics.")
         micro_batch_plan(ctx)       # its ConfigError (batch_size / grad_accum) before the others
@@ -143,9 +144,13 @@ class StatsMethod(AccumulatedMethod):
         self.traces = 0          # times `step` was traced (diagnostics: recompilation)
         self._cfg = ctx.model_cfg
         self._stats, self._mask, self._fisher, self._t_cov, self._pi = stats, layer_mask, fisher, T_cov, pi
-        super().__init__(name, optax.with_extra_args_support(tx), schedule, ctx)
+        super().__init__(name, optax.with_extra_args_support(tx), schedule, ctx, backend_cost=backend_cost)
 
     def init(self, params: Any) -> StatsMethodState:
+        self.count_backend(params)
+        if self._stats is not None:     # the statistics' outer products, on refresh steps (every T_cov)
+            stats = kron_stats_cost(params, self._mask, diagonal=self._stats == "diag") / self._t_cov
+            self.grad_evals_per_step += self._gradient_cost * stats
         return StatsMethodState(jnp.zeros([], jnp.int32), self.tx.init(params))
 
     def micro(self, params, state):

@@ -31,9 +31,10 @@ import optax
 from gn.optim._fog import (DIAG_MODES, FISHER_SOURCES, diagfog, fog, kfac, pi_muon, predictive_integrity,
                           scale_by_diag_fisher, scale_by_diagfog, scale_by_fog, scale_by_pi_muon,
                           with_fisher_direction)
-from gn.optim._kfac import DAMPING_MODES, FISHER_TYPES, batch_factors, scale_by_kfac, stat_layers
+from gn.optim._kfac import DAMPING_MODES, FISHER_TYPES, batch_factors, kron_stats_cost, scale_by_kfac, stat_layers
 from gn.optim._kfac import Path as ParamPath
-from gn.optim._lwgn import fog_gn, kernels_only, layerwise_gn_direction, lwgn, scale_by_layerwise_gn
+from gn.optim._lwgn import (fog_gn, kernels_only, layerwise_gn_cost, layerwise_gn_direction, lwgn,
+                            scale_by_layerwise_gn)
 from gn.optim._muon import (ADAM_B1, ADAM_B2, ADAM_EPS, ADAM_NESTEROV, ADAM_WEIGHT_DECAY, ADAMW_SIDE,
                             matrix_mask_fn, muon, muon_momentum, scale_by_muon, with_adamw_side)
 from gn.optim.masks import DECAY_RULES, decay_mask, matrix_mask, validate_decay_rule
@@ -48,23 +49,24 @@ from gn.optim.transforms import (clip_and_decay, clip_by_group_norm, decoupled_w
 
 
 def pi_muon_gn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, damping: float = 1e-3,
-               max_iters: int = 5, include_head: bool = False, **kwargs: Any) -> optax.GradientTransformation:
+               max_iters: int = 5, include_head: bool = False, curvature_batch: int = 0,
+               **kwargs: Any) -> optax.GradientTransformation:
     """PI-Muon with layerwise Gauss-Newton as g_fisher (docs/methods.md §4):
     u = (1 − λ) (G_bb + λI)⁻¹ g + λ Muon(g) on the hidden kernels, AdamW elsewhere.
 
     Extra args of `update`: `entropy=`, `inputs=`, `targets=` (the gradient's batch).
     """
     fisher = scale_by_layerwise_gn(apply_fn, damping=damping, only=kernels_only(include_head), max_iters=max_iters,
-                                   block_mode="unrolled")
+                                   block_mode="unrolled", curvature_batch=curvature_batch)
     return pi_muon(learning_rate, fisher=fisher, damping=damping, include_head=include_head, **kwargs)
 
 
 __all__ = [
     "ADAMW_SIDE", "ADAM_B1", "ADAM_B2", "ADAM_EPS", "ADAM_NESTEROV", "ADAM_WEIGHT_DECAY", "DAMPING_MODES",
     "DECAY_RULES", "DEFAULT_NS_COEFFS", "DIAG_MODES", "FISHER_SOURCES", "FISHER_TYPES", "NS_BACKENDS", "ParamPath",
-    "SCHEDULES", "batch_factors", "kernels_only", "predictive_integrity", "stat_layers",
+    "SCHEDULES", "batch_factors", "kernels_only", "kron_stats_cost", "predictive_integrity", "stat_layers",
     "adarmsuon", "clip_and_decay", "clip_by_group_norm", "decay_mask", "decoupled_weight_decay", "diagfog",
-    "embed_head_labels", "embed_head_split", "fog", "fog_gn", "kfac", "layerwise_gn_direction", "lwgn",
+    "embed_head_labels", "embed_head_split", "fog", "fog_gn", "kfac", "layerwise_gn_cost", "layerwise_gn_direction", "lwgn",
     "make_schedule", "Schedule", "bound_schedules", "collecting_schedules", "matrix_mask", "matrix_mask_fn", "muon", "muon_momentum", "muon_scale", "normuon",
     "orthogonalize", "pi_muon", "pi_muon_gn", "rmsuon", "safe_increment", "scale_by_diag_fisher",
     "scale_by_diagfog", "scale_by_fog", "scale_by_kfac", "scale_by_layerwise_gn", "scale_by_muon",

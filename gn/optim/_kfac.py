@@ -116,6 +116,22 @@ def stat_layers(params: Any, mask: Any | Callable[[Any], Any]) -> tuple[Path, ..
     return tuple(out)
 
 
+def kron_stats_cost(params: Any, mask: Any | Callable[[Any], Any], *, diagonal: bool = False) -> float:
+    """value_and_grad equivalents of gathering a step's Kronecker statistics (a FLOP estimate):
+    per token, A = a aᵀ and G = δ δᵀ of each selected (d_in, d_out) kernel cost 2(d_in² + d_out²)
+    multiply-adds, against the gradient's 6N for N parameters (the GN methods' convention);
+    `diagonal` factors (E[a²], E[δ²]) cost 2(d_in + d_out). Eigendecompositions (O(d³) every
+    T_inv steps, independent of the batch) are not included."""
+    resolved = mask(params) if callable(mask) else mask
+    n = sum(int(x.size) for x in jax.tree.leaves(params))
+    flops = 0.0
+    for leaf, use in zip(jax.tree.leaves(params), jax.tree.leaves(resolved)):
+        if use:
+            d_in, d_out = leaf.shape
+            flops += 2.0 * ((d_in + d_out) if diagonal else (d_in ** 2 + d_out ** 2))
+    return flops / (6.0 * n)
+
+
 def batch_factors(layer_inputs: Any, layer_output_grads: Any, layers: Sequence[Path], *,
                   diagonal: bool = False, loss_scale: Optional[float] = None) -> dict:
     """Per-batch factors of each layer in `layers` (kernel paths).

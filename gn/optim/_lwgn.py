@@ -13,7 +13,7 @@ product per iteration serves all blocks (`gn.curvature.block_conjugate_gradient`
 Compositions registered here:
     lwgn    θ ← θ − lr · LwGN⁻¹ g                      (natural-gradient descent, optional momentum)
     fog_gn  θ ← θ − lr · Muon(LwGN⁻¹ g)               on hidden matrices; AdamW on the rest
-            (the seeds' operator composition with GN as the statistical operator)
+            (FOG's operator composition with GN as the statistical operator)
 """
 
 from __future__ import annotations
@@ -78,16 +78,37 @@ def _restricted_partition(only: Callable[[str, Any], bool] | None, partition: An
     return label
 
 
+def layerwise_gn_cost(params: Any, *, partition: Any = "per_tensor", max_iters: int = 50,
+                      only: Callable[[str, Any], bool] | None = None) -> float:
+    """value_and_grad equivalents of one layerwise-GN solve on the batch it reads (a FLOP
+    estimate and an upper bound: CG may stop early at `tol`): one primal pass (2N of a
+    gradient's 6N per token) and, per CG iteration, a tangent and a transpose (4N + 4N) per
+    block, every block counted as a whole-network pass. The same estimate as the GN
+    methods' (gn.methods.gauss_newton._flop_cost), so compute compares across the two."""
+    blocks = len(curvature.make_partition(params, _restricted_partition(only, partition))[1])
+    return (2.0 + 8.0 * blocks * max_iters) / 6.0
+
+
+def _first(x: Any, k: int) -> Any:
+    return x if (x is None or not k) else x[:k]
+
+
 def scale_by_layerwise_gn(apply_fn: Callable, *, partition: Any = "per_tensor", damping: float = 1e-3,
                           max_iters: int = 50, tol: float = 1e-6, loss: str = "cross_entropy",
                           block_mode: str = "batched",
-                          only: Callable[[str, Any], bool] | None = None) -> optax.GradientTransformationExtraArgs:
+                          only: Callable[[str, Any], bool] | None = None,
+                          curvature_batch: int = 0) -> optax.GradientTransformationExtraArgs:
     """Replace the gradient by the layerwise GN direction of the current batch.
 
     Extra args of `update`: `inputs`, `targets` and optionally `mask` (the batch
     the gradient came from). With `only(path, leaf)`, leaves it rejects keep
-    their raw gradient (e.g. embeddings handed to AdamW).
+    their raw gradient (e.g. embeddings handed to AdamW). With `curvature_batch`
+    k > 0, G is the GGN of the batch's first k sequences (an unbiased estimate of
+    the same mean GGN; Martens 2010 §4.3 solves with a curvature batch smaller
+    than the gradient's), while g stays the whole batch's gradient.
     """
+    if curvature_batch < 0:
+        raise ValueError(f"curvature_batch must be >= 0 (0 = the whole batch), got {curvature_batch}")
     part = _restricted_partition(only, partition)
 
     def init(params):
@@ -98,6 +119,10 @@ def scale_by_layerwise_gn(apply_fn: Callable, *, partition: Any = "per_tensor", 
         del extra
         if params is None or inputs is None or targets is None:
             raise ValueError("scale_by_layerwise_gn needs params and the batch (inputs=, targets=)")
+        k = curvature_batch
+        if k and k > inputs.shape[0]:
+            raise ValueError(f"curvature_batch ({k}) is larger than the step's batch ({inputs.shape[0]} sequences)")
+        inputs, targets, mask = _first(inputs, k), _first(targets, k), _first(mask, k)
         direction = layerwise_gn_direction(apply_fn, params, inputs, targets, updates, mask=mask, loss=loss,
                                            partition=part, damping=damping, max_iters=max_iters, tol=tol,
                                            block_mode=block_mode)
@@ -111,14 +136,14 @@ def scale_by_layerwise_gn(apply_fn: Callable, *, partition: Any = "per_tensor", 
 
 def lwgn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, momentum: float = 0.0,
          partition: Any = "per_tensor", damping: float = 1e-3, max_iters: int = 50,
-         tol: float = 1e-6, block_mode: str = "batched") -> optax.GradientTransformationExtraArgs:
+         tol: float = 1e-6, block_mode: str = "batched", curvature_batch: int = 0) -> optax.GradientTransformationExtraArgs:
     """Natural-gradient descent with layerwise GN: θ ← θ − lr · m, m ← μ m + (G_bb + λI)⁻¹ g_b.
 
     Cost per step: up to `max_iters` block-diagonal GGN products, each about
     (number of blocks) tangent+transpose passes in `block_mode="batched"`
     (fewer with "unrolled", same numbers)."""
     parts = [scale_by_layerwise_gn(apply_fn, partition=partition, damping=damping, max_iters=max_iters, tol=tol,
-                                   block_mode=block_mode)]
+                                   block_mode=block_mode, curvature_batch=curvature_batch)]
     if momentum:
         parts.append(optax.trace(decay=momentum))
     parts.append(optax.scale_by_learning_rate(learning_rate))
@@ -127,8 +152,9 @@ def lwgn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, momentum:
 
 def fog_gn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, beta: float = 0.95,
            nesterov: bool = True, ns_steps: int = 5, damping: float = 1e-3, max_iters: int = 50,
-           tol: float = 1e-6, block_mode: str = "batched", **adamw_side: Any) -> optax.GradientTransformationExtraArgs:
-    """FOG-GN = Muon ∘ LwGN⁻¹ (seeds 000/004): θ ← θ − lr · u on the hidden matrices,
+           tol: float = 1e-6, block_mode: str = "batched", curvature_batch: int = 0,
+           **adamw_side: Any) -> optax.GradientTransformationExtraArgs:
+    """FOG-GN = Muon ∘ LwGN⁻¹ (docs/methods.md §4): θ ← θ − lr · u on the hidden matrices,
 
         u = `muon`'s core (bias-corrected Nesterov momentum β, `ns_steps` Newton–Schulz steps,
             √max(1, out/in); optax.contrib.muon's numbers) of d = (G_bb + λI)⁻¹ g_b,
@@ -137,6 +163,6 @@ def fog_gn(learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, *, beta: f
     take the AdamW side of `with_adamw_side` on their raw gradients (options in `**adamw_side`)."""
     return optax.chain(
         scale_by_layerwise_gn(apply_fn, partition="per_tensor", damping=damping, max_iters=max_iters, tol=tol,
-                              only=is_hidden_matrix, block_mode=block_mode),
+                              only=is_hidden_matrix, block_mode=block_mode, curvature_batch=curvature_batch),
         muon(learning_rate, beta=beta, nesterov=nesterov, ns_steps=ns_steps, **adamw_side),
     )
