@@ -90,6 +90,16 @@ def test_gn_batch_grows_through_inner_steps():
     assert all(r.config["train"]["batch_size"] == r.batch_size for r in runs)
 
 
+def test_fixed_n_inner_grows_the_inner_batch():
+    """n_inner: N fixed at every B, b_inner = B / N (GN); the control takes N updates of B / N."""
+    runs = _expand(batch_sizes=[8, 16], lr={"values": [0.01]},
+                   methods=[{"name": "gn", "n_inner": 2}, {"name": "ctl", "method": "muon", "n_inner": 2}])
+    got = {(r.method, r.batch_size): r.config["methods"][0] for r in runs}
+    assert got["gn", 8]["inner_steps"] == 2 and got["gn", 16]["inner_steps"] == 2
+    assert got["ctl", 8]["batch_size"] == 4 and got["ctl", 16]["batch_size"] == 8
+    assert all(r.config["train"]["batch_size"] == r.batch_size for r in runs)
+
+
 def test_warmup_tokens_b2_scaling_ema_and_horizon():
     runs = _expand(warmup_tokens=256, scale_b2=True, ema_halflife_updates=2, schedule="cosine",
                    lr={"values": [1e-2]}, methods=[{"name": "adamw", "lr": {"base_batch": 4}}])
@@ -117,6 +127,8 @@ def test_workdir_names_unique_and_stable():
     ({"lr": {"values": []}}, "empty grid"),
     ({"methods": [{"name": "gn", "b_inner": 3}]}, "not divisible by b_inner"),
     ({"methods": [{"name": "gn"}]}, "b_inner"),
+    ({"methods": [{"name": "gn", "n_inner": 3}]}, "not divisible by n_inner"),
+    ({"methods": [{"name": "gn", "n_inner": 2, "b_inner": 2}]}, "not both"),
     ({"base": "nowhere.yaml"}, "nowhere.yaml"),
     ({"batch_size": [4]}, "batch_sizes"),                                          # unknown spec key, suggested
     ({"methods": [{"name": "adamw", "learning_rate": 0.1}]}, "set by the sweep"),

@@ -28,6 +28,8 @@ A spec YAML (unknown keys are errors, with the nearest valid key suggested):
       - name: gn
         b_inner: 32                   # GN: inner_steps = B / b_inner; the lr grid is inner_learning_rate
                                       # (first-order: the small-batch control, B / b_inner updates per step)
+                                      # or n_inner: 8: N fixed, b_inner = B / N (the batch grows through
+                                      # the inner batch; the control: N updates of B / N per outer step)
         batch_sizes: [256, 512]       # per-method grid overrides: batch_sizes, seeds, lr, vary
         vary: {ls_grid: [5, 10]}
 
@@ -93,7 +95,7 @@ from gn.studies.spec_values import _check, _int, _list, _num, _round
 SPEC_KEYS = ("base", "config", "methods", "batch_sizes", "seeds", "tokens", "lr", "warmup_tokens", "warmup_updates",
              "scale_b2", "schedule", "ema_halflife_updates", "eval_every_tokens", "min_evals", "crossing_tokens",
              "targets", "stop_at_target", "vary", "slurm")
-ENTRY_KEYS = ("name", "method", "lr", "b_inner", "batch_sizes", "seeds", "vary")
+ENTRY_KEYS = ("name", "method", "lr", "b_inner", "n_inner", "batch_sizes", "seeds", "vary")
 LR_KEYS = ("center", "base_batch", "power", "points", "factor", "values")
 SECTIONS = ("model", "data", "train")
 GN_FAMILY = "gauss_newton"
@@ -147,6 +149,13 @@ class SweepMethod:
     seeds: tuple[int, ...]
     vary: tuple[tuple[str, tuple], ...]      # (option name or section.key, values)
     b_inner: int | None = None
+    n_inner: int | None = None               # instead of b_inner: N fixed, b_inner = B / N
+
+    def inner_batch(self, batch_size: int) -> int | None:
+        """The inner batch at outer batch B (GN's b_inner, the control's own batch); None: plain."""
+        if self.n_inner:
+            return batch_size // self.n_inner
+        return self.b_inner
 
     @property
     def is_gn(self) -> bool:
@@ -295,8 +304,13 @@ def _method(entry: Any, i: int, spec: Mapping, global_vary: tuple) -> SweepMetho
     for key in ("warmup_tokens", "warmup_updates"):       # (warmup_tokens: 0 leaves the method's own)
         require("warmup_steps" not in options or not (spec.get(key) or (key == "warmup_updates" and key in spec)),
                 f"{where}: 'warmup_steps' conflicts with the spec's '{key}'.")
-    b_inner = entry.get("b_inner")
-    if gn or b_inner is not None:
+    b_inner, n_inner = entry.get("b_inner"), entry.get("n_inner")
+    require(b_inner is None or n_inner is None,
+            f"{where}: give 'b_inner' (N = B / b_inner: the batch grows through N) or 'n_inner' "
+            f"(b_inner = B / N: the batch grows through the inner batch), not both.")
+    if n_inner is not None:
+        n_inner = _int(n_inner, f"{where}.n_inner", minimum=1)
+    elif gn or b_inner is not None:
         # GN: the inner batch. A first-order method: the small-batch control, B / b_inner updates of
         # b_inner sequences per outer step (the trainer's per-method batch_size).
         b_inner = _int(b_inner, f"{where}.b_inner", minimum=1)
@@ -316,10 +330,14 @@ def _method(entry: Any, i: int, spec: Mapping, global_vary: tuple) -> SweepMetho
         bad = [b for b in batch_sizes if b % b_inner]
         require(not bad, f"{where}: batch sizes {bad} are not divisible by b_inner ({b_inner}); "
                          f"a GN outer step reads B / b_inner inner batches.")
+    if n_inner is not None:
+        bad = [b for b in batch_sizes if b % n_inner]
+        require(not bad, f"{where}: batch sizes {bad} are not divisible by n_inner ({n_inner}); "
+                         f"an outer step reads n_inner inner batches of B / n_inner.")
     seeds = tuple(_int(s, f"{where}.seeds", minimum=0)
                   for s in _list(entry.get("seeds", spec.get("seeds", [0])), f"{where}.seeds"))
     return SweepMethod(name=name, registered=reg.name, family=reg.family, options=options, lr=lr,
-                       batch_sizes=batch_sizes, seeds=seeds, vary=vary, b_inner=b_inner)
+                       batch_sizes=batch_sizes, seeds=seeds, vary=vary, b_inner=b_inner, n_inner=n_inner)
 
 
 def _lr_base(raw: Any) -> dict:

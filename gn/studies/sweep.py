@@ -130,16 +130,17 @@ def _resolve(spec: SweepSpec, m: SweepMethod, B: int, lr: float, seed: int, vary
                                         "one lr value (it is not used) and vary damping instead.")
     else:
         entry[m.lr_key] = lr
+    b_inner = m.inner_batch(B)
     if m.is_gn:
-        entry["inner_steps"] = B // m.b_inner
-    elif m.b_inner:
-        entry["batch_size"] = m.b_inner       # the control: B / b_inner sequential updates per outer step
+        entry["inner_steps"] = B // b_inner
+    elif b_inner:
+        entry["batch_size"] = b_inner         # the control: B / b_inner sequential updates per outer step
     if "schedule" in defaults and "schedule" not in entry:
         entry["schedule"] = spec.schedule
     warmup = None
     if "warmup_steps" in defaults:
         # warmup_steps counts the method's own steps: for the small-batch control, updates of b_inner.
-        method_batch = m.b_inner if (m.b_inner and not m.is_gn) else B
+        method_batch = b_inner if (b_inner and not m.is_gn) else B
         if spec.warmup_updates is not None and not (spec.warmup_default and "warmup_steps" in entry):
             warmup = spec.warmup_updates
         elif spec.warmup_tokens:
