@@ -188,3 +188,49 @@ def test_summary_counts_passes_over_the_training_data(tmp_path, capsys):
     syn = json.loads(json.dumps(TINY_RUN))
     syn["methods"] = [{"name": "adamw"}]
     assert train(config_from_dict(syn), "adamw", tmp_path / "syn")["data_passes"] is None   # unbounded
+
+
+def _docs_of(src) -> list[str]:
+    eos = ByteTokenizer.eos_id
+    ids = np.concatenate([np.asarray(a) for a in src.windows.segments])
+    return [bytes(d[:-1].astype(np.uint8)).decode() for d in np.split(ids, np.flatnonzero(ids == eos) + 1) if len(d)]
+
+
+def test_train_documents_splits_the_training_documents_disjointly(tmp_path):
+    """[0, a) and [a, 1) of the training documents: disjoint, together all of them, the same validation."""
+    _corpus(tmp_path / "corpus")
+    cfg = lambda share: _cfg(tmp_path / "corpus", tmp_path / "cache", train_documents=share)
+    whole, head, tail = (build_source(cfg(s), seed=0) for s in (None, (0.0, 0.25), (0.25, 1.0)))
+    d_whole, d_head, d_tail = _docs_of(whole), _docs_of(head), _docs_of(tail)
+    n = len(d_whole)
+    assert d_head == d_whole[: n // 4] and d_tail == d_whole[n // 4:]        # in order, disjoint, complete
+    assert not set(d_head) & set(d_tail)
+    np.testing.assert_array_equal(head.validation(8), whole.validation(8))
+    np.testing.assert_array_equal(tail.validation(8), whole.validation(8))
+    assert head.num_train < tail.num_train < whole.num_train
+    with pytest.raises(ConfigError, match="selects no document"):
+        build_source(cfg((0.0, 0.001)), seed=0)
+    for bad in ((0.5, 0.5), (-0.1, 0.5), (0.2, 1.5)):
+        with pytest.raises(ConfigError, match="train_documents"):
+            cfg(bad).validate()
+    with pytest.raises(ConfigError, match="'text' source"):
+        DataConfig(source="synthetic", train_documents=(0.0, 0.5)).validate()
+
+
+def test_max_epochs_refuses_a_run_that_would_repeat_data_before_compute(tmp_path):
+    from gn.config import config_from_dict
+    from gn.train.run import prepare
+    from tests.tiny_models import TINY_RUN
+
+    _corpus(tmp_path / "corpus", n=12)
+    raw = json.loads(json.dumps(TINY_RUN))
+    raw["data"] = {"source": "text", "path": str(tmp_path / "corpus"), "tokenizer": "byte", "seq_len": 16,
+                   "val_sequences": 8, "cache_dir": str(tmp_path / "cache"), "max_epochs": 1}
+    raw["methods"] = [{"name": "adamw"}]
+    src = build_source(config_from_dict(raw).data, seed=0)
+    fits = src.num_train // 8                                      # steps of 8 windows within one pass
+    raw["train"].update(steps=fits, batch_size=8)
+    prepare(config_from_dict(raw), "adamw")
+    raw["train"].update(steps=fits + 1)
+    with pytest.raises(ConfigError, match=r"max_epochs 1: method 'adamw' would read .* passes over"):
+        prepare(config_from_dict(raw), "adamw")

@@ -97,6 +97,14 @@ class DataConfig:
     - `val_documents`: for `text`, at least this many documents are held out for
       validation (None: the fewest that hold `val_sequences` windows); the
       `val_sequences` windows are spread evenly over them.
+    - `train_documents`: for `text`, the share [lo, hi) of the training documents
+      (those left after the validation hold-out, in the source's fixed document
+      order) this run trains on, e.g. [0, 0.1] for a warm start and [0.1, 1] for
+      the runs after it, so no run reads its warm start's data; None: all.
+    - `max_epochs`: a finite source's bound on the passes over its training
+      windows: a run whose planned steps (training and line-search batches)
+      would read more is a ConfigError before any compute (1: no window is read
+      twice); None: no bound (passes above 1 are still reported, `data_passes`).
     - `cache_dir`: trained tokenizers and tokenised corpora (default
       `$GN_CACHE_DIR` or `~/.cache/gn`).
     """
@@ -112,6 +120,8 @@ class DataConfig:
     val_sequences: int = 64
     cache_dir: str | None = None
     val_documents: int | None = None
+    train_documents: tuple[float, float] | None = None
+    max_epochs: float | None = None
     synthetic: SyntheticConfig = SyntheticConfig()
 
     def validate(self) -> None:
@@ -130,4 +140,14 @@ class DataConfig:
         if self.val_documents is not None and (not isinstance(self.val_documents, int)
                                                or isinstance(self.val_documents, bool) or self.val_documents < 1):
             raise ConfigError(f"data.val_documents must be a positive integer or null, got {self.val_documents!r}.")
+        if self.train_documents is not None:
+            lo, hi = self.train_documents
+            if not 0.0 <= lo < hi <= 1.0:
+                raise ConfigError(f"data.train_documents must be [lo, hi] with 0 <= lo < hi <= 1 (shares of the "
+                                  f"training documents), got {list(self.train_documents)!r}.")
+            if self.source != "text":
+                raise ConfigError(f"data.train_documents splits the documents of the 'text' source; data.source is "
+                                  f"'{self.source}'.")
+        if self.max_epochs is not None and not self.max_epochs > 0:
+            raise ConfigError(f"data.max_epochs must be positive or null, got {self.max_epochs!r}.")
         module.validate(self)

@@ -181,6 +181,23 @@ def split_documents(arrays: list[np.ndarray], eos_id: int, seq_len: int, val_seq
         "data.val_documents or data.seq_len, or give data.val_path.")
 
 
+def select_documents(arrays: list[np.ndarray], eos_id: int, share: tuple[float, float]) -> list[np.ndarray]:
+    """The documents [⌊lo·n⌋, ⌊hi·n⌋) of the n in `arrays` (in order; each ends at its EOS), as
+    segments: one contiguous slice of the stream, so the windows of [0, a) and [a, 1) share no token."""
+    ends = [(s, int(i) + 1) for s, a in enumerate(arrays) for i in np.flatnonzero(np.asarray(a) == eos_id)]
+    n = len(ends)
+    first, last = int(share[0] * n), int(share[1] * n)
+    if last <= first:
+        raise ConfigError(f"data.train_documents {list(share)!r} selects no document of the {n} training "
+                          "documents; widen the range.")
+    start = (0, 0) if first == 0 else ends[first - 1]
+    stop = ends[last - 1]
+    if start[0] == stop[0]:
+        return [arrays[start[0]][start[1]:stop[1]]]
+    return [a for a in [arrays[start[0]][start[1]:], *arrays[start[0] + 1:stop[0]], arrays[stop[0]][:stop[1]]]
+            if len(a)]
+
+
 def build(cfg: DataConfig, *, seed: int) -> WindowedSource:
     """The text files as shuffled windows, validated on held-out documents (or on `val_path`)."""
     root, files = resolve_files(cfg.path, "data.path")
@@ -189,11 +206,15 @@ def build(cfg: DataConfig, *, seed: int) -> WindowedSource:
     name = f"text/{meta['tokenizer']}"
     if cfg.val_path is not None:
         val_arrays, _ = _stream(cfg, cfg.val_path, tokenizer, "data.val_path")
+        if cfg.train_documents is not None:
+            arrays = select_documents(arrays, meta["eos_id"], cfg.train_documents)
         return holdout_source(TokenWindows(arrays, cfg.seq_len), cfg.val_sequences, seed=seed,
                               vocab_size=meta["vocab_size"], eos_id=meta["eos_id"], name=name,
                               val_windows=TokenWindows(val_arrays, cfg.seq_len))
     train, val, n_val = split_documents(arrays, meta["eos_id"], cfg.seq_len, cfg.val_sequences,
                                         cfg.val_documents or 1)
+    if cfg.train_documents is not None:     # the validation documents are held out first, the same for every share
+        train = select_documents(train, meta["eos_id"], cfg.train_documents)
     val_windows, train_windows = TokenWindows(val, cfg.seq_len), TokenWindows(train, cfg.seq_len)
     # Evenly spread over the held-out documents (distinct indices: there are at least val_sequences).
     index = np.linspace(0, len(val_windows) - 1, cfg.val_sequences).round().astype(np.int64)

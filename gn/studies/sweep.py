@@ -169,7 +169,8 @@ def _resolve(spec: SweepSpec, m: SweepMethod, B: int, lr: float, seed: int, vary
 
 # Config keys added after sweeps were run, left out of a run's digest while at their default, so that
 # an existing sweep directory keeps its run names (and its finished runs) across the addition.
-DIGEST_OMITTED_DEFAULTS = {("train", "compile_reuse"): False}
+DIGEST_OMITTED_DEFAULTS = {("train", "compile_reuse"): False, ("data", "train_documents"): None,
+                           ("data", "max_epochs"): None}
 
 
 def run_digest(resolved: Mapping) -> str:

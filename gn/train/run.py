@@ -107,6 +107,14 @@ def prepare(cfg: Config, method_name: str, *, num_devices: int | None = None, mo
             curvature=entry.hparams.family != "first_order", device=mesh.devices.flat[0])
         apply_fn, method = build(compute_cfg)
     plan = method.plan
+    num_train = getattr(source, "num_train", None)
+    if cfg.data.max_epochs is not None and num_train:
+        # every step draws plan.train + plan.aux batches of plan.micro_batch windows (trainer._step)
+        need = steps * (plan.train + plan.aux) * plan.micro_batch
+        require(need <= cfg.data.max_epochs * num_train,
+                f"data.max_epochs {cfg.data.max_epochs:g}: method '{entry.name}' would read {need:,} training "
+                f"windows in its {steps} steps ({need / num_train:.2f} passes over the {num_train:,} windows of "
+                f"its training documents). Lower train.steps (or the sweep's tokens), or raise data.max_epochs.")
     for count, micro in ((plan.train, plan.micro_batch), (plan.aux, plan.aux_micro_batch)):
         require(count == 0 or micro % n_dev == 0,
                 f"Method '{entry.name}' splits each step into batches of {micro} sequences, which is not "
