@@ -5,6 +5,7 @@
     python experiments/batch_tables.py cost RUNDIR...                # compute time of each experiment
     python experiments/batch_tables.py fixed ANALYSIS.json           # final loss per method and batch
     python experiments/batch_tables.py steps ANALYSIS.json TARGET    # steps to target per method and batch
+    python experiments/batch_tables.py units ANALYSIS.json TARGET [REF]  # every unit per method and batch, ratios to REF
 
 Numbers are read, never typed: each table is printed from the analysis JSON (and, for
 wall time and updates, from the runs' summary.json).
@@ -131,6 +132,41 @@ def steps_table(analysis: dict, target: str) -> str:
     return "\n".join(rows)
 
 
+UNIT_COLUMNS = (("outer_steps", "outer steps"), ("updates", "sequential updates"), ("compute", "compute (seq fwd-bwd)"))
+
+
+def _cell(u: dict | None) -> str:
+    if not u or u.get("mean") is None:
+        return "–"
+    ci = u.get("ci") or [None, None]
+    return f"{u['mean']:.3g}" + (f" {_ci(ci)}" if ci[0] is not None else "")
+
+
+def units_table(analysis: dict, target: str, reference: str | None = None) -> str:
+    """Per method and batch at the best lr: n reached/run, outer steps, sequential updates and compute
+    to `target` (mean [Student-t 95 %] over seeds), and each unit's ratio to `reference` at the same batch."""
+    ms = analysis["methods"]
+    best = {m: {e["batch_size"]: e for e in r["targets"].get(target, {}).get("best", [])} for m, r in ms.items()}
+    head = ["method", "B", "lr", "n"] + [name for _, name in UNIT_COLUMNS]
+    if reference:
+        head += [f"{name.split(' ')[0]} / {reference}" for _, name in UNIT_COLUMNS]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in ms:
+        for B, e in sorted(best[m].items()):
+            units = e.get("units") or {}
+            lr = f"{e['learning_rate']:.3g}" + (f" ({e['edge']})" if e.get("edge") in ("low", "high") else "")
+            cells = [m, f"{B:g}", lr, f"{e.get('n_reached', 0)}/{e.get('n_seeds', 0)}"]
+            cells += [_cell(units.get(k)) for k, _ in UNIT_COLUMNS]
+            if reference:
+                ref = best.get(reference, {}).get(B)
+                for k, _ in UNIT_COLUMNS:
+                    a = (units.get(k) or {}).get("mean")
+                    b = ((ref or {}).get("units", {}).get(k) or {}).get("mean")
+                    cells.append(f"{a / b:.3g}" if a and b else "–")
+            rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     kind, *rest = sys.argv[1:]
     if kind == "cbs":
@@ -141,5 +177,7 @@ if __name__ == "__main__":
         print(cost(rest))
     elif kind == "fixed":
         print(fixed_table(json.loads(Path(rest[0]).read_text())))
+    elif kind == "units":
+        print(units_table(json.loads(Path(rest[0]).read_text()), rest[1], rest[2] if len(rest) > 2 else None))
     elif kind == "steps":
         print(steps_table(json.loads(Path(rest[0]).read_text()), rest[1]))
