@@ -23,6 +23,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name: (file, exact old text, new text, test files)
 MUTANTS = {
+    "backend_cost_not_counted": (
+        "gn/methods/accumulate.py",
+        "self.grad_evals_per_step = self._gradient_cost * (1.0 + float(self._backend_cost(params)))",
+        "self.grad_evals_per_step = self._gradient_cost",
+        ["tests/test_lwgn.py"]),
+    "curvature_batch_ignored": (
+        "gn/optim/_lwgn.py",
+        "inputs, targets, mask = _first(inputs, k), _first(targets, k), _first(mask, k)",
+        "inputs, targets, mask = inputs, targets, mask",
+        ["tests/test_lwgn.py"]),
+    "kron_stats_cost_ignores_d_out": (
+        "gn/optim/_kfac.py",
+        "flops += 2.0 * ((d_in + d_out) if diagonal else (d_in ** 2 + d_out ** 2))",
+        "flops += 2.0 * ((d_in + d_out) if diagonal else (d_in ** 2))",
+        ["tests/test_fog.py"]),
+    "train_documents_overlap": (
+        "gn/data/text.py",
+        "start = (0, 0) if first == 0 else ends[first - 1]",
+        "start = (0, 0)",
+        ["tests/test_text_source.py"]),
+    "n_inner_ignored": (
+        "gn/studies/spec.py",
+        "            return batch_size // self.n_inner",
+        "            return 16",
+        ["tests/test_sweep.py"]),
     "gn_ignores_line_search_alpha": (
         "gn/methods/gauss_newton.py",
         "moved = jax.tree.map(lambda p, d: p + ls.alpha.astype(p.dtype) * d, theta, delta)",
