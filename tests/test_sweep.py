@@ -499,7 +499,8 @@ def test_bench_optimizers_selects_methods_by_their_traits(monkeypatch):
 
 
 def test_a_key_added_at_its_default_keeps_existing_run_names():
-    """train.compile_reuse came after sweeps were run: at its default (False) a run's digest is the
+    """train.compile_reuse (and data.train_documents, data.max_epochs) came after sweeps were run: at
+    its default (False; None) a run's digest is the
     digest of the config without the key (the formula before it), so sweep directories keep their
     finished runs; set to true, the run is another run."""
     import hashlib
@@ -509,8 +510,11 @@ def test_a_key_added_at_its_default_keeps_existing_run_names():
 
     resolved = config_from_dict({"methods": [{"name": "adamw"}]}).to_dict()
     assert resolved["train"]["compile_reuse"] is False
-    before = {**resolved, "train": {k: v for k, v in resolved["train"].items() if k != "compile_reuse"}}
+    assert resolved["data"]["train_documents"] is None and resolved["data"]["max_epochs"] is None
+    before = {**resolved, "train": {k: v for k, v in resolved["train"].items() if k != "compile_reuse"},
+              "data": {k: v for k, v in resolved["data"].items() if k not in ("train_documents", "max_epochs")}}
     old = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:8]
     assert run_digest(resolved) == old
     assert run_digest({**resolved, "train": {**resolved["train"], "compile_reuse": True}}) != old
+    assert run_digest({**resolved, "data": {**resolved["data"], "max_epochs": 1.0}}) != old
     assert resolved["train"]["compile_reuse"] is False        # the caller's dict is not changed
