@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MUTANTS = {
     "backend_cost_not_counted": (
         "gn/methods/accumulate.py",
-        "self.grad_evals_per_step = self._gradient_cost * (1.0 + float(self._backend_cost(params)))",
-        "self.grad_evals_per_step = self._gradient_cost",
+        "backend = float(self._backend_cost(params)) if self._backend_cost is not None else 0.0",
+        "backend = 0.0",
         ["tests/test_lwgn.py"]),
     "curvature_batch_ignored": (
         "gn/optim/_lwgn.py",

@@ -372,3 +372,14 @@ def test_statistics_are_counted_in_compute(entry, diagonal, t_cov):
     muon = registry.resolve_entry({"name": "muon"}).build(ctx)
     muon.init(params)
     assert muon.grad_evals_per_step == 1.0
+
+
+def test_a_second_init_counts_the_same_compute():
+    params = init_params(CFG, jax.random.PRNGKey(0))
+    ctx = MethodContext(apply_fn=APPLY, total_steps=4, batch_size=8, model_cfg=CFG)
+    for entry in ({"name": "fog"}, {"name": "pi_muon_gn"}):
+        m = registry.resolve_entry(entry).build(ctx)
+        m.init(params)
+        once = m.grad_evals_per_step
+        m.init(params)
+        assert once > 1.0 and m.grad_evals_per_step == once

@@ -103,10 +103,11 @@ class AccumulatedMethod(MethodBase):
         self.bound_step, self.step_arguments = jitted, arguments
         self.step = lambda params, state, batches, aux, rng: jitted(arguments, params, state, batches, aux, rng)
 
-    def count_backend(self, params: Any) -> None:
-        """grad_evals_per_step = the gradient's cost × (1 + the backend's, per gradient at the step's batch)."""
-        if self._backend_cost is not None:
-            self.grad_evals_per_step = self._gradient_cost * (1.0 + float(self._backend_cost(params)))
+    def count_backend(self, params: Any, extra: float = 0.0) -> None:
+        """grad_evals_per_step = the gradient's cost × (1 + the backend's + `extra`, both per gradient at
+        the step's batch); set from the gradient's cost each time, so a second init counts the same."""
+        backend = float(self._backend_cost(params)) if self._backend_cost is not None else 0.0
+        self.grad_evals_per_step = self._gradient_cost * (1.0 + backend + extra)
 
     def init(self, params: Any) -> Any:
         self.count_backend(params)

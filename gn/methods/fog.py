@@ -10,7 +10,6 @@ layerwise Gauss-Newton instead of K-FAC (`fisher_source: lwgn`, docs/methods.md 
 from __future__ import annotations
 
 import dataclasses
-import types
 from typing import ClassVar, Optional
 
 from gn.methods.base import MethodContext, check_choice, check_range, opt
@@ -194,9 +193,8 @@ class PIMuonConfig(_StatsConfig):
     def backend_cost(self, ctx, name):
         if self.fisher_source != "lwgn":
             return None
-        cfg = types.SimpleNamespace(curvature_batch=getattr(self, "curvature_batch", 0),
-                                    max_iters=getattr(self, "lwgn_iters", 5))
-        return lwgn_backend_cost(cfg, ctx, name, only=kernels_only(self.include_head))
+        return lwgn_backend_cost(ctx, name, curvature_batch=getattr(self, "curvature_batch", 0),
+                                 iters=getattr(self, "lwgn_iters", 5), only=kernels_only(self.include_head))
 
 
 @dataclasses.dataclass(frozen=True)

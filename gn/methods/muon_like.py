@@ -125,20 +125,15 @@ CURVATURE_BATCH_HELP = ("sequences of the step's batch the layerwise-GN solve re
                         "solves on a smaller curvature batch than the gradient's)")
 
 
-def curvature_fraction(cfg, ctx: MethodContext, name: str) -> float:
-    """The share of the step's batch the layerwise-GN solve reads; a curvature_batch larger than the
-    batch is a ConfigError before any compute."""
-    k, b = cfg.curvature_batch, ctx.batch_size
+def lwgn_backend_cost(ctx: MethodContext, name: str, *, curvature_batch: int, iters: int, only=None,
+                      partition="per_tensor"):
+    """The layerwise-GN solve's cost per step (gn.optim.layerwise_gn_cost), scaled to the share of the
+    batch it reads, as a backend_cost; a curvature_batch larger than the batch is a ConfigError
+    before any compute."""
+    k, b = curvature_batch, ctx.batch_size
     if k > b:
         raise ConfigError(f"'{name}.curvature_batch' ({k}) is larger than the step's batch ({b} sequences).")
-    return (k or b) / b
-
-
-def lwgn_backend_cost(cfg, ctx: MethodContext, name: str, *, only=None, partition="per_tensor", iters=None):
-    """The layerwise-GN solve's cost per step (gn.optim.layerwise_gn_cost), scaled to the share of the
-    batch it reads, as a backend_cost."""
-    frac = curvature_fraction(cfg, ctx, name)
-    iters = cfg.max_iters if iters is None else iters
+    frac = (k or b) / b
     return lambda params: frac * layerwise_gn_cost(params, partition=partition, max_iters=iters, only=only)
 
 
@@ -177,7 +172,8 @@ class LwGNConfig(OptimizerConfig):
         return _batch_extras(apply_fn, batches)
 
     def backend_cost(self, ctx, name):
-        return lwgn_backend_cost(self, ctx, name, partition=self.partition)
+        return lwgn_backend_cost(ctx, name, curvature_batch=self.curvature_batch, iters=self.max_iters,
+                                 partition=self.partition)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +206,8 @@ class FogGNConfig(MuonConfig):
         return _batch_extras(apply_fn, batches)
 
     def backend_cost(self, ctx, name):
-        return lwgn_backend_cost(self, ctx, name, only=is_hidden_matrix)
+        return lwgn_backend_cost(ctx, name, curvature_batch=self.curvature_batch, iters=self.max_iters,
+                                 only=is_hidden_matrix)
 
 
 CONFIGS: tuple[type[OptimizerConfig], ...] = (

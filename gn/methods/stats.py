@@ -147,10 +147,10 @@ class StatsMethod(AccumulatedMethod):
         super().__init__(name, optax.with_extra_args_support(tx), schedule, ctx, backend_cost=backend_cost)
 
     def init(self, params: Any) -> StatsMethodState:
-        self.count_backend(params)
-        if self._stats is not None:     # the statistics' outer products, on refresh steps (every T_cov)
-            stats = kron_stats_cost(params, self._mask, diagonal=self._stats == "diag") / self._t_cov
-            self.grad_evals_per_step += self._gradient_cost * stats
+        # the statistics' outer products, on refresh steps (every T_cov)
+        stats = (kron_stats_cost(params, self._mask, diagonal=self._stats == "diag") / self._t_cov
+                 if self._stats is not None else 0.0)
+        self.count_backend(params, extra=stats)
         return StatsMethodState(jnp.zeros([], jnp.int32), self.tx.init(params))
 
     def micro(self, params, state):
