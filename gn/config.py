@@ -30,6 +30,9 @@ from gn.model.config import PRESETS as MODEL_PRESETS, preset_values
 from gn.model.config import ModelConfig
 from gn.structs import build_dataclass, check_keys, plain
 
+# train.stop_reads: which validation losses stop_at_target waits for.
+STOP_READS = ("target", "all")
+
 
 # train.loggers: each logger, the package it needs and how to install it (gn/train/loggers.py).
 LOGGERS = {"tensorboard": ("tensorboardX", 'pip install -e ".[tb]" (or pip install tensorboardX)'),
@@ -82,6 +85,13 @@ class TrainConfig:
     # reached every target, to-target from raw: the behaviour before this option), "auto" (ema when
     # ema_decay > 0, else raw). A method entry may set its own `target_from`.
     target_from: str = "auto"
+    # What stop_at_target waits for: "target" (the losses target_from reads) or "all" (every evaluated
+    # validation loss, the raw parameters' and the EMA's, so that either can be analysed afterwards;
+    # `gn sweep` sets it). It changes when a run stops, never its trajectory.
+    stop_reads: str = "target"
+    # > 0: stop ("stalled") after this many consecutive rejected steps (a GN line search that keeps
+    # θ); a resumed run counts the rejected steps already in its metrics. 0: never.
+    stop_after_rejected: int = 0
     # Metric destinations beside metrics.jsonl: "tensorboard" (WORKDIR/tb), "wandb" (gn/train/loggers.py).
     loggers: tuple[str, ...] = ()
     # Parameter sharding (gn/train/mesh.py): the mesh is (data = devices / fsdp, fsdp); with fsdp > 1
@@ -116,6 +126,10 @@ class TrainConfig:
         require(not self.stop_at_target or bool(self.target_losses),
                 "train.stop_at_target needs train.target_losses: there is no target to stop at.")
         check_target_from(self.target_from, self.ema_decay, "train.target_from")
+        require(self.stop_reads in STOP_READS, f"train.stop_reads must be one of {', '.join(STOP_READS)}, "
+                f"got {self.stop_reads!r}." + suggest(str(self.stop_reads), STOP_READS))
+        require(type(self.stop_after_rejected) is int and self.stop_after_rejected >= 0,
+                f"train.stop_after_rejected must be an integer >= 0 (0 = never), got {self.stop_after_rejected!r}.")
         require(len(set(self.loggers)) == len(self.loggers), f"train.loggers lists a logger twice: {self.loggers}.")
         check_loggers(self.loggers)
         require(self.fsdp >= 1, f"train.fsdp must be a positive integer (1 = no parameter sharding), got {self.fsdp}.")

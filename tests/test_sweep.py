@@ -511,10 +511,12 @@ def test_a_key_added_at_its_default_keeps_existing_run_names():
     resolved = config_from_dict({"methods": [{"name": "adamw"}]}).to_dict()
     assert resolved["train"]["compile_reuse"] is False
     assert resolved["data"]["train_documents"] is None and resolved["data"]["max_epochs"] is None
-    before = {**resolved, "train": {k: v for k, v in resolved["train"].items() if k != "compile_reuse"},
+    later = ("compile_reuse", "stop_reads", "stop_after_rejected")   # the stop keys: left out always
+    before = {**resolved, "train": {k: v for k, v in resolved["train"].items() if k not in later},
               "data": {k: v for k, v in resolved["data"].items() if k not in ("train_documents", "max_epochs")}}
     old = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:8]
     assert run_digest(resolved) == old
     assert run_digest({**resolved, "train": {**resolved["train"], "compile_reuse": True}}) != old
     assert run_digest({**resolved, "data": {**resolved["data"], "max_epochs": 1.0}}) != old
     assert resolved["train"]["compile_reuse"] is False        # the caller's dict is not changed
+    assert "stop_reads" in resolved["train"]

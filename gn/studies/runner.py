@@ -20,6 +20,8 @@ from typing import Callable
 from gn.config import load_config
 from gn.errors import ConfigError, require
 from gn.train import trainer
+from gn.train.hooks import stop_holds, stop_keys
+from gn.train.metrics import MetricsLog
 
 MANIFEST = "manifest.jsonl"      # one JSON line per run, written by `gn sweep`, read here and by the SLURM array
 
@@ -78,7 +80,8 @@ def _visit(row: dict, retry_failed: bool, train_fn: Callable | None) -> tuple[di
     """One run: skip it if it has an outcome, else train it and record the outcome."""
     rundir = Path(row["workdir"])
     old = read_record(rundir)
-    if old is not None and (old["status"] in DONE or (old["status"] in NOT_RETRIED and not retry_failed)):
+    if old is not None and (old["status"] in DONE or (old["status"] in NOT_RETRIED and not retry_failed)) \
+            and not _reopened(rundir, row, old):
         return old, False
     summary_path = rundir / "summary.json"
     if old is None and summary_path.is_file():          # trained by `gn train` (e.g. the SLURM array)
@@ -96,6 +99,21 @@ def _visit(row: dict, retry_failed: bool, train_fn: Callable | None) -> tuple[di
         (rundir / "error.txt").write_text(traceback.format_exc())
         return _write(rundir, row, None, f"{type(exc).__name__}: {exc}"), True
     return _write(rundir, row, summary, None), True
+
+
+def _reopened(rundir: Path, row: dict, old: dict) -> bool:
+    """A finished run whose early stop no longer holds under its config_in.yaml (stopped at the
+    EMA's crossing before `gn sweep` waited for the raw one too, gn.train.hooks.stop_holds): the
+    trainer continues it from its last checkpoint."""
+    if old["status"] != "finished" or old.get("stop_reason") not in ("targets_reached", "stalled"):
+        return False
+    try:
+        cfg = load_config(rundir / "config_in.yaml")
+    except ConfigError:
+        return False          # the trainer would refuse it too: keep the recorded outcome
+    entry = next((e for e in cfg.methods if e.name == row["method"]), None)
+    keys = stop_keys(cfg.train, entry.target_from if entry is not None else None)
+    return not stop_holds(cfg.train, keys, MetricsLog(rundir / "metrics.jsonl").read(), old["stop_reason"])
 
 
 def read_record(rundir: str | Path) -> dict | None:

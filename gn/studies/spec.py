@@ -18,7 +18,9 @@ A spec YAML (unknown keys are errors, with the nearest valid key suggested):
     crossing_tokens: 65536            # tokens the sweep's fastest run needs to its first target (a pilot's);
                                       # default: `tokens`, the budget
     targets: [2.0, 1.5]               # train.target_losses
-    stop_at_target: true              # stop a run after the evaluation that reaches every target
+    stop_at_target: true              # stop a run after the evaluation at which the raw parameters and
+                                      # the EMA have both reached every target (train.stop_reads: all)
+    stop_after_rejected: 3            # stop a run after 3 consecutive rejected GN steps (stalled; default 0: never)
     vary: {train.grad_accum: [1, 2], methods.adamw.weight_decay: [0.0, 0.1]}
     slurm: {time: "02:00:00", gpus: 1}  # extra `#SBATCH --key=value` lines for --emit slurm
     methods:
@@ -94,7 +96,7 @@ from gn.studies.spec_values import _check, _int, _list, _num, _round
 
 SPEC_KEYS = ("base", "config", "methods", "batch_sizes", "seeds", "tokens", "lr", "warmup_tokens", "warmup_updates",
              "scale_b2", "schedule", "ema_halflife_updates", "eval_every_tokens", "min_evals", "crossing_tokens",
-             "targets", "stop_at_target", "vary", "slurm")
+             "targets", "stop_at_target", "stop_after_rejected", "vary", "slurm")
 ENTRY_KEYS = ("name", "method", "lr", "b_inner", "n_inner", "batch_sizes", "seeds", "vary")
 LR_KEYS = ("center", "base_batch", "power", "points", "factor", "values")
 SECTIONS = ("model", "data", "train")
@@ -187,6 +189,7 @@ class SweepSpec:
     crossing_tokens: int = 0                 # 0: the budget, `tokens`
     targets: tuple[float, ...] = ()
     stop_at_target: bool = False
+    stop_after_rejected: int = 0
     slurm: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def eval_every(self, batch_size: int) -> int:
@@ -263,7 +266,9 @@ def spec_from_dict(raw: Mapping[str, Any], *, root: Path = Path("."), name: str 
         schedule=schedule, ema_halflife_updates=ema,
         eval_every_tokens=_int(raw.get("eval_every_tokens", 0), "eval_every_tokens", minimum=0),
         min_evals=_int(raw.get("min_evals", DEFAULT_MIN_EVALS), "min_evals", minimum=0), crossing_tokens=crossing,
-        targets=targets, stop_at_target=stop, slurm={str(k): str(v) for k, v in slurm.items()})
+        targets=targets, stop_at_target=stop,
+        stop_after_rejected=_int(raw.get("stop_after_rejected", 0), "stop_after_rejected", minimum=0),
+        slurm={str(k): str(v) for k, v in slurm.items()})
 
 
 def _base_config(raw: Mapping, root: Path) -> dict:

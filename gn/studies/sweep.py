@@ -110,7 +110,11 @@ def _resolve(spec: SweepSpec, m: SweepMethod, B: int, lr: float, seed: int, vary
     if spec.targets:
         train["target_losses"] = list(spec.targets)
     if spec.stop_at_target:
-        train["stop_at_target"] = True
+        # Wait for the raw parameters and the EMA alike, so that `gn analyze --read raw|ema` finds
+        # every crossing (a stop at the EMA's alone cut off raw ones: docs/results.md).
+        train.update(stop_at_target=True, stop_reads="all")
+    if spec.stop_after_rejected:
+        train["stop_after_rejected"] = spec.stop_after_rejected
     if spec.ema_halflife_updates > 0:
         train["ema_decay"] = 0.5 ** (1.0 / spec.ema_halflife_updates)     # per sequential update
     if spec.eval_every(B):
@@ -173,10 +177,17 @@ DIGEST_OMITTED_DEFAULTS = {("train", "compile_reuse"): False, ("data", "train_do
                            ("data", "max_epochs"): None}
 
 
+# Keys that decide when a run stops, never what it computes up to then: left out of the digest,
+# so a run keeps its workdir when the stop rule changes (gn.train.workdirs continues it).
+DIGEST_STOP_KEYS = (("train", "stop_reads"), ("train", "stop_after_rejected"))
+
+
 def run_digest(resolved: Mapping) -> str:
     """The 8 hex digits that key a run's workdir to its resolved config."""
     keyed = {section: dict(values) if isinstance(values, Mapping) else values
              for section, values in resolved.items()}
+    for section, key in DIGEST_STOP_KEYS:
+        keyed.get(section, {}).pop(key, None)
     for (section, key), default in DIGEST_OMITTED_DEFAULTS.items():
         if keyed.get(section, {}).get(key, default) == default:
             keyed.get(section, {}).pop(key, None)

@@ -32,7 +32,8 @@ defaults, and why in this order:
 3. metrics     every step, also diverged ones: the record to metrics.jsonl and train.loggers
                (TensorBoard, W&B), after everything that adds to it; the run's evaluation
                history (best, last) is updated from it.
-4. early_stop  train.max_tokens, train.stop_at_target: reads the history's best losses;
+4. early_stop  train.max_tokens, train.stop_after_rejected, train.stop_at_target (waiting for the
+               losses train.stop_reads names): reads the history's best losses and rejected steps;
                before the checkpoint, so that the stopping step is saved.
 5. notes       the method's one-line remarks (printed through the progress bar).
 6. checkpoint  every checkpoint_every·m steps and the last (an early stop's included).
@@ -189,6 +190,7 @@ class EvalHistory:
     initial: float        # the step-0 validation loss: train.divergence_margin is measured from it
     last: float           # the latest one (the progress bar)
     best: dict            # {"val_loss": min, "val_loss_ema": min} over finite values (early stop)
+    rejected_run: int = 0  # consecutive rejected steps (step_rejected) up to the latest (stop_after_rejected)
 
     @classmethod
     def of(cls, rows: list[dict]) -> "EvalHistory":
@@ -197,13 +199,21 @@ class EvalHistory:
         initial = evals[0]["val_loss"] if evals else float("nan")
         best = {k: min((r[k] for r in evals if r.get(k) is not None and math.isfinite(r[k])), default=math.inf)
                 for k in ("val_loss", "val_loss_ema")}
-        return cls(initial, last, best)
+        history = cls(initial, last, best)
+        for r in rows:
+            if r.get("step", 0) > 0:
+                history.count_rejected(r)
+        return history
+
+    def count_rejected(self, record: dict) -> None:
+        self.rejected_run = self.rejected_run + 1 if record.get("step_rejected", 0) > 0 else 0
 
     def update(self, record: dict) -> None:
         for k in self.best:
             if record.get(k) is not None and math.isfinite(record[k]):
                 self.best[k] = min(self.best[k], record[k])
         self.last = record.get("val_loss", self.last)
+        self.count_rejected(record)
 
 
 def default_hooks(sess: Session, save: Callable[[Session], None]) -> Hooks:
@@ -252,7 +262,9 @@ def _metrics(info: StepInfo) -> None:
 
 def _early_stop_hook(info: StepInfo) -> Optional[str]:
     sess = info.sess
-    return early_stop(sess.run.cfg.train, info.record, sess.history.best, run_targets(sess.run))
+    tcfg = sess.run.cfg.train
+    return early_stop(tcfg, info.record, sess.history.best, stop_keys(tcfg, sess.run.entry.target_from),
+                      rejected_run=sess.history.rejected_run)
 
 
 def check_divergence(val: float, initial: float, margin: float, step: int) -> str:
@@ -272,21 +284,49 @@ def run_targets(run: Any) -> tuple[str, ...]:
     return target_keys(run.entry.target_from or tcfg.target_from, tcfg.ema_decay)
 
 
-def early_stop(tcfg, record: dict, best: dict, keys: tuple[str, ...] = ("val_loss", "val_loss_ema")) -> str | None:
+def early_stop(tcfg, record: dict, best: dict, keys: tuple[str, ...] = ("val_loss", "val_loss_ema"),
+               rejected_run: int = 0) -> str | None:
     """Why the run stops after this step's record, or None.
 
-    "max_tokens": the token budget is spent. "targets_reached": at an evaluation,
-    every target loss has been reached by each of `keys` that is evaluated (train.target_from:
-    the EMA's, the raw parameters' or both; `best` holds their minima so far).
+    "max_tokens": the token budget is spent. "stalled": the last train.stop_after_rejected steps
+    (`rejected_run` of them so far) were all rejected, θ unchanged. "targets_reached": at an
+    evaluation, every target loss has been reached by each of `keys` that is evaluated
+    (train.stop_reads: the losses of train.target_from, or all of them; `best` holds their minima so far).
     """
     if tcfg.max_tokens and record["tokens"] >= tcfg.max_tokens:
         return "max_tokens"
+    if tcfg.stop_after_rejected and rejected_run >= tcfg.stop_after_rejected:
+        return "stalled"
     if tcfg.stop_at_target and "val_loss" in record:
         for key in keys:
             if key in record and not all(best[key] <= t for t in tcfg.target_losses):
                 return None
         return "targets_reached"
     return None
+
+
+def stop_keys(tcfg, target_from: str | None = None) -> tuple[str, ...]:
+    """The validation losses stop_at_target waits for (train.stop_reads; `target_from`: the method
+    entry's own, else train.target_from)."""
+    if tcfg.stop_reads == "all":
+        return ("val_loss", "val_loss_ema")
+    return target_keys(target_from or tcfg.target_from, tcfg.ema_decay)
+
+
+def stop_holds(tcfg, keys: tuple[str, ...], rows: list[dict], stop_reason: str | None) -> bool:
+    """Whether a run's recorded early stop still holds under this config (its metrics `rows`).
+
+    A run stopped under another rule is continued from its last checkpoint: one stopped at the
+    EMA's crossing of the targets before the raw parameters' (train.stop_reads: target, the rule
+    before `gn sweep` set "all"), or stalled under a smaller train.stop_after_rejected. Other
+    reasons (max_tokens, the last step) hold."""
+    history = EvalHistory.of(rows)
+    if stop_reason == "targets_reached":
+        evaluated = {k for r in rows if r.get("step", 0) > 0 and "val_loss" in r for k in keys if k in r}
+        return tcfg.stop_at_target and all(history.best[k] <= t for k in evaluated for t in tcfg.target_losses)
+    if stop_reason == "stalled":
+        return 0 < tcfg.stop_after_rejected <= history.rejected_run
+    return True
 
 
 class _Progress:
@@ -326,4 +366,4 @@ class _Progress:
 
 
 __all__ = ["Hook", "Hooks", "StepInfo", "EvalHistory", "default_hooks", "check_divergence", "early_stop",
-           "run_targets"]
+           "run_targets", "stop_keys", "stop_holds"]

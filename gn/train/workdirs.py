@@ -13,8 +13,10 @@
   Otherwise ConfigError names every differing key (old -> new) and suggests
   `--branch`.
 * Finished runs. When summary.json exists and the run reached its last step, or
-  stopped early for a recorded reason (train.max_tokens, train.stop_at_target),
-  nothing is trained: the stored summary is returned. A diverged run is final
+  stopped early for a recorded reason (train.max_tokens, train.stop_at_target,
+  train.stop_after_rejected) that still holds under the config, nothing is trained: the
+  stored summary is returned. A run stopped under another stop rule (at the EMA's crossing
+  where train.stop_reads now waits for the raw one too) continues from its last checkpoint. A diverged run is final
   too (a rerun would diverge the same way; `gn train` exits 3 again): change the
   config in a new workdir or with `--branch`.
 * Branching (`gn train ... --workdir SRC --branch NEW`): NEW starts as a copy of
@@ -48,14 +50,19 @@ from gn.model.custom import FlaxLM
 from gn.errors import ConfigError, RunError, os_error, require
 from gn.train import distributed
 from gn.train.checkpoint import Checkpointer
+from gn.train.hooks import stop_holds, stop_keys
 from gn.train.lock import LOCK, Lock
+from gn.train.metrics import MetricsLog
 
 BRANCH = "branch.json"
 # Keys that may differ from the stored config on resume.
 # The mesh layout is not part of a run: checkpoints restore onto any device count.
-RESUMABLE_KEYS = ("train.steps", "train.progress", "train.fsdp", "train.fsdp_min_size")
+# The early-stop rules change when a run stops, not what it computes: a run stopped under an older
+# rule continues (finished_summary).
+RESUMABLE_KEYS = ("train.steps", "train.progress", "train.fsdp", "train.fsdp_min_size", "train.stop_reads",
+                  "train.stop_after_rejected")
 # Stop reasons (summary.json) that end a run before its last step for good.
-FINAL_STOPS = ("max_tokens", "targets_reached")
+FINAL_STOPS = ("max_tokens", "targets_reached", "stalled")
 
 
 @dataclasses.dataclass
@@ -160,9 +167,17 @@ def finished_summary(run, workdir: Path) -> dict | None:
         return None
     if summary.get("diverged") or summary.get("stop_reason") == "diverged":
         return summary          # a rerun would diverge the same way: report it, do not retrain
-    if summary.get("stop_reason") in FINAL_STOPS or summary.get("steps", -1) >= run.steps:
+    reason = summary.get("stop_reason")
+    if reason in FINAL_STOPS and not _stop_holds(run, workdir, reason):
+        return None             # stopped under another stop rule: continue from the last checkpoint
+    if reason in FINAL_STOPS or summary.get("steps", -1) >= run.steps:
         return summary
     return None
+
+
+def _stop_holds(run, workdir: Path, reason: str) -> bool:
+    tcfg = run.cfg.train
+    return stop_holds(tcfg, stop_keys(tcfg, run.entry.target_from), MetricsLog(workdir / "metrics.jsonl").read(), reason)
 
 
 # ---------------------------------------------------------------------------- branch
