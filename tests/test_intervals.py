@@ -74,6 +74,28 @@ def test_one_run_per_cell_gets_a_residual_interval_never_zero_width():
     assert none["B_crit_ci"] == [None, None] and none["ci_method"] == intervals.NO_INTERVAL
 
 
+def test_a_best_cell_with_one_seed_is_not_held_fixed_by_a_seed_resample():
+    """The defect of the batch_vs_inner control's fit: one batch had a second seed at a worse lr, so
+    the seed bootstrap ran, and every best cell (one seed each) came back unchanged in every
+    replicate: B_crit [x, x]. Now the residual bootstrap is used and says why."""
+    rng = np.random.default_rng(5)
+    cells = {B: {1.0: [TRUE_S_MIN * (1 + TRUE_B_CRIT / B) * (1 + 0.05 * rng.standard_normal())]}
+             for B in (32, 128, 512, 2048)}
+    cells[32][2.0] = [10 * TRUE_S_MIN * (1 + TRUE_B_CRIT / 32)] * 2      # a worse lr with two seeds
+    out = intervals.seed_bootstrap(cells, n_boot=500)
+    lo, hi = out["B_crit_ci"]
+    assert out["ci_method"] == intervals.RESIDUAL_ONE_SEED and lo < out["B_crit"] < hi
+
+
+def test_replicates_that_do_not_vary_give_no_interval():
+    b = np.array([32.0, 128.0, 512.0, 2048.0])
+    exact = TRUE_S_MIN * (1 + TRUE_B_CRIT / b)                            # on the curve: zero residuals
+    out = intervals.residual_bootstrap(b, exact, n_boot=200)
+    assert out["B_crit_ci"] == [None, None] and out["ci_method"] == intervals.NO_VARIATION
+    same = {float(B): {1.0: [float(s), float(s)]} for B, s in zip(b, exact * 1.1)}   # two equal seeds each
+    assert intervals.seed_bootstrap(same, n_boot=200)["ci_method"] == intervals.NO_VARIATION
+
+
 def test_unreached_seed_ranks_the_cell_last_and_drops_a_batch():
     cells = {32: {1.0: [100.0, None], 2.0: [120.0, 121.0]}, 128: {1.0: [40.0, 41.0]}, 512: {1.0: [None, None]}}
     out = intervals.seed_bootstrap(cells, n_boot=50)

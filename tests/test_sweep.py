@@ -182,8 +182,13 @@ def test_dry_run_names_a_coarse_evaluation_cadence():
     coarse = [r for r in runs if r.eval_every > 1]
     assert ("note: evaluation every >1 outer steps" in table) == bool(coarse)
     every_step = [dataclasses.replace(r, eval_every=1) for r in runs]
-    assert "note:" not in sweep_mod.format_table(every_step)
-    assert "note:" in sweep_mod.format_table([dataclasses.replace(runs[0], eval_every=4)])
+    assert "note: evaluation" not in sweep_mod.format_table(every_step)
+    assert "note: evaluation" in sweep_mod.format_table([dataclasses.replace(runs[0], eval_every=4)])
+    # The cost estimate says what it leaves out, naming the methods whose extra work it omits.
+    first_order = [dataclasses.replace(r, family="first_order") for r in every_step]
+    assert "note: est. cost" not in sweep_mod.format_table(first_order)
+    fog = sweep_mod.format_table([dataclasses.replace(first_order[0], method="my_fog", family="fog")])
+    assert "note: est. cost" in fog and "my_fog" in fog
 
 
 def test_slurm_array_matches_manifest(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from typing import ClassVar, Optional
 
 from gn.methods.base import MethodContext, check_choice, check_range, opt
 from gn.methods.first_order import OptimizerConfig
-from gn.methods.muon_like import CURVATURE_BATCH_HELP, lwgn_backend_cost
+from gn.methods.muon_like import CURVATURE_BATCH_HELP, check_curvature_batch, lwgn_backend_cost
 from gn.methods.stats import StatsMethod
 from gn.optim import (DAMPING_MODES, DIAG_MODES, FISHER_SOURCES, FISHER_TYPES, clip_and_decay, diagfog, fog,
                       kernels_only, kfac, matrix_mask_fn, pi_muon, scale_by_layerwise_gn, scale_by_muon,
@@ -209,8 +209,7 @@ class PIMuonGNConfig(PIMuonConfig):
     def validate(self, where: str) -> None:
         super().validate(where)
         check_range(self.lwgn_iters >= 1, where, "lwgn_iters", ">= 1", self.lwgn_iters)
-        check_range(self.curvature_batch >= 0, where, "curvature_batch", ">= 0 (0 = the whole batch)",
-                    self.curvature_batch)
+        check_curvature_batch(self, where)
 
 
 CONFIGS = (KFACConfig, FOGConfig, DiagFogConfig, PIMuonConfig, PIMuonGNConfig)

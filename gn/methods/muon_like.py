@@ -125,6 +125,13 @@ CURVATURE_BATCH_HELP = ("sequences of the step's batch the layerwise-GN solve re
                         "solves on a smaller curvature batch than the gradient's)")
 
 
+def check_curvature_batch(cfg, where: str) -> None:
+    """ConfigError unless curvature_batch >= 0 (0 = the whole batch; larger than the batch is caught
+    by lwgn_backend_cost, where the batch is known)."""
+    check_range(cfg.curvature_batch >= 0, where, "curvature_batch", ">= 0 (0 = the whole batch)",
+                cfg.curvature_batch)
+
+
 def lwgn_backend_cost(ctx: MethodContext, name: str, *, curvature_batch: int, iters: int, only=None,
                       partition="per_tensor"):
     """The layerwise-GN solve's cost per step (gn.optim.layerwise_gn_cost), scaled to the share of the
@@ -161,8 +168,7 @@ class LwGNConfig(OptimizerConfig):
         check_choice(self.block_mode, curvature.BLOCK_MODES, where, "block_mode")
         check_range(self.damping >= 0, where, "damping", ">= 0", self.damping)
         check_range(self.max_iters >= 1, where, "max_iters", ">= 1", self.max_iters)
-        check_range(self.curvature_batch >= 0, where, "curvature_batch", ">= 0 (0 = the whole batch)",
-                    self.curvature_batch)
+        check_curvature_batch(self, where)
 
     def core(self, schedule, apply_fn):
         return lwgn(schedule, apply_fn, **_opts(self, "momentum", "partition", "damping", "max_iters", "tol",
@@ -193,8 +199,7 @@ class FogGNConfig(MuonConfig):
         super().validate(where)
         check_choice(self.block_mode, curvature.BLOCK_MODES, where, "block_mode")
         check_range(self.max_iters >= 1, where, "max_iters", ">= 1", self.max_iters)
-        check_range(self.curvature_batch >= 0, where, "curvature_batch", ">= 0 (0 = the whole batch)",
-                    self.curvature_batch)
+        check_curvature_batch(self, where)
 
     def core(self, schedule, apply_fn):
         return fog_gn(schedule, apply_fn, adam_learning_rate=self.adam_side_lr(schedule, self.adam_learning_rate),

@@ -185,8 +185,9 @@ DEFINITIONS = {
            "each step unit (steps, outer_steps, updates). claimed = false where the method's sequential updates "
            "per outer step grow with B, so the count falls as 1/B by construction: no B_crit there.",
     "interval": intervals.SEED_BOOTSTRAP + "; spread widened by sqrt(n/(n-1)); 95% percentile interval (RNG "
-                "seed 0). With one run per cell: " + intervals.RESIDUAL_BOOTSTRAP + ", or none with fewer than "
-                "three batches. Means over seeds carry a Student-t 95% interval with their n.",
+                "seed 0). With one run per cell, or a batch whose best cell has one seed: a residual bootstrap "
+                "of the fit, or none with fewer than three batches; none where the replicates do not vary (never "
+                "a zero-width interval). Means over seeds carry a Student-t 95% interval with their n.",
     "crossing": "methods that move only at whole outer steps (Gauss-Newton) cross at the first evaluation at or "
                 "below the target; others are interpolated linearly between the evaluations around it. Each "
                 "crossing has a bracket (last evaluation above, first at or below); n_wide counts runs whose "

@@ -17,7 +17,9 @@ The percentile interval of the replicates' B_crit is the reported interval
 table) there is no seed to resample: a residual bootstrap of the fit
 (multiplicative residuals S_i/Ŝ_i − 1, widened by sqrt(n/(n−2)) for the two
 fitted parameters) is used when at least three batches were fitted, and no
-interval otherwise; never a zero-width one.
+interval otherwise. The same residual bootstrap is used when some batch's best
+cell has a single seed (a seed resample would hold that batch fixed). Never a
+zero-width interval: replicates that do not vary give none.
 
 All of it is vectorised over replicates: the closed-form 2×2 weighted least
 squares below replaces one `lstsq` per replicate.
@@ -32,7 +34,10 @@ import numpy as np
 
 SEED_BOOTSTRAP = "seed bootstrap: seeds resampled within each (batch, lr) cell, the lr choice redone per replicate"
 RESIDUAL_BOOTSTRAP = "residual bootstrap of the fit (one run per cell: no seeds to resample)"
+RESIDUAL_ONE_SEED = ("residual bootstrap of the fit (a batch's best cell has one seed, which a seed resample "
+                     "would hold fixed)")
 NO_INTERVAL = "no interval: one run per cell and fewer than three batches"
+NO_VARIATION = "no interval: the bootstrap replicates did not vary (an exact fit, or one seed where it matters)"
 
 
 def wls_fit(batch: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +157,7 @@ def seed_bootstrap(cells: Mapping[float, Mapping[float, Sequence]], *, n_boot: i
                    seed: int = 0, space: str = "wls") -> dict:
     """The point fit at each batch's best lr and its seed-bootstrap interval (module docstring).
 
-    Falls back to `residual_bootstrap` when no cell has two seeds. Returns S_min, E_min,
+    Falls back to `residual_bootstrap` when a fitted batch's best cell has one seed. Returns S_min, E_min,
     B_crit, their `*_ci`, `ci_method`, `n_boot`, `ci_level`, `lr_choice_changed` (fraction of
     replicates whose lr choice differs from the point estimate's at some batch) and the best
     lr index per batch (`best_index`)."""
@@ -168,23 +173,37 @@ def seed_bootstrap(cells: Mapping[float, Mapping[float, Sequence]], *, n_boot: i
     if int(np.isfinite(best).sum()) < 2:
         return out | {"S_min_ci": [None, None], "E_min_ci": [None, None], "B_crit_ci": [None, None],
                       "ci_method": "no fit: fewer than two batches reached the target"}
-    max_seeds = (arr != -np.inf).sum(-1).max()
-    if max_seeds < 2:
-        return out | residual_bootstrap(b[np.isfinite(best)], best[np.isfinite(best)], n_boot=n_boot,
-                                        level=level, seed=seed, space=space)
+    # Seeds of each fitted batch's best cell: with one, resampling seeds holds that batch's value
+    # fixed and the interval would understate (zero width when every best cell has one seed).
+    fitted = np.isfinite(best)
+    best_seeds = np.take_along_axis((arr != -np.inf).sum(-1), idx[:, None], -1)[:, 0]
+    if best_seeds[fitted].min() < 2:
+        method = RESIDUAL_BOOTSTRAP if (arr != -np.inf).sum(-1).max() < 2 else RESIDUAL_ONE_SEED
+        return out | residual_bootstrap(b[fitted], best[fitted], n_boot=n_boot, level=level, seed=seed,
+                                        space=space, method=method)
     rng = np.random.default_rng(seed)
     rep = _resample(arr, rng, n_boot)
     rbest, ridx = _best(rep)
     rs, re = fit(b, rbest)
     # a replicate that lost a batch keeps the fit over the rest only if two batches remain
     rs = np.where(np.isfinite(rbest).sum(-1) >= 2, rs, np.nan)
-    return out | {"S_min_ci": percentile(rs, level), "E_min_ci": percentile(re, level),
-                  "B_crit_ci": percentile(b_crit(rs, re), level), "ci_method": SEED_BOOTSTRAP,
-                  "lr_choice_changed": float(np.mean(np.any(ridx != idx, axis=-1)))}
+    return out | _nonzero_width({"S_min_ci": percentile(rs, level), "E_min_ci": percentile(re, level),
+                                 "B_crit_ci": percentile(b_crit(rs, re), level), "ci_method": SEED_BOOTSTRAP,
+                                 "lr_choice_changed": float(np.mean(np.any(ridx != idx, axis=-1)))})
+
+
+def _nonzero_width(ci: dict) -> dict:
+    """The intervals, or none where the replicates gave B_crit a zero-width one: that is no
+    measurement of sampling error, and a reader would take it for a precise number."""
+    lo, hi = ci["B_crit_ci"]
+    if lo is not None and math.isfinite(lo) and math.isfinite(hi) and hi - lo <= 1e-9 * max(abs(lo), abs(hi)):
+        return ci | {"S_min_ci": [None, None], "E_min_ci": [None, None], "B_crit_ci": [None, None],
+                     "ci_method": NO_VARIATION}
+    return ci
 
 
 def residual_bootstrap(batch: Sequence[float], steps: Sequence[float], *, n_boot: int = 2000, level: float = 0.95,
-                       seed: int = 0, space: str = "wls") -> dict:
+                       seed: int = 0, space: str = "wls", method: str = RESIDUAL_BOOTSTRAP) -> dict:
     """Interval of a fit to one value per batch: replicates Ŝ_i·(1 + r*_i) with r* drawn from the
     fit's relative residuals, widened by sqrt(n/(n-2)); none (and `ci_method` says so) with
     fewer than three batches, where the two-parameter fit has no residual to resample."""
@@ -200,8 +219,8 @@ def residual_bootstrap(batch: Sequence[float], steps: Sequence[float], *, n_boot
     rng = np.random.default_rng(seed)
     rep = fitted * (1.0 + r[rng.integers(0, b.size, size=(n_boot, b.size))])
     rs, re = fit(b, rep)
-    return {"S_min_ci": percentile(rs, level), "E_min_ci": percentile(re, level),
-            "B_crit_ci": percentile(b_crit(rs, re), level), "ci_method": RESIDUAL_BOOTSTRAP}
+    return _nonzero_width({"S_min_ci": percentile(rs, level), "E_min_ci": percentile(re, level),
+                           "B_crit_ci": percentile(b_crit(rs, re), level), "ci_method": method})
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> dict:

@@ -53,7 +53,7 @@ from gn.errors import ConfigError, require
 from gn.config import config_from_dict
 from gn.methods import registry
 from gn.studies.runner import MANIFEST, run_manifest
-from gn.studies.spec import HORIZON_SCHEDULES, SweepMethod, SweepSpec, load_spec
+from gn.studies.spec import GN_FAMILY, HORIZON_SCHEDULES, SweepMethod, SweepSpec, load_spec
 
 SBATCH = "sweep.sbatch"
 
@@ -293,6 +293,12 @@ def format_table(runs: list[RunPlan]) -> str:
                      f"{r.steps:>7} {r.eval_every:>5} {r.tokens:>12,} {r.est_cost:>12,.0f}  {r.name}")
     lines.append(f"{len(runs)} runs, {sum(r.steps for r in runs):,} steps, {sum(r.tokens for r in runs):,} "
                  f"training tokens, est. cost {sum(r.est_cost for r in runs):,.0f} gradient-token equivalents")
+    extra = sorted({r.method for r in runs if r.family not in ("first_order", GN_FAMILY)})
+    if extra or any(r.family == GN_FAMILY for r in runs):
+        # The estimate is a plan, not the accounting: summary.json's grad_evals is (gn.optim cost estimates).
+        lines.append("note: est. cost counts gradients (and GN's line search), not GN's inner products nor the "
+                     "statistics and backend solves of " + (", ".join(extra) or "curvature methods")
+                     + "; each run's summary.json grad_evals counts them")
     sparse = sorted({r.batch_size for r in runs if r.eval_every > 1})
     if sparse:
         # a crossing is only as fine as the cadence: say so before anything runs (the runner's

@@ -17,6 +17,9 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
+# One copy of the process helpers (gn.train.distributed); the names stay for gn.train.checkpoint.
+from gn.train.distributed import barrier as _barrier, process as _process  # noqa: F401
+
 class CheckpointWarning(UserWarning):
     """A checkpoint was refused, or found corrupted/partial and skipped."""
 
@@ -97,19 +100,6 @@ def _non_finite_leaves(state: Any) -> list[str]:
         paths += [p for p, _ in arrays]
         flags += list(jax.device_get(_finite_flags([x for _, x in arrays])))
     return [p for p, f in zip(paths, flags) if not bool(f)]
-
-
-def _process() -> tuple[int, int]:
-    """(this process's index, number of processes)."""
-    return jax.process_index(), jax.process_count()
-
-
-def _barrier(name: str) -> None:
-    """Wait for every process (a no-op with one process; several: tests/test_multiprocess.py)."""
-    if _process()[1] > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _default_sharding() -> jax.sharding.Sharding:

@@ -83,6 +83,14 @@ def process() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
+def barrier(name: str) -> None:
+    """Wait for every process (a no-op with one process; several: tests/test_multiprocess.py)."""
+    if process()[1] > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def is_primary() -> bool:
     """True in process 0 (and in a single-process run): the one that writes the run's files."""
     return process()[0] == 0
@@ -147,4 +155,4 @@ def primary_decides(decide: Callable[[], T]) -> T:
     return shared["ok"]
 
 
-__all__ = ["initialize", "process", "is_primary", "broadcast_json", "max_over_processes", "primary_decides"]
+__all__ = ["initialize", "process", "barrier", "is_primary", "broadcast_json", "max_over_processes", "primary_decides"]
