@@ -23,6 +23,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name: (file, exact old text, new text, test files)
 MUTANTS = {
+    "stop_reads_all_ignored": (
+        "gn/train/hooks.py",
+        '    if tcfg.stop_reads == "all":',
+        "    if False:",
+        ["tests/test_stop_rules.py"]),
+    "stopped_run_never_continued": (
+        "gn/train/workdirs.py",
+        "    if reason in FINAL_STOPS and not _stop_holds(run, workdir, reason):",
+        "    if False:",
+        ["tests/test_stop_rules.py"]),
+    "stall_counter_not_reset": (
+        "gn/train/hooks.py",
+        '        self.rejected_run = self.rejected_run + 1 if record.get("step_rejected", 0) > 0 else 0',
+        '        self.rejected_run = self.rejected_run + (1 if record.get("step_rejected", 0) > 0 else 0)',
+        ["tests/test_stop_rules.py"]),
+    "one_seed_best_cell_seed_bootstrapped": (
+        "gn/studies/intervals.py",
+        "    if best_seeds[fitted].min() < 2:",
+        "    if (arr != -np.inf).sum(-1).max() < 2:",
+        ["tests/test_intervals.py"]),
     "backend_cost_not_counted": (
         "gn/methods/accumulate.py",
         "backend = float(self._backend_cost(params)) if self._backend_cost is not None else 0.0",
