@@ -9,6 +9,7 @@ import io
 import json
 import math
 from contextlib import redirect_stdout
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import yaml
 from gn.errors import ConfigError
 from gn.studies import cbs
 from gn.studies.analyze import analyze_runs, analyze_table, read_table, write_outputs
+from gn.studies.report import render_report
 
 S_MIN, E_MIN = 200.0, 12800.0        # B_crit = 64
 BATCHES = [8, 16, 32, 64, 128, 256, 512]
@@ -252,3 +254,20 @@ def test_sweep_run_json_takes_precedence_and_cli_json_on_runs(tmp_path):
     assert set(out["methods"]["gn-cg"]["targets"]["3.5"]["fit"]) >= {"S_min", "E_min", "B_crit", "B_crit_ci"}
     assert (root / "analysis.json").is_file()          # default --out: the first input directory
     assert main(["analyze", str(root), "--targets", "3.5,abc"]) == 2
+
+
+def test_a_run_stopped_by_another_reading_is_named_not_silently_unreached(tmp_path):
+    """A run that stopped at "targets_reached" (the EMA's crossing, under the older sweep rule) while
+    the reading analysed (raw) stayed above a target is listed as cut, in analysis and report."""
+    root = tmp_path / "sweep"
+    _fake_run(root / "cut", method="adamw", batch=16, lr=1e-3, seed=0, curve=[5, 4, 3.6])
+    _fake_run(root / "done", method="adamw", batch=16, lr=1e-3, seed=1, curve=[5, 4, 3.2])
+    _fake_run(root / "short", method="adamw", batch=16, lr=1e-3, seed=2, curve=[5, 4, 3.7])
+    for name, reason in (("cut", "targets_reached"), ("done", "targets_reached"), ("short", "steps")):
+        p = root / name / "summary.json"
+        p.write_text(json.dumps({**json.loads(p.read_text()), "stop_reason": reason}))
+    with pytest.warns(UserWarning, match="stopped at the targets of another reading"):
+        res = analyze_runs([root], n_boot=20, read="raw")
+    assert [Path(d).name for d in res["cut_runs"]] == ["cut"]          # "short" ran out of steps: unreached
+    assert res["counts"]["stopped before this reading crossed"] == 1
+    assert "Stopped before this reading crossed" in render_report(res)

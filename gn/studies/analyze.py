@@ -246,9 +246,31 @@ def analyze_runs(dirs: Sequence[str | Path], *, targets: Sequence[float] | None 
         res["n_runs"] = sum(r["method"] == m for r in runs)
         res["n_diverged"] = sum(r["method"] == m and r["diverged"] for r in runs)
     out["counts"] = {"runs": len(runs), "diverged": sum(r["diverged"] for r in runs)}
+    cut = cut_runs(runs, ts)
+    if cut:
+        out["counts"]["stopped before this reading crossed"] = len(cut)
+        out["cut_runs"] = cut
+        warnings.warn(f"{len(cut)} run(s) stopped at the targets of another reading before this one ({read}) "
+                      f"crossed every target, and count as not reached here: {', '.join(cut[:3])}"
+                      f"{' ...' if len(cut) > 3 else ''}; rerun their sweep to continue them (train.stop_reads: all)",
+                      stacklevel=2)
     if fixed_tokens:
         out["fixed_tokens"] = fixed_token_table(runs)
     out["_runs"] = runs   # curves for the plots; dropped from analysis.json
+    return out
+
+
+def cut_runs(runs: list[dict], targets: Sequence[float]) -> list[str]:
+    """Runs stopped for "targets_reached" by another reading (the EMA's, before `gn sweep` waited for
+    both) while the one read here had not reached every target: unreached here by the stop, not by
+    the method."""
+    out = []
+    for r in runs:
+        if r.get("stop_reason") != "targets_reached":
+            continue
+        vals = [e[r["read_from"]] for e in r["evals"] if e.get(r["read_from"]) is not None]
+        if vals and min(vals) > min(targets):
+            out.append(r["dir"])
     return out
 
 

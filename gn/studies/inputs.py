@@ -96,6 +96,7 @@ def load_run(d: Path, read: str = "auto") -> dict:
             "registered": reg, "whole_outer_steps": whole, "read_from": read, "updates_per_outer_step": per_outer,
             "batch_size": _num(batch), "learning_rate": float(lr), "seed": sweep.get("seed", train.get("seed", 0)),
             "diverged": bool(summary.get("diverged", False)) or any(r.get("diverged") for r in rows),
+            "stop_reason": summary.get("stop_reason"),
             "targets": [float(t) for t in train.get("target_losses") or []],
             "evals": evals}
 

@@ -177,6 +177,10 @@ def render_report(result: dict) -> str:
     div = {m: r.get("n_diverged") for m, r in result["methods"].items() if r.get("n_diverged")}
     if div:
         lines += ["Diverged runs (counted as not reached): " + ", ".join(f"{m} {n}" for m, n in div.items()), ""]
+    if result.get("cut_runs"):
+        lines += [f"Stopped before this reading crossed every target (another reading stopped them; counted as not "
+                  f"reached; rerun the sweep to continue them): {len(result['cut_runs'])} runs, "
+                  + ", ".join(Path(d).name for d in result["cut_runs"]), ""]
     lines += _best_section(result) + _fit_section(result) + _ratio_section(result)
     if result.get("fixed_tokens"):
         lines += _fixed_section(result)
