@@ -47,6 +47,7 @@ from gn.methods.gauss_newton import inner_lr_factor
 from gn.model import init_params, make_apply, model_config
 from gn.train.trainer import train
 from tests.test_paper_configs import TINY
+from tests.tiny_models import EMA_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = model_config("nano", vocab_size=16, hidden=8, layers=1, heads=2, ffn=16, max_seq_len=8,
@@ -262,13 +263,7 @@ def test_a_nonfinite_step_is_never_taken_even_under_the_papers_rule():
 
 # --- the EMA's reading of the targets -----------------------------------------------------------------
 
-TRAIN_BASE = {
-    "model": {"preset": "nano", "hidden": 32, "layers": 1, "heads": 2, "ffn": 64, "max_seq_len": 64},
-    "data": {"source": "synthetic", "seq_len": 16, "val_sequences": 8,
-             "synthetic": {"vocab_size": 16, "order": 1, "support": 3}},
-    "train": {"steps": 6, "batch_size": 4, "eval_every": 1, "eval_batch_size": 4, "checkpoint_every": 6,
-              "progress": False, "ema_decay": 0.8},
-}
+TRAIN_BASE = EMA_RUN      # tests/tiny_models.py
 
 
 def _cfg(train=None, **entry):

@@ -14,14 +14,9 @@ from gn.studies import sweep as sweep_mod
 from gn.studies.spec import spec_from_dict
 from gn.train.hooks import EvalHistory, early_stop, stop_holds, stop_keys
 from gn.train.trainer import train
+from tests.tiny_models import EMA_RUN
 
-BASE = {
-    "model": {"preset": "nano", "hidden": 32, "layers": 1, "heads": 2, "ffn": 64, "max_seq_len": 64},
-    "data": {"source": "synthetic", "seq_len": 16, "val_sequences": 8,
-             "synthetic": {"vocab_size": 16, "order": 1, "support": 3}},
-    "train": {"steps": 6, "batch_size": 4, "eval_every": 1, "eval_batch_size": 4, "checkpoint_every": 6,
-              "progress": False, "ema_decay": 0.8},
-}
+BASE = EMA_RUN
 
 
 def _cfg(**train_keys):

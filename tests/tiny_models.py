@@ -44,3 +44,13 @@ def nano_run(methods=(), *, model=None, **train) -> dict:
     if methods:
         raw["methods"] = list(methods)
     return raw
+
+
+# A 6-step run with weight averaging, evaluated every step (the EMA's reading of targets, the stop rules).
+EMA_RUN = {
+    "model": {"preset": "nano", "hidden": 32, "layers": 1, "heads": 2, "ffn": 64, "max_seq_len": 64},
+    "data": {"source": "synthetic", "seq_len": 16, "val_sequences": 8,
+             "synthetic": {"vocab_size": 16, "order": 1, "support": 3}},
+    "train": {"steps": 6, "batch_size": 4, "eval_every": 1, "eval_batch_size": 4, "checkpoint_every": 6,
+              "progress": False, "ema_decay": 0.8},
+}
