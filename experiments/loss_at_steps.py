@@ -19,7 +19,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from gn.studies.inputs import find_run_dirs, load_run
+from gn.studies.run_archive import load_runs
 from gn.studies.intervals import t_interval
 
 
@@ -33,8 +33,7 @@ def loss_after(run: dict, step: int, key: str) -> float | None:
 
 def cells(dirs: list[str], methods: set[str] | None) -> dict:
     out: dict = defaultdict(dict)
-    for d in find_run_dirs(dirs):
-        run = load_run(d, read="raw")
+    for run in load_runs(dirs, read="raw"):   # run directories or run archives (runs.jsonl.gz)
         if methods and run["method"] not in methods:
             continue
         out[(run["method"], run["batch_size"], run["learning_rate"])][run["seed"]] = run

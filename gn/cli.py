@@ -89,9 +89,10 @@ def cmd_analyze(args) -> None:
 
     from gn.errors import require
     from gn.studies.analyze import analyze_runs, analyze_table, to_json, write_outputs
+    from gn.studies.run_archive import is_archive
 
     require(bool(args.dirs) != bool(args.table),
-            "gn analyze takes run directories or --table FILE.csv (one of the two).")
+            "gn analyze takes run directories (or run archives) or --table FILE.csv (one of the two).")
     try:
         targets = [float(t) for t in args.targets.split(",") if t.strip()] if args.targets else None
     except ValueError:
@@ -103,7 +104,8 @@ def cmd_analyze(args) -> None:
     else:
         result = analyze_runs(args.dirs, targets=targets, fixed_tokens=args.fixed_tokens,
                               b_ref=args.cbs_reference_batch, space=args.fit, read=args.read)
-        out = Path(args.out) if args.out else Path(args.dirs[0])
+        first = Path(args.dirs[0])
+        out = Path(args.out) if args.out else (first.parent if is_archive(first) else first)
     files = write_outputs(result, out)
     if args.json:
         print(json.dumps(to_json(result)))
@@ -152,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("name", nargs="?", help="a registered method: print its options with types and defaults")
     m.set_defaults(fn=cmd_methods)
     a = sub.add_parser("analyze", help="critical-batch-size analysis of finished runs or a steps-to-target table")
-    a.add_argument("dirs", nargs="*", help="run directories, or folders searched recursively for them")
+    a.add_argument("dirs", nargs="*",
+                   help="run directories, folders searched recursively for them, or run archives (runs.jsonl.gz, "
+                        "written next to every analysis.json): a run in a directory replaces an archived one")
     a.add_argument("--table",
                    help="CSV: method,batch_size,learning_rate,seed,target,steps_to_target[,tokens_to_target]")
     a.add_argument("--out", help="output folder (default: the first directory, or the table's folder)")

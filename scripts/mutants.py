@@ -23,6 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name: (file, exact old text, new text, test files)
 MUTANTS = {
+    "archive_runs_in_source_order": (
+        "gn/studies/run_archive.py",
+        '    return [with_read(r, read) for r in sorted(runs, key=lambda r: (Path(r["dir"]).name, r["dir"]))]',
+        "    return [with_read(r, read) for r in runs]",
+        ["tests/test_run_archive.py"]),
+    "archive_keeps_stale_copy": (
+        "gn/studies/run_archive.py",
+        '            if Path(r["dir"]).name not in names:',
+        "            if True:",
+        ["tests/test_run_archive.py"]),
     "stop_reads_all_ignored": (
         "gn/train/hooks.py",
         '    if tcfg.stop_reads == "all":',

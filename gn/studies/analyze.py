@@ -1,12 +1,15 @@
 """`gn analyze`: critical-batch-size analysis of finished runs or of a table.
 
 Input is either run directories written by `gn train` (or parents holding
-them, searched recursively for summary.json) or a CSV of steps to target.
+them, searched recursively for summary.json) and run archives (the
+runs.jsonl.gz every analysis of runs writes, gn.studies.run_archive), or a
+CSV of steps to target.
 Both are reduced to the same rows (method, batch_size, learning_rate, seed,
 target, steps, ...) and analysed alike: best learning rate per batch size,
 the McCandlish fit with a bootstrap interval, Zhang et al.'s CBS, step ratios
 between methods and, for run directories, a fixed-token comparison. Outputs:
-analysis.json, report.md and PNG plots (a plot failure only warns).
+analysis.json, report.md, PNG plots (a plot failure only warns) and the
+run archive.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from gn.errors import require
 from gn.studies import cbs, diagnostics, intervals
 from gn.studies.cbs_plots import write_plots
 from gn.studies.report import write_report
-from gn.studies.inputs import AXES, READS, _final_loss, find_run_dirs, load_run, read_table, run_rows
+from gn.studies.inputs import AXES, READS, _final_loss, read_table, run_rows
+from gn.studies.run_archive import ARCHIVE_NAME, load_runs, write_archive
 from gn.train.metrics import target_key
 
 UNITS = {"steps": "the method's own steps (metrics `step`)",
@@ -234,10 +238,11 @@ def _check_options(b_ref: float | None, space: str) -> None:
 
 def analyze_runs(dirs: Sequence[str | Path], *, targets: Sequence[float] | None = None, fixed_tokens: bool = False,
                  n_boot: int = 2000, b_ref: float | None = None, space: str = "wls", read: str = "auto") -> dict:
-    """Analyse run directories (or parents holding them): see the module docstring."""
+    """Analyse run directories (or parents holding them) and run archives (`runs.jsonl.gz` of a
+    committed analysis, gn.studies.run_archive): see the module docstring."""
     _check_options(b_ref, space)
     require(read in READS, f"--read must be one of {', '.join(READS)}, got '{read}'.")
-    runs = [load_run(d, read) for d in find_run_dirs(dirs)]
+    runs = load_runs(dirs, read)
     ts = _targets_for(runs, targets)
     rows = [row for run in runs for row in run_rows(run, ts)]
     out = analyze_rows(rows, [target_key(t) for t in ts], source={"kind": "runs", "dirs": [r["dir"] for r in runs]},
@@ -325,13 +330,16 @@ def to_json(result: dict) -> dict:
 
 
 def write_outputs(result: dict, out: str | Path) -> list[Path]:
-    """Write analysis.json, report.md and the plots into `out`; returns the
-    files written. A failing plot warns and is skipped."""
+    """Write analysis.json, report.md, the plots and, for an analysis of runs, their archive
+    (runs.jsonl.gz: what a later analysis needs of every run, gn.studies.run_archive) into
+    `out`; returns the files written. A failing plot warns and is skipped."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "analysis.json").write_text(json.dumps(to_json(result), indent=2))
     write_report(result, out / "report.md")
     files = [out / "analysis.json", out / "report.md"]
+    if "_runs" in result:
+        files.append(write_archive(result["_runs"], out / ARCHIVE_NAME))
     try:
         files += write_plots(result, out)
     except Exception as exc:  # plots are a convenience; the JSON and the report must survive

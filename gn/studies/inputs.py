@@ -42,7 +42,7 @@ def find_run_dirs(dirs: Iterable[str | Path]) -> list[Path]:
     parent searched recursively. Raises ConfigError if one holds no run."""
     found: list[Path] = []
     for d in map(Path, dirs):
-        require(d.is_dir(), f"'{d}' is not a directory (gn analyze takes run directories or --table FILE.csv).")
+        require(d.is_dir(), f"'{d}' is not a directory (gn analyze takes run directories, run archives or --table FILE.csv).")
         runs = [d] if (d / "summary.json").is_file() else sorted(p.parent for p in d.rglob("summary.json"))
         require(bool(runs), f"no run directories (with summary.json) under '{d}'.")
         found += [r for r in runs if r not in found]
@@ -59,11 +59,12 @@ def _read_json(p: Path) -> dict:
 READS = ("auto", "raw", "ema")
 
 
-def load_run(d: Path, read: str = "auto") -> dict:
-    """One run directory as a dict: method, batch_size, learning_rate, seed,
-    diverged, targets (from config.yaml) and evals (the metrics records with a
-    validation loss). sweep_run.json, when present, names method, batch,
-    learning rate and seed; otherwise they come from summary.json/config.yaml."""
+def run_record(d: Path) -> dict:
+    """One run directory as a dict, whatever reading is analysed: method, batch_size,
+    learning_rate, seed, diverged, stop_reason, targets (from config.yaml), has_ema and evals
+    (the metrics records with a validation loss, `compute` added). sweep_run.json, when
+    present, names method, batch, learning rate and seed; otherwise they come from
+    summary.json/config.yaml. `gn.studies.run_archive` stores exactly this record."""
     summary = _read_json(d / "summary.json")
     cfg = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
     cfg = cfg or {}
@@ -79,26 +80,41 @@ def load_run(d: Path, read: str = "auto") -> dict:
     batch = sweep.get("batch_size", summary.get("batch_size", train.get("batch_size")))
     require(batch is not None, f"run '{d}' names no batch size.")
     rows = MetricsLog(d / "metrics.jsonl").read()
-    evals = [r for r in rows if r.get("val_loss") is not None]
-    for r in evals:
-        if r.get("grad_evals") is not None:
-            r["compute"] = float(r["grad_evals"]) * float(batch)
-    # With weight averaging on, the EMA is what a crossing is read from by default (the paper
-    # evaluates it); `read` = raw or ema forces one (ema: ConfigError for a run without an EMA).
-    has_ema = bool(evals) and all(r.get("val_loss_ema") is not None for r in evals)
-    require(read != "ema" or has_ema, f"--read ema: run '{d}' logged no val_loss_ema (train.ema_decay was 0).")
-    read = "val_loss_ema" if has_ema and read != "raw" else "val_loss"
+    evals = add_compute([r for r in rows if r.get("val_loss") is not None], batch)
     whole = bool(reg in registry.names() and registry.get(reg).whole_outer_steps)
     last = evals[-1] if evals else {}
     per_outer = (float(last["updates"]) / float(last["outer_step"])
                  if last.get("updates") and last.get("outer_step") else None)
     return {"dir": str(d), "method": str(sweep.get("method", summary.get("method", d.name))),
-            "registered": reg, "whole_outer_steps": whole, "read_from": read, "updates_per_outer_step": per_outer,
+            "registered": reg, "whole_outer_steps": whole, "updates_per_outer_step": per_outer,
             "batch_size": _num(batch), "learning_rate": float(lr), "seed": sweep.get("seed", train.get("seed", 0)),
             "diverged": bool(summary.get("diverged", False)) or any(r.get("diverged") for r in rows),
             "stop_reason": summary.get("stop_reason"),
             "targets": [float(t) for t in train.get("target_losses") or []],
+            "has_ema": bool(evals) and all(r.get("val_loss_ema") is not None for r in evals),
             "evals": evals}
+
+
+def add_compute(evals: list[dict], batch) -> list[dict]:
+    """`compute` on every evaluation: grad_evals × batch (forward-backward passes over one sequence)."""
+    for r in evals:
+        if r.get("grad_evals") is not None:
+            r["compute"] = float(r["grad_evals"]) * float(batch)
+    return evals
+
+
+def with_read(run: dict, read: str = "auto") -> dict:
+    """`run` (a `run_record`) with `read_from`, the loss its crossings are read from. With
+    weight averaging on, the EMA is what a crossing is read from by default (the paper evaluates
+    it); `read` = raw or ema forces one (ema: ConfigError for a run without an EMA)."""
+    require(read != "ema" or run["has_ema"],
+            f"--read ema: run '{run['dir']}' logged no val_loss_ema (train.ema_decay was 0).")
+    return run | {"read_from": "val_loss_ema" if run["has_ema"] and read != "raw" else "val_loss"}
+
+
+def load_run(d: Path, read: str = "auto") -> dict:
+    """One run directory read as `read` (auto, raw, ema): `with_read(run_record(d), read)`."""
+    return with_read(run_record(d), read)
 
 
 def run_rows(run: dict, targets: Sequence[float]) -> list[dict]:
@@ -169,4 +185,5 @@ def read_table(path: str | Path) -> list[dict]:
     return rows
 
 
-__all__ = ["AXES", "READS", "TABLE_REQUIRED", "find_run_dirs", "load_run", "run_rows", "read_table"]
+__all__ = ["AXES", "READS", "TABLE_REQUIRED", "add_compute", "find_run_dirs", "load_run", "read_table", "run_record",
+           "run_rows", "with_read"]
