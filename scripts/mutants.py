@@ -23,6 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name: (file, exact old text, new text, test files)
 MUTANTS = {
+    "plan_cost_in_outer_steps": (
+        "gn/studies/plan_cost.py",
+        "    return run.steps * float(run.method.grad_evals_per_step) * cfg.train.batch_size * cfg.data.seq_len",
+        "    return cfg.train.steps * float(run.method.grad_evals_per_step) * cfg.train.batch_size * cfg.data.seq_len",
+        ["tests/test_plan_cost.py"]),
+    "plan_cost_before_init": (
+        "gn/studies/plan_cost.py",
+        "    jax.eval_shape(run.method.init, params)     # sets what the cost needs of the parameters",
+        "    pass",
+        ["tests/test_plan_cost.py"]),
     "archive_runs_in_source_order": (
         "gn/studies/run_archive.py",
         '    return [with_read(r, read) for r in sorted(runs, key=lambda r: (Path(r["dir"]).name, r["dir"]))]',

@@ -184,11 +184,12 @@ def test_dry_run_names_a_coarse_evaluation_cadence():
     every_step = [dataclasses.replace(r, eval_every=1) for r in runs]
     assert "note: evaluation" not in sweep_mod.format_table(every_step)
     assert "note: evaluation" in sweep_mod.format_table([dataclasses.replace(runs[0], eval_every=4)])
-    # The cost estimate says what it leaves out, naming the methods whose extra work it omits.
+    # The rough cost (no plan: tests/test_plan_cost.py) says what it leaves out, naming the methods
+    # whose extra work it omits.
     first_order = [dataclasses.replace(r, family="first_order") for r in every_step]
-    assert "note: est. cost" not in sweep_mod.format_table(first_order)
+    assert "not the inner products" not in sweep_mod.format_table(first_order)
     fog = sweep_mod.format_table([dataclasses.replace(first_order[0], method="my_fog", family="fog")])
-    assert "note: est. cost" in fog and "my_fog" in fog
+    assert "rough cost" in fog and "backend solves of my_fog" in fog
 
 
 def test_slurm_array_matches_manifest(tmp_path, monkeypatch):

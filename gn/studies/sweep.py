@@ -283,22 +283,32 @@ def write_sweep(runs: list[RunPlan], sweep_dir: Path) -> list[dict]:
     return rows
 
 
-def format_table(runs: list[RunPlan]) -> str:
-    """The dry-run table: one line per run, then totals."""
+def format_table(runs: list[RunPlan], planned: tuple[dict[int, float], list[str]] | None = None) -> str:
+    """The dry-run table: one line per run, then totals. `planned`: gn.studies.plan_cost's costs
+    from the methods' own accounting (run id -> cost) and why any run lacks one; without it (or
+    for those runs) the cost is the rough one, marked ~."""
+    costs, reasons = planned or ({}, [])
+    cost = {r.id: costs.get(r.id, r.est_cost) for r in runs}
+    rough = [r for r in runs if r.id not in costs]
     head = (f"{'id':>4}  {'method':<14} {'B':>6} {'lr':>9} {'seed':>4} {'steps':>7} {'eval':>5} {'tokens':>12} "
-            f"{'cost':>12}  run")
+            f"{'cost':>13}  run")
     lines = [head, "-" * len(head)]
     for r in runs:
+        mark = "~" if r.id not in costs else " "
         lines.append(f"{r.id:>4}  {r.method:<14} {r.batch_size:>6} {r.learning_rate:>9.3g} {r.seed:>4} "
-                     f"{r.steps:>7} {r.eval_every:>5} {r.tokens:>12,} {r.est_cost:>12,.0f}  {r.name}")
+                     f"{r.steps:>7} {r.eval_every:>5} {r.tokens:>12,} {mark}{cost[r.id]:>12,.0f}  {r.name}")
     lines.append(f"{len(runs)} runs, {sum(r.steps for r in runs):,} steps, {sum(r.tokens for r in runs):,} "
-                 f"training tokens, est. cost {sum(r.est_cost for r in runs):,.0f} gradient-token equivalents")
-    extra = sorted({r.method for r in runs if r.family not in ("first_order", GN_FAMILY)})
-    if extra or any(r.family == GN_FAMILY for r in runs):
-        # The estimate is a plan, not the accounting: summary.json's grad_evals is (gn.optim cost estimates).
-        lines.append("note: est. cost counts gradients (and GN's line search), not GN's inner products nor the "
-                     "statistics and backend solves of " + (", ".join(extra) or "curvature methods")
-                     + "; each run's summary.json grad_evals counts them")
+                 f"training tokens, cost {sum(cost.values()):,.0f} gradient-token equivalents")
+    if costs:
+        lines.append("note: cost = steps × the method's own cost per step (its inner products, line search, CG "
+                     "products, statistics and backend solves; gn.studies.plan_cost), in forward-backward tokens")
+    if rough:
+        extra = sorted({r.method for r in rough if r.family != "first_order"})
+        # The rough estimate is a plan, not the accounting: summary.json's grad_evals is.
+        lines.append(f"note: ~ {len(rough)} run(s) with the rough cost (gradients and GN's line search only"
+                     + (f"; not the inner products, statistics or backend solves of {', '.join(extra)}" if extra else "")
+                     + "); each run's summary.json grad_evals counts everything")
+        lines += [f"note: not built for the plan: {why}" for why in reasons[:5]]
     sparse = sorted({r.batch_size for r in runs if r.eval_every > 1})
     if sparse:
         # a crossing is only as fine as the cadence: say so before anything runs (the runner's
@@ -374,7 +384,8 @@ def main(spec_path: str, workdir: str | None = None, *, dry_run: bool = False, e
     sweep_dir = Path(workdir) if workdir else Path("runs") / spec.name
     runs = expand(spec)
     if dry_run:
-        print(format_table(runs))
+        from gn.studies.plan_cost import planned_costs   # builds the methods: jax, only for the table
+        print(format_table(runs, planned_costs(runs)))
         return runs
     if emit is not None:
         require(emit == "slurm", f"--emit supports 'slurm' only, got '{emit}'.")
