@@ -122,3 +122,15 @@ def test_cli_analyzes_an_archive_and_writes_next_to_it(tmp_path, capsys):
     a = json.loads((tmp_path / "a" / "analysis.json").read_text())
     b = json.loads((tmp_path / "b" / "analysis.json").read_text())
     assert a["methods"] == b["methods"] and a["ratios"] == b["ratios"]
+
+
+def test_methods_selects_runs_and_names_a_method_with_none(tmp_path):
+    _study(tmp_path / "runs", seeds=(0, 1), batches=(16, 64))
+    _fake_run(tmp_path / "runs" / "gn_x", method="gn", batch=16, lr=0.1, seed=0, curve=[5, 3])
+    res = analyze_runs([tmp_path / "runs"], n_boot=20, methods=["adamw"])
+    assert set(res["methods"]) == {"adamw"} and res["counts"]["runs"] == 12
+    assert set(analyze_runs([tmp_path / "runs"], n_boot=20)["methods"]) == {"adamw", "gn"}
+    with pytest.raises(ConfigError, match="no run of soap"):
+        analyze_runs([tmp_path / "runs"], n_boot=20, methods=["adamw", "soap"])
+    assert main(["analyze", str(tmp_path / "runs"), "--methods", "gn", "--out", str(tmp_path / "g")]) == 0
+    assert set(json.loads((tmp_path / "g" / "analysis.json").read_text())["methods"]) == {"gn"}

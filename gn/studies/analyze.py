@@ -237,12 +237,19 @@ def _check_options(b_ref: float | None, space: str) -> None:
 
 
 def analyze_runs(dirs: Sequence[str | Path], *, targets: Sequence[float] | None = None, fixed_tokens: bool = False,
-                 n_boot: int = 2000, b_ref: float | None = None, space: str = "wls", read: str = "auto") -> dict:
+                 n_boot: int = 2000, b_ref: float | None = None, space: str = "wls", read: str = "auto",
+                 methods: Sequence[str] | None = None) -> dict:
     """Analyse run directories (or parents holding them) and run archives (`runs.jsonl.gz` of a
-    committed analysis, gn.studies.run_archive): see the module docstring."""
+    committed analysis, gn.studies.run_archive): see the module docstring. `methods`: only the
+    runs of these (sweep) method names; ConfigError naming any that no run has."""
     _check_options(b_ref, space)
     require(read in READS, f"--read must be one of {', '.join(READS)}, got '{read}'.")
     runs = load_runs(dirs, read)
+    if methods:
+        missing = sorted(set(methods) - {r["method"] for r in runs})
+        require(not missing, f"--methods: no run of {', '.join(missing)} among the inputs "
+                             f"(they hold {', '.join(sorted({r['method'] for r in runs}))}).")
+        runs = [r for r in runs if r["method"] in set(methods)]
     ts = _targets_for(runs, targets)
     rows = [row for run in runs for row in run_rows(run, ts)]
     out = analyze_rows(rows, [target_key(t) for t in ts], source={"kind": "runs", "dirs": [r["dir"] for r in runs]},
