@@ -70,3 +70,21 @@ def test_a_run_that_cannot_be_built_keeps_the_rough_cost_with_its_reason(tmp_pat
     costs, reasons = planned_costs(runs)
     assert costs == {} and len(reasons) == 1 and "adamw at B = 4" in reasons[0]
     assert "not built for the plan" in sweep_mod.format_table(runs, (costs, reasons))
+
+
+def test_a_plan_that_fails_otherwise_names_the_error_and_keeps_the_rough_cost(monkeypatch):
+    import gn.studies.plan_cost as pc
+
+    spec = spec_from_dict({"config": _raw(METHODS[0]), "batch_sizes": [4], "seeds": [0, 1], "tokens": 4 * 16 * 3,
+                           "methods": [{"name": "adamw", "lr": {"values": [1e-3]}}]})
+    runs = sweep_mod.expand(spec)
+    calls = []
+
+    def broken(cfg):
+        calls.append(cfg)
+        raise RuntimeError("no backend")
+
+    monkeypatch.setattr(pc, "run_cost", broken)
+    costs, reasons = pc.planned_costs(runs)
+    # two seeds, one configuration: built (and failed) once
+    assert costs == {} and len(calls) == 1 and reasons == ["adamw at B = 4: RuntimeError: no backend"]

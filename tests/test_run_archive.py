@@ -37,9 +37,11 @@ def test_archive_alone_reproduces_the_analysis_bit_for_bit(tmp_path):
     write_outputs(again, tmp_path / "b")
     for f in ("analysis.json", "report.md", ARCHIVE_NAME):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
-    # the analysis really rests on the seeds: an interval of nonzero width, from 27 runs
+    # the analysis really rests on the seeds: 27 runs, 3 seeds a cell, a fit with an interval of nonzero width
     best = res["methods"]["adamw"]["targets"]["3.5"]["best"]
     assert res["counts"]["runs"] == 27 and all(e["n_seeds"] == 3 for e in best)
+    lo, hi = res["methods"]["adamw"]["targets"]["3.5"]["fit"]["B_crit_ci"]
+    assert lo < hi
 
 
 def test_new_runs_extend_an_archived_study_as_if_never_lost(tmp_path):
@@ -104,6 +106,9 @@ def test_bad_archives_are_refused_before_any_analysis(tmp_path):
         read_archive(p)
     _write_lines(p, [FORMAT, good | {"evals": [{"step": 0}]}])
     with pytest.raises(ConfigError, match="evaluation 0 has no numeric val_loss"):
+        read_archive(p)
+    p.write_bytes(gzip.compress((json.dumps(FORMAT) + "\n\n" + json.dumps(good) + "\n{oops\n").encode()))
+    with pytest.raises(ConfigError, match="line 4: not JSON"):   # the file's line, blank lines counted
         read_archive(p)
     _write_lines(p, [FORMAT])
     with pytest.raises(ConfigError, match="holds no run"):

@@ -25,7 +25,7 @@ from gn.errors import require
 from gn.studies import cbs, diagnostics, intervals
 from gn.studies.cbs_plots import write_plots
 from gn.studies.report import write_report
-from gn.studies.inputs import AXES, READS, _final_loss, read_table, run_rows
+from gn.studies.inputs import AXES, _final_loss, read_table, run_rows
 from gn.studies.run_archive import ARCHIVE_NAME, load_runs, write_archive
 from gn.train.metrics import target_key
 
@@ -243,8 +243,7 @@ def analyze_runs(dirs: Sequence[str | Path], *, targets: Sequence[float] | None 
     committed analysis, gn.studies.run_archive): see the module docstring. `methods`: only the
     runs of these (sweep) method names; ConfigError naming any that no run has."""
     _check_options(b_ref, space)
-    require(read in READS, f"--read must be one of {', '.join(READS)}, got '{read}'.")
-    runs = load_runs(dirs, read)
+    runs = load_runs(dirs, read)      # ConfigError for an unknown `read` before any file is read
     if methods:
         missing = sorted(set(methods) - {r["method"] for r in runs})
         require(not missing, f"--methods: no run of {', '.join(missing)} among the inputs "

@@ -29,14 +29,15 @@ from typing import Mapping
 from gn.errors import ConfigError
 
 
-def _key(resolved: Mapping, lr_key: str) -> str:
-    """The configuration with what cannot change a step's cost (seed, lr, stop rule, paths) removed."""
+def _key(resolved: Mapping) -> str:
+    """The configuration with what cannot change a step's cost (seed, learning rates, stop rule,
+    warm start) removed: runs that differ only there share one build."""
     cfg = copy.deepcopy(dict(resolved))
     train = dict(cfg.get("train") or {})
     for k in ("seed", "init_from", "target_losses", "stop_reads", "stop_after_rejected"):
         train.pop(k, None)
     cfg["train"] = train
-    cfg["methods"] = [{k: v for k, v in m.items() if k not in (lr_key, "inner_learning_rate", "learning_rate")}
+    cfg["methods"] = [{k: v for k, v in m.items() if k not in ("inner_learning_rate", "learning_rate")}
                       for m in cfg.get("methods") or []]
     return json.dumps(cfg, sort_keys=True, default=str)
 
@@ -65,22 +66,23 @@ def planned_costs(runs) -> tuple[dict[int, float], list[str]]:
     """{run id: planned cost} for the sweep's `runs` (gn.studies.sweep.RunPlan) and the reasons
     for any run left out (its estimate stays the rough one). Each distinct configuration (seed
     and lr aside) is built once."""
-    from gn.methods import registry
-
     cache: dict[str, float | None] = {}
     reasons: list[str] = []
     out: dict[int, float] = {}
     for r in runs:
-        lr_key = registry.get(r.registered_method).lr_key if r.registered_method in registry.names() else ""
-        key = _key(r.config, lr_key)
+        key = _key(r.config)
         if key not in cache:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     cache[key] = run_cost(r.config)
-            except ConfigError as exc:
+            # The configs were validated by the expansion; what fails here is the plan (data not on this
+            # machine, a method that cannot be built on abstract parameters): the run keeps the rough cost.
+            except Exception as exc:  # noqa: BLE001
                 cache[key] = None
-                reasons.append(f"{r.method} at B = {r.batch_size}: {str(exc).splitlines()[0]}")
+                what = str(exc).splitlines()[0] if str(exc) else ""
+                reasons.append(f"{r.method} at B = {r.batch_size}: "
+                               f"{what if isinstance(exc, ConfigError) else f'{type(exc).__name__}: {what}'}")
         if cache[key] is not None:
             out[r.id] = cache[key]
     return out, reasons

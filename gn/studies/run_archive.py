@@ -87,14 +87,16 @@ def read_archive(path: str | Path) -> list[dict]:
         text = gzip.decompress(p.read_bytes()).decode()
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read run archive '{p}': {exc}") from None
-    lines = [ln for ln in text.split("\n") if ln.strip()]
-    try:
-        recs = [json.loads(ln) for ln in lines]
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"run archive '{p}' line {exc.doc and lines.index(exc.doc) + 1}: not JSON: {exc}") from None
-    require(bool(recs) and recs[0] == FORMAT,
+    recs = []   # (line number in the file, record)
+    for i, ln in enumerate(text.split("\n"), start=1):
+        if ln.strip():
+            try:
+                recs.append((i, json.loads(ln)))
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"run archive '{p}' line {i}: not JSON: {exc}") from None
+    require(bool(recs) and recs[0][1] == FORMAT,
             f"'{p}' is not a gn run archive (its first line must be {json.dumps(FORMAT)}).")
-    runs = [_check_run(r, f"run archive '{p}' line {i}") for i, r in enumerate(recs[1:], start=2)]
+    runs = [_check_run(r, f"run archive '{p}' line {i}") for i, r in recs[1:]]
     for r in runs:
         add_compute(r["evals"], r["batch_size"])
     return runs
@@ -118,5 +120,6 @@ def load_runs(sources: Sequence[str | Path], read: str = "auto") -> list[dict]:
                 runs.append(r)
     # One order whatever the order of the sources (the bootstrap resamples in row order): by run name.
     return [with_read(r, read) for r in sorted(runs, key=lambda r: (Path(r["dir"]).name, r["dir"]))]
+
 
 __all__ = ["ARCHIVE_NAME", "EVAL_FIELDS", "FORMAT", "is_archive", "load_runs", "read_archive", "write_archive"]
