@@ -5,7 +5,7 @@
     python experiments/batch_tables.py cost RUNDIR...                # compute time of each experiment
     python experiments/batch_tables.py fixed ANALYSIS.json           # final loss per method and batch
     python experiments/batch_tables.py steps ANALYSIS.json TARGET    # steps to target per method and batch
-    python experiments/batch_tables.py units ANALYSIS.json TARGET [REF]  # every unit per method and batch, ratios to REF
+    python experiments/batch_tables.py units A.json[,B.json] TARGET [REF[,REF2]]  # every unit per method and batch, ratios to each REF
 
 Numbers are read, never typed: each table is printed from the analysis JSON (and, for
 wall time and updates, from the runs' summary.json).
@@ -142,26 +142,41 @@ def _cell(u: dict | None) -> str:
     return f"{u['mean']:.3g}" + (f" {_ci(ci)}" if ci[0] is not None else "")
 
 
-def units_table(analysis: dict, target: str, reference: str | None = None) -> str:
+def merge_best(analyses: list[dict], target: str) -> dict:
+    """{method: {batch: best-lr entry}} from several analyses (e.g. one study's batches analysed apart);
+    the same method at the same batch in two of them is ambiguous and refused."""
+    best: dict = {}
+    for a in analyses:
+        for m, r in a["methods"].items():
+            for e in r["targets"].get(target, {}).get("best", []):
+                if e["batch_size"] in best.setdefault(m, {}):
+                    raise SystemExit(f"{m} at B = {e['batch_size']:g} is in two analyses: give each cell once")
+                best[m][e["batch_size"]] = e
+    return best
+
+
+def units_table(analyses: dict | list[dict], target: str, references: str | list[str] | None = None) -> str:
     """Per method and batch at the best lr: n reached/run, outer steps, sequential updates and compute
-    to `target` (mean [Student-t 95 %] over seeds), and each unit's ratio to `reference` at the same batch."""
-    ms = analysis["methods"]
-    best = {m: {e["batch_size"]: e for e in r["targets"].get(target, {}).get("best", [])} for m, r in ms.items()}
+    to `target` (mean [Student-t 95 %] over seeds), and each unit's ratio to each of `references`
+    (e.g. AdamW and the small-batch control) at the same batch ("–" where the reference has no cell)."""
+    analyses = [analyses] if isinstance(analyses, dict) else analyses
+    refs = [references] if isinstance(references, str) else list(references or [])
+    best = merge_best(analyses, target)
     head = ["method", "B", "lr", "n"] + [name for _, name in UNIT_COLUMNS]
-    if reference:
-        head += [f"{name.split(' ')[0]} / {reference}" for _, name in UNIT_COLUMNS]
+    for ref in refs:
+        head += [f"{name.split(' ')[0]} / {ref}" for _, name in UNIT_COLUMNS]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in ms:
+    for m in best:
         for B, e in sorted(best[m].items()):
             units = e.get("units") or {}
             lr = f"{e['learning_rate']:.3g}" + (f" ({e['edge']})" if e.get("edge") in ("low", "high") else "")
             cells = [m, f"{B:g}", lr, f"{e.get('n_reached', 0)}/{e.get('n_seeds', 0)}"]
             cells += [_cell(units.get(k)) for k, _ in UNIT_COLUMNS]
-            if reference:
-                ref = best.get(reference, {}).get(B)
+            for ref in refs:
+                r = best.get(ref, {}).get(B)
                 for k, _ in UNIT_COLUMNS:
                     a = (units.get(k) or {}).get("mean")
-                    b = ((ref or {}).get("units", {}).get(k) or {}).get("mean")
+                    b = ((r or {}).get("units", {}).get(k) or {}).get("mean")
                     cells.append(f"{a / b:.3g}" if a and b else "–")
             rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -178,6 +193,7 @@ if __name__ == "__main__":
     elif kind == "fixed":
         print(fixed_table(json.loads(Path(rest[0]).read_text())))
     elif kind == "units":
-        print(units_table(json.loads(Path(rest[0]).read_text()), rest[1], rest[2] if len(rest) > 2 else None))
+        print(units_table([json.loads(Path(p).read_text()) for p in rest[0].split(",")], rest[1],
+                          rest[2].split(",") if len(rest) > 2 else None))
     elif kind == "steps":
         print(steps_table(json.loads(Path(rest[0]).read_text()), rest[1]))

@@ -39,3 +39,31 @@ def test_loss_at_steps_pairs_by_seed():
     d = b["minus_reference"]          # seeds 0 and 1 only (seed 2 has no partner): -0.1 both
     assert d["n"] == 2 and abs(d["mean"] + 0.1) < 1e-12 and d["se"] < 1e-12
     assert las.loss_after(by_cell["a", 8, 0.1][0], 5, "val_loss") is None
+
+
+def test_units_table_merges_analyses_and_gives_a_ratio_to_each_reference():
+    bt = _load("batch_tables")
+
+    def cell(B, outer, updates, compute):
+        u = {k: {"mean": v, "ci": [v * 0.9, v * 1.1]} for k, v in
+             (("outer_steps", outer), ("updates", updates), ("compute", compute))}
+        return {"batch_size": B, "learning_rate": 0.01, "n_reached": 3, "n_seeds": 3, "units": u}
+
+    def analysis(**cells):
+        return {"methods": {m: {"targets": {"1.9": {"best": es}}} for m, es in cells.items()}}
+
+    a = analysis(adamw=[cell(512, 10.0, 10.0, 100.0)], gn=[cell(512, 2.0, 64.0, 50.0)],
+                 ctl=[cell(512, 4.0, 32.0, 25.0)])
+    b = analysis(gn=[cell(1024, 1.0, 64.0, 80.0)])
+    rows = bt.units_table([a, b], "1.9", ["adamw", "ctl"]).splitlines()
+    gn512 = next(r for r in rows if r.startswith("| gn | 512 "))
+    cells = [c.strip() for c in gn512.strip("|").split("|")]
+    assert cells[-6:] == ["0.2", "6.4", "0.5", "0.5", "2", "2"]   # / adamw, then / ctl: outer, updates, compute
+    gn1024 = next(r for r in rows if r.startswith("| gn | 1024 "))
+    assert gn1024.rstrip(" |").endswith("– | – | – | – | – | –")      # no reference at B = 1024
+    try:
+        bt.units_table([a, a], "1.9")
+    except SystemExit as e:
+        assert "gn at B = 512 is in two analyses" in str(e) or "in two analyses" in str(e)
+    else:
+        raise AssertionError("a cell given twice must be refused")
