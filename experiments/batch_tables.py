@@ -5,7 +5,8 @@
     python experiments/batch_tables.py cost RUNDIR...                # compute time of each experiment
     python experiments/batch_tables.py fixed ANALYSIS.json           # final loss per method and batch
     python experiments/batch_tables.py steps ANALYSIS.json TARGET    # steps to target per method and batch
-    python experiments/batch_tables.py units A.json[,B.json] TARGET [REF[,REF2]]  # every unit per method and batch, ratios to each REF
+    python experiments/batch_tables.py units A.json[:m1+m2][,B.json] TARGET [REF[,REF2]]  # every unit per method
+        # and batch (the methods of several analyses, or some of them), ratios to each REF
 
 Numbers are read, never typed: each table is printed from the analysis JSON (and, for
 wall time and updates, from the runs' summary.json).
@@ -142,6 +143,18 @@ def _cell(u: dict | None) -> str:
     return f"{u['mean']:.3g}" + (f" {_ci(ci)}" if ci[0] is not None else "")
 
 
+def read_analysis(arg: str) -> dict:
+    """`PATH` or `PATH:m1+m2` (only those methods, e.g. to take AdamW from one study and GN from another)."""
+    path, _, keep = arg.partition(":")
+    a = json.loads(Path(path).read_text())
+    if keep:
+        missing = [m for m in keep.split("+") if m not in a["methods"]]
+        if missing:
+            raise SystemExit(f"{path} has no method {', '.join(missing)} (it has {', '.join(a['methods'])})")
+        a = {**a, "methods": {m: a["methods"][m] for m in keep.split("+")}}
+    return a
+
+
 def merge_best(analyses: list[dict], target: str) -> dict:
     """{method: {batch: best-lr entry}} from several analyses (e.g. one study's batches analysed apart);
     the same method at the same batch in two of them is ambiguous and refused."""
@@ -193,7 +206,7 @@ if __name__ == "__main__":
     elif kind == "fixed":
         print(fixed_table(json.loads(Path(rest[0]).read_text())))
     elif kind == "units":
-        print(units_table([json.loads(Path(p).read_text()) for p in rest[0].split(",")], rest[1],
+        print(units_table([read_analysis(p) for p in rest[0].split(",")], rest[1],
                           rest[2].split(",") if len(rest) > 2 else None))
     elif kind == "steps":
         print(steps_table(json.loads(Path(rest[0]).read_text()), rest[1]))

@@ -67,3 +67,18 @@ def test_units_table_merges_analyses_and_gives_a_ratio_to_each_reference():
         assert "gn at B = 512 is in two analyses" in str(e) or "in two analyses" in str(e)
     else:
         raise AssertionError("a cell given twice must be refused")
+
+
+def test_read_analysis_keeps_the_named_methods_and_names_a_missing_one(tmp_path):
+    import json
+    bt = _load("batch_tables")
+    p = tmp_path / "analysis.json"
+    p.write_text(json.dumps({"methods": {"adamw": {"targets": {}}, "gn": {"targets": {}}}}))
+    assert list(bt.read_analysis(f"{p}:gn")["methods"]) == ["gn"]
+    assert list(bt.read_analysis(str(p))["methods"]) == ["adamw", "gn"]
+    try:
+        bt.read_analysis(f"{p}:gn+soap")
+    except SystemExit as e:
+        assert "no method soap" in str(e)
+    else:
+        raise AssertionError("a method the analysis lacks must be named")
