@@ -7,6 +7,8 @@
     python experiments/batch_tables.py steps ANALYSIS.json TARGET    # steps to target per method and batch
     python experiments/batch_tables.py units A.json[:m1+m2][,B.json] TARGET [REF[,REF2]]  # every unit per method
         # and batch (the methods of several analyses, or some of them), ratios to each REF
+    python experiments/batch_tables.py predict FIT.json[,..] MEASURED.json[,..] TARGET  # a fitted S(B) against
+        # the steps measured at a batch it was not fitted on
 
 Numbers are read, never typed: each table is printed from the analysis JSON (and, for
 wall time and updates, from the runs' summary.json).
@@ -195,6 +197,36 @@ def units_table(analyses: dict | list[dict], target: str, references: str | list
     return "\n".join(rows)
 
 
+def predict_table(fits: list[dict], measured: list[dict], target: str) -> str:
+    """A fitted McCandlish curve against a batch it was not fitted on: per method, S(B) = S_min + E_min / B
+    from `fits` (the range from the marginal 95 % intervals of S_min and E_min, wider than the joint one
+    because the two are anti-correlated) beside the measured steps at B (mean [Student-t 95 %], n)."""
+    rows = ["| method | B | fitted on | predicted S(B) [range] | measured [95 %] | n | measured / predicted |",
+            "|---|---|---|---|---|---|---|"]
+    meas = merge_best(measured, target)
+    for a in fits:
+        for m, r in a["methods"].items():
+            t = r["targets"].get(target) or {}
+            f = t.get("fit") or {}
+            if f.get("S_min") is None or m not in meas:
+                continue
+            fitted = sorted(e["batch_size"] for e in t.get("best", []))
+            lo = (f.get("S_min_ci") or [None])[0], (f.get("E_min_ci") or [None])[0]
+            hi = (f.get("S_min_ci") or [None, None])[1], (f.get("E_min_ci") or [None, None])[1]
+            for B, e in sorted(meas[m].items()):
+                if B in fitted:
+                    continue
+                pred = f["S_min"] + f["E_min"] / B
+                rng = (f"[{lo[0] + lo[1] / B:.3g}, {hi[0] + hi[1] / B:.3g}]"
+                       if None not in lo + hi else "")
+                u = (e.get("units") or {}).get("outer_steps") or {}
+                if u.get("mean") is None:
+                    continue
+                rows.append(f"| {m} | {B:g} | {'/'.join(f'{b:g}' for b in fitted)} ({f.get('unit', 'steps')}) | "
+                            f"{pred:.3g} {rng} | {_cell(u)} | {u.get('n', '')} | {u['mean'] / pred:.3f} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     kind, *rest = sys.argv[1:]
     if kind == "cbs":
@@ -208,5 +240,8 @@ if __name__ == "__main__":
     elif kind == "units":
         print(units_table([read_analysis(p) for p in rest[0].split(",")], rest[1],
                           rest[2].split(",") if len(rest) > 2 else None))
+    elif kind == "predict":
+        print(predict_table([read_analysis(p) for p in rest[0].split(",")],
+                            [read_analysis(p) for p in rest[1].split(",")], rest[2]))
     elif kind == "steps":
         print(steps_table(json.loads(Path(rest[0]).read_text()), rest[1]))

@@ -82,3 +82,20 @@ def test_read_analysis_keeps_the_named_methods_and_names_a_missing_one(tmp_path)
         assert "no method soap" in str(e)
     else:
         raise AssertionError("a method the analysis lacks must be named")
+
+
+def test_predict_table_compares_a_fitted_curve_with_a_batch_it_was_not_fitted_on():
+    bt = _load("batch_tables")
+
+    def cell(B, steps):
+        return {"batch_size": B, "learning_rate": 0.01, "n_reached": 2, "n_seeds": 2,
+                "units": {"outer_steps": {"mean": steps, "ci": [steps - 1, steps + 1], "n": 2}}}
+
+    fit = {"unit": "steps", "S_min": 10.0, "E_min": 2000.0, "S_min_ci": [9.0, 11.0], "E_min_ci": [1800.0, 2200.0]}
+    fits = {"methods": {"m": {"targets": {"1.9": {"fit": fit, "best": [cell(100, 30.0), cell(400, 15.0)]}}}}}
+    measured = {"methods": {"m": {"targets": {"1.9": {"best": [cell(200, 22.0), cell(400, 15.0)]}}}}}
+    rows = bt.predict_table([fits], [measured], "1.9").splitlines()
+    assert len(rows) == 3                                   # B = 400 was fitted on: not a prediction
+    cells = [c.strip() for c in rows[2].strip("|").split("|")]
+    assert cells[1] == "200" and cells[3] == "20 [18, 22]"  # 10 + 2000 / 200, range 9 + 1800/200 .. 11 + 2200/200
+    assert cells[-1] == "1.100"
