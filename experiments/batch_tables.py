@@ -199,7 +199,7 @@ def units_table(analyses: dict | list[dict], target: str, references: str | list
 
 def predict_table(fits: list[dict], measured: list[dict], target: str) -> str:
     """A fitted McCandlish curve against a batch it was not fitted on: per method, S(B) = S_min + E_min / B
-    from `fits` (the range from the marginal 95 % intervals of S_min and E_min, wider than the joint one
+    from `fits` in outer steps (the range from the marginal 95 % intervals of S_min and E_min, wider than the joint one
     because the two are anti-correlated) beside the measured steps at B (mean [Student-t 95 %], n)."""
     rows = ["| method | B | fitted on | predicted S(B) [range] | measured [95 %] | n | measured / predicted |",
             "|---|---|---|---|---|---|---|"]
@@ -207,7 +207,9 @@ def predict_table(fits: list[dict], measured: list[dict], target: str) -> str:
     for a in fits:
         for m, r in a["methods"].items():
             t = r["targets"].get(target) or {}
-            f = t.get("fit") or {}
+            # The fit in outer steps, the unit of the measured column (a method's own "steps" fit is in
+            # its updates when it makes several per outer step, as the control at N = 8 does).
+            f = (t.get("fits") or {}).get("outer_steps") or t.get("fit") or {}
             if f.get("S_min") is None or m not in meas:
                 continue
             fitted = sorted(e["batch_size"] for e in t.get("best", []))

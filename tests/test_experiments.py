@@ -92,7 +92,9 @@ def test_predict_table_compares_a_fitted_curve_with_a_batch_it_was_not_fitted_on
                 "units": {"outer_steps": {"mean": steps, "ci": [steps - 1, steps + 1], "n": 2}}}
 
     fit = {"unit": "steps", "S_min": 10.0, "E_min": 2000.0, "S_min_ci": [9.0, 11.0], "E_min_ci": [1800.0, 2200.0]}
-    fits = {"methods": {"m": {"targets": {"1.9": {"fit": fit, "best": [cell(100, 30.0), cell(400, 15.0)]}}}}}
+    in_updates = {**fit, "unit": "steps", "S_min": 80.0, "E_min": 16000.0}   # a method's own steps: 8 updates an outer step
+    fits = {"methods": {"m": {"targets": {"1.9": {"fit": in_updates, "fits": {"steps": in_updates, "outer_steps": fit},
+                                                  "best": [cell(100, 30.0), cell(400, 15.0)]}}}}}
     measured = {"methods": {"m": {"targets": {"1.9": {"best": [cell(200, 22.0), cell(400, 15.0)]}}}}}
     rows = bt.predict_table([fits], [measured], "1.9").splitlines()
     assert len(rows) == 3                                   # B = 400 was fitted on: not a prediction
