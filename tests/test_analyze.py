@@ -271,3 +271,33 @@ def test_a_run_stopped_by_another_reading_is_named_not_silently_unreached(tmp_pa
     assert [Path(d).name for d in res["cut_runs"]] == ["cut"]          # "short" ran out of steps: unreached
     assert res["counts"]["stopped before this reading crossed"] == 1
     assert "Stopped before this reading crossed" in render_report(res)
+
+
+def test_fixed_tokens_interval_and_paired_difference(tmp_path):
+    """Final losses share a large per-seed offset (the data order): the difference to the batch's best is
+    read paired by seed, so its interval is narrow and excludes 0 although the two means' intervals overlap."""
+    from scipy import stats
+
+    root = tmp_path / "ft"
+    offset = {0: 0.0, 1: 0.3, 2: -0.3}
+    a = {s: 2.0 + offset[s] for s in offset}
+    b = {0: 2.10, 1: 2.42, 2: -0.3 + 2.09}
+    for s in offset:
+        _fake_run(root / f"a{s}", method="adamw", batch=16, lr=1e-3, seed=s, curve=[5, 4, a[s]])
+        _fake_run(root / f"m{s}", method="muon", batch=16, lr=1e-2, seed=s, curve=[5, 4, b[s]])
+    ft = analyze_runs([root], fixed_tokens=True, n_boot=20)["fixed_tokens"]
+    ea, eb = ft["adamw"][0], ft["muon"][0]
+    vals = list(a.values())
+    h = stats.t.ppf(0.975, 2) * np.std(vals, ddof=1) / np.sqrt(3)
+    assert ea["final_val_loss_ci"] == pytest.approx([np.mean(vals) - h, np.mean(vals) + h])
+    assert ea["vs_best"] is None and eb["vs_best"]["method"] == "adamw"
+    d = [b[s] - a[s] for s in (0, 1, 2)]
+    hd = stats.t.ppf(0.975, 2) * np.std(d, ddof=1) / np.sqrt(3)
+    assert eb["vs_best"]["diff_mean"] == pytest.approx(np.mean(d))
+    assert eb["vs_best"]["diff_ci"] == pytest.approx([np.mean(d) - hd, np.mean(d) + hd])
+    # paired: the difference excludes 0; unpaired, the two means' intervals overlap
+    assert eb["vs_best"]["diff_ci"][0] > 0 and ea["final_val_loss_ci"][1] > eb["final_val_loss_ci"][0]
+    assert eb["vs_best"]["n_pairs"] == 3
+    write_outputs(analyze_runs([root], fixed_tokens=True, n_boot=20), tmp_path / "o")
+    text = (tmp_path / "o" / "report.md").read_text()
+    assert "paired by seed" in text and "vs adamw" in text

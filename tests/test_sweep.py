@@ -388,7 +388,8 @@ def test_soap_precondition_frequency_is_tuned_by_vary():
     assert {_hp(r)["precondition_frequency"] for r in runs} == {1, 3}
 
 
-CPU_SPECS = ("cbs_synthetic", "cbs_synthetic_ext", "large_batch", "large_batch_tune", "fixed_tokens")
+CPU_SPECS = ("cbs_synthetic", "cbs_synthetic_ext", "large_batch", "large_batch_tune", "fixed_tokens", "fixed_tokens_v2",
+             "batch_vs_inner", "ladder_b1024", "large_batch_v2", "g_fisher", "text_ladder")
 
 
 @pytest.mark.parametrize("name", CPU_SPECS)

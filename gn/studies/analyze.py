@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections import defaultdict
 from itertools import combinations
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -287,19 +288,47 @@ def cut_runs(runs: list[dict], targets: Sequence[float]) -> list[str]:
 
 def fixed_token_table(runs: list[dict]) -> dict:
     """Final validation loss against batch size per method, at the best lr by
-    mean final loss over seeds (diverged runs count as worst)."""
+    mean final loss over seeds (diverged runs count as worst), with its Student-t
+    95 % interval over seeds and, per batch, the difference to that batch's best
+    method paired by seed (the same data order and the same validation sequences,
+    so the seed-to-seed spread the two share cancels)."""
     rows = [{k: r[k] for k in ("method", "batch_size", "learning_rate", "seed")} |
-            {"final_val_loss": _final_loss(r), "tokens": (r["evals"][-1].get("tokens") if r["evals"] else None)}
+            {"final_val_loss": _final_loss(r), "tokens": (r["evals"][-1].get("tokens") if r["evals"] else None),
+             "read_from": r.get("read_from", "val_loss")}
             for r in runs]
     out = {}
     for b in cbs.best_per_batch(rows, "final_val_loss"):
         toks = [r["tokens"] for r in b["rows"] if r["tokens"] is not None]
+        st = intervals.t_interval([v for v in b["values"] if v is not None])
         out.setdefault(b["method"], []).append(
             {"batch_size": b["batch_size"], "learning_rate": b["learning_rate"], "final_val_loss_mean": b["mean"],
-             "final_val_loss_se": b["se"], "final_val_loss": b["values"], "n_seeds": b["n_seeds"],
-             "n_diverged": b["n_seeds"] - b["n_reached"], "tokens_max": max(toks) if toks else None,
-             "lr_at_edge": b["lr_at_edge"], "edge": b["edge"]})
+             "final_val_loss_se": b["se"], "final_val_loss_ci": st["ci"], "final_val_loss": b["values"],
+             "seeds": b["seeds"], "n_seeds": b["n_seeds"], "n_diverged": b["n_seeds"] - b["n_reached"],
+             "tokens_max": max(toks) if toks else None, "lr_at_edge": b["lr_at_edge"], "edge": b["edge"],
+             "read_from": b["rows"][0]["read_from"], "vs_best": None})
+    _paired_to_best(out)
     return out
+
+
+def _paired_to_best(table: dict) -> None:
+    """Set each entry's `vs_best`: its final loss minus that of the batch's lowest-mean method, over the
+    seeds both have (paired), with a Student-t 95 % interval; None for the best itself."""
+    by_batch = defaultdict(list)
+    for m, es in table.items():
+        for e in es:
+            by_batch[e["batch_size"]].append((m, e))
+    for mes in by_batch.values():
+        finite = [(m, e) for m, e in mes if e["final_val_loss_mean"] is not None]
+        if not finite:
+            continue
+        ref_m, ref = min(finite, key=lambda me: me[1]["final_val_loss_mean"])
+        ref_v = {s: v for s, v in zip(ref["seeds"], ref["final_val_loss"]) if v is not None}
+        for m, e in mes:
+            if m == ref_m:
+                continue
+            mine = {s: v for s, v in zip(e["seeds"], e["final_val_loss"]) if v is not None}
+            d = intervals.t_interval([mine[s] - ref_v[s] for s in sorted(set(mine) & set(ref_v))])
+            e["vs_best"] = {"method": ref_m, "diff_mean": d["mean"], "diff_ci": d["ci"], "n_pairs": d["n"]}
 
 
 def analyze_table(csv_path: str | Path, *, targets: Sequence[float] | None = None, n_boot: int = 2000,

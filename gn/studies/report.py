@@ -149,16 +149,33 @@ def _definitions(result: dict) -> list[str]:
     return lines + [""]
 
 
+def _ci_text(mean, ci, n=None) -> str:
+    if mean is None:
+        return "–"
+    txt = _f(mean)
+    if ci and ci[0] is not None:
+        txt += f" [{_f(ci[0])}, {_f(ci[1])}]"
+    return txt + (f" (n = {n})" if n is not None else "")
+
+
 def _fixed_section(result: dict) -> list[str]:
+    reads = {e.get("read_from") for es in result["fixed_tokens"].values() for e in es} - {None}
     lines = ["## Fixed token budget", "",
-             "Final validation loss per batch size at the best lr by mean final loss (diverged runs count as "
-             "worst).", ""]
-    rows = [[m, _f(e["batch_size"], "g"), _f(e["learning_rate"], ".3g"),
-             _f(e["final_val_loss_mean"]) + (f" ± {_f(e['final_val_loss_se'], '.3g')}"
-                                             if e["final_val_loss_se"] else ""),
-             e["n_diverged"], _f(e["tokens_max"]), e["edge"] or ""]
-            for m, es in result["fixed_tokens"].items() for e in es]
-    lines += _table(["method", "batch", "best lr", "final val loss", "diverged", "tokens", "edge"], rows)
+             "Final validation loss per batch size at the best lr by mean final loss over seeds (diverged runs "
+             f"count as worst; read from {', '.join(sorted(reads)) or 'val_loss'}), mean [Student-t 95 %] (n seeds); "
+             "Δ: minus the batch's best method, paired by seed (same data order, same validation sequences), "
+             "mean [Student-t 95 %] (n pairs). A Δ interval that contains 0 does not separate the two.", ""]
+    rows = []
+    for m, es in result["fixed_tokens"].items():
+        for e in es:
+            vb = e.get("vs_best")
+            delta = "best" if vb is None and e["final_val_loss_mean"] is not None else "–" if vb is None else \
+                _ci_text(vb["diff_mean"], vb["diff_ci"], vb["n_pairs"]) + f" vs {vb['method']}"
+            rows.append([m, _f(e["batch_size"], "g"), _f(e["learning_rate"], ".3g"),
+                         _ci_text(e["final_val_loss_mean"], e.get("final_val_loss_ci"), e["n_seeds"]), delta,
+                         e["n_diverged"], _f(e["tokens_max"]), e["edge"] or ""])
+    lines += _table(["method", "batch", "best lr", "final val loss", "Δ to the batch's best", "diverged", "tokens",
+                     "edge"], rows)
     for m, es in result["fixed_tokens"].items():
         toks = [e["tokens_max"] for e in es if e["tokens_max"]]
         # the comparison only means something at one budget; say so rather than silently mixing budgets
