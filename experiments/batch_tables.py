@@ -105,15 +105,26 @@ def cost(rundirs: list[str]) -> str:
 
 
 def fixed_table(analysis: dict) -> str:
-    """Final validation loss per method (rows) and batch size (columns) at the fixed token budget."""
+    """Final validation loss per method (rows) and batch size (columns) at the fixed token budget: each
+    cell its mean [Student-t 95 %] (n seeds, best lr; "edge" where that lr is the grid's edge), then the
+    difference to the batch's best method paired by seed, or "best"."""
     ft = analysis["fixed_tokens"]
     batches = sorted({e["batch_size"] for es in ft.values() for e in es})
-    rows = ["| method (lr) | " + " | ".join(f"B={b:g}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
+    rows = ["| method | " + " | ".join(f"B = {b:g}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
+
+    def cell(e: dict | None) -> str:
+        if e is None or e["final_val_loss_mean"] is None:
+            return "–"
+        txt = f"{e['final_val_loss_mean']:.3f} {_ci(e.get('final_val_loss_ci'))} (n = {e['n_seeds']}, " \
+              f"lr {e['learning_rate']:.3g}{', ' + e['edge'] if e.get('edge') else ''})"
+        vb = e.get("vs_best")
+        if vb is None:
+            return txt + "; best"
+        return txt + f"; Δ {vb['diff_mean']:+.3f} {_ci(vb['diff_ci'])} vs {vb['method']}"
+
     for m, es in ft.items():
         by = {e["batch_size"]: e for e in es}
-        lr = es[0]["learning_rate"]
-        rows.append(f"| {m} ({lr:.3g}) | " + " | ".join(
-            f"{by[b]['final_val_loss_mean']:.3f}" if b in by else "–" for b in batches) + " |")
+        rows.append(f"| {m} | " + " | ".join(cell(by.get(b)) for b in batches) + " |")
     return "\n".join(rows)
 
 

@@ -101,3 +101,20 @@ def test_predict_table_compares_a_fitted_curve_with_a_batch_it_was_not_fitted_on
     cells = [c.strip() for c in rows[2].strip("|").split("|")]
     assert cells[1] == "200" and cells[3] == "20 [18, 22]"  # 10 + 2000 / 200, range 9 + 1800/200 .. 11 + 2200/200
     assert cells[-1] == "1.100"
+
+
+def test_fixed_table_gives_each_cell_its_lr_interval_and_paired_difference():
+    bt = _load("batch_tables")
+    e = lambda b, lr, mean, vb=None, edge=None: {  # noqa: E731
+        "batch_size": b, "learning_rate": lr, "final_val_loss_mean": mean, "final_val_loss_ci": [mean - 0.01, mean + 0.01],
+        "n_seeds": 3, "edge": edge, "vs_best": vb}
+    analysis = {"fixed_tokens": {
+        "gn": [e(32, 0.01, 1.30), e(2048, 0.08, 1.76, {"method": "ctl", "diff_mean": 0.15, "diff_ci": [0.1, 0.2],
+                                                         "n_pairs": 3})],
+        "ctl": [e(32, 0.0119, 1.57, {"method": "gn", "diff_mean": 0.27, "diff_ci": [0.2, 0.3], "n_pairs": 3}, "low"),
+                e(2048, 0.0476, 1.62)]}}
+    rows = bt.fixed_table(analysis).splitlines()
+    assert rows[0] == "| method | B = 32 | B = 2048 |"
+    gn_row, ctl_row = rows[2], rows[3]
+    assert "1.300 [1.29, 1.31] (n = 3, lr 0.01); best" in gn_row and "Δ +0.150 [0.1, 0.2] vs ctl" in gn_row
+    assert "lr 0.0119, low" in ctl_row and ctl_row.endswith("1.620 [1.61, 1.63] (n = 3, lr 0.0476); best |")
