@@ -149,13 +149,9 @@ def _definitions(result: dict) -> list[str]:
     return lines + [""]
 
 
-def _ci_text(mean, ci, n=None) -> str:
-    if mean is None:
-        return "–"
-    txt = _f(mean)
-    if ci and ci[0] is not None:
-        txt += f" [{_f(ci[0])}, {_f(ci[1])}]"
-    return txt + (f" (n = {n})" if n is not None else "")
+def _ci_text(mean, ci, n: int) -> str:
+    """`_mci` of a mean and its interval, with its n."""
+    return "–" if mean is None else f"{_mci({'mean': mean, 'ci': ci})} (n = {n})"
 
 
 def _fixed_section(result: dict) -> list[str]:
