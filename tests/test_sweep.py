@@ -389,7 +389,7 @@ def test_soap_precondition_frequency_is_tuned_by_vary():
 
 
 CPU_SPECS = ("cbs_synthetic", "cbs_synthetic_ext", "large_batch", "large_batch_tune", "fixed_tokens", "fixed_tokens_v2",
-             "batch_vs_inner", "batch_vs_inner_edges", "batch_vs_inner_ctl_low", "ladder_b1024", "large_batch_v2",
+             "batch_vs_inner", "batch_vs_inner_edges", "batch_vs_inner_ctl_low", "ladder_b1024", "ladder_b1024_s13", "large_batch_v2",
              "large_batch_v2_ws1", "g_fisher", "text_ladder")
 
 
