@@ -127,6 +127,26 @@ def test_best_per_batch_picks_lr_and_flags_edge():
     assert best[64]["learning_rate"] == 3e-3 and best[64]["lr_at_edge"] and best[64]["edge"] == "high"
 
 
+def test_best_per_batch_marks_ties_and_drops_an_edge_a_tie_reaches_inside():
+    rows = []
+    # B = 32: whole-step counts tie at the low edge and inside -> lowest reported, no edge, tie listed
+    # B = 64: the low edge ties with the inside 0.02 (0.04 is worse on one seed): no edge
+    # B = 128: a strict best at the low edge stays an edge, no tie
+    for B, grid in ((32, {0.01: [4, 4], 0.02: [4, 4], 0.04: [5, 5]}), (64, {0.01: [3, 3], 0.02: [3, 3], 0.04: [3, 4]}),
+                    (128, {0.01: [6, 6], 0.02: [7, 7], 0.04: [8, 8]})):
+        for lr, steps in grid.items():
+            for seed, s in enumerate(steps):
+                rows.append({"method": "m", "batch_size": B, "learning_rate": lr, "seed": seed, "steps": s})
+    best = {b["batch_size"]: b for b in cbs.best_per_batch(rows)}
+    assert best[32]["learning_rate"] == 0.01 and best[32]["tied_lrs"] == [0.01, 0.02]
+    assert best[32]["edge"] is None and not best[32]["lr_at_edge"]
+    assert best[64]["tied_lrs"] == [0.01, 0.02] and best[64]["edge"] is None
+    assert best[128]["tied_lrs"] == [] and best[128]["edge"] == "low" and best[128]["lr_at_edge"]
+    # the report's edge column names the tie
+    from gn.studies.report import _edge_text
+    assert _edge_text(best[32]) == "tie 0.01/0.02" and _edge_text(best[128]) == "low"
+
+
 # ---------------------------------------------------------------- table
 
 def test_table_missing_column_and_empty_are_refused(tmp_path):

@@ -86,7 +86,7 @@ def _best_entry(b: dict, units: Iterable[str]) -> dict:
     e = {"batch_size": b["batch_size"], "learning_rate": b["learning_rate"], "steps_mean": b["mean"],
          "steps_mean_reached": b["mean_reached"], "steps_se": b["se"], "steps_ci": st["ci"], "steps": b["values"],
          "seeds": b["seeds"], "n_seeds": b["n_seeds"], "n_reached": b["n_reached"], "lr_grid": b["lr_grid"],
-         "lr_at_edge": b["lr_at_edge"], "edge": b["edge"],
+         "lr_at_edge": b["lr_at_edge"], "edge": b["edge"], "tied_lrs": b["tied_lrs"],
          "crossing_rule": next((r.get("crossing_rule") for r in b["rows"] if r.get("crossing_rule")), None),
          "read_from": next((r.get("read_from") for r in b["rows"] if r.get("read_from")), None),
          "updates_per_outer_step": next((r.get("updates_per_outer_step") for r in b["rows"]
@@ -305,7 +305,7 @@ def fixed_token_table(runs: list[dict]) -> dict:
              "final_val_loss_se": b["se"], "final_val_loss_ci": st["ci"], "final_val_loss": b["values"],
              "seeds": b["seeds"], "n_seeds": b["n_seeds"], "n_diverged": b["n_seeds"] - b["n_reached"],
              "tokens_max": max(toks) if toks else None, "lr_at_edge": b["lr_at_edge"], "edge": b["edge"],
-             "read_from": b["rows"][0]["read_from"], "vs_best": None})
+             "tied_lrs": b["tied_lrs"], "read_from": b["rows"][0]["read_from"], "vs_best": None})
     _paired_to_best(out)
     return out
 

@@ -236,7 +236,11 @@ def best_per_batch(rows: Iterable[dict], key: str = "steps") -> list[dict]:
     of the mean, n-1 in the variance; None for a single seed), values (per seed,
     None where unreached), n_seeds, n_reached, lr_grid, and lr_at_edge /
     edge ("low", "high" or "only") when the best lr is the smallest or largest
-    of that batch's grid, so the optimum may lie outside it.
+    of that batch's grid, so the optimum may lie outside it. `tied_lrs` lists
+    every lr whose rank equals the best's (a count at whole outer steps often
+    ties across a grid); the lowest of them is reported as best, and when one of
+    them is inside the grid the edge flag is dropped: the tie, not the grid,
+    limits what the choice says.
     """
     by = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -251,13 +255,19 @@ def best_per_batch(rows: Iterable[dict], key: str = "steps") -> list[dict]:
             miss = 1.0 - len(reached) / len(vals)
             ranked.append(((miss, math.inf if mean is None else mean, lr), lr, vals, mean, se, rs))
         ranked.sort(key=lambda t: t[0])
-        _, lr, vals, mean, se, rs = ranked[0]
+        (miss0, mean0, _), lr, vals, mean, se, rs = ranked[0]
         grid = sorted(per_lr)
         n_reached = sum(v is not None for v in vals)
+        # equal rank up to float rounding of a mean (whole-step counts tie exactly)
+        tied = sorted(t[1] for t in ranked if t[0][0] == miss0 and
+                      (t[0][1] == mean0 or (math.isfinite(mean0) and abs(t[0][1] - mean0) <= 1e-9 * max(1.0, abs(mean0)))))
         edge = "only" if len(grid) == 1 else "low" if lr == grid[0] else "high" if lr == grid[-1] else None
+        if edge in ("low", "high") and any(grid[0] < t < grid[-1] for t in tied):
+            edge = None
         out.append({"method": method, "batch_size": batch, "learning_rate": lr,
                     "mean": mean if n_reached == len(vals) else None, "mean_reached": mean, "se": se,
                     "values": vals, "seeds": [r.get("seed") for r in sorted(rs, key=lambda r: r.get("seed", 0))],
                     "n_seeds": len(vals), "n_reached": n_reached, "lr_grid": grid,
-                    "lr_at_edge": edge is not None, "edge": edge, "rows": rs})
+                    "lr_at_edge": edge is not None, "edge": edge, "tied_lrs": tied if len(tied) > 1 else [],
+                    "rows": rs})
     return out

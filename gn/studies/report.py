@@ -40,13 +40,22 @@ def _mci(st: dict | None, spec: str = ".4g") -> str:
     return _f(st["mean"], spec)
 
 
+def _edge_text(e: dict) -> str:
+    """The edge column: a best lr at its grid's end, or the lrs tied with it (best_per_batch)."""
+    ties = e.get("tied_lrs") or []
+    tie = "tie " + "/".join(_f(t, ".3g") for t in ties) if ties else ""
+    return " ".join(x for x in (e.get("edge") or "", tie) if x)
+
+
 def _best_section(result: dict) -> list[str]:
     lines = ["## Costs to target in every unit", "",
              "At each batch's best lr (chosen by the method's own steps): mean over the seeds that reached, with a "
              "Student-t 95% interval; `reached` is seeds reached / run. Crossing: `whole` = first evaluation at or "
              "below the target (a method that moves only at whole outer steps), `interp` = linear between "
              "evaluations. `wide` counts runs whose crossing bracket exceeds the stated limit (see Definitions): "
-             "their value is set by the evaluation cadence. `edge` marks a best lr at the end of its grid.", ""]
+             "their value is set by the evaluation cadence. `edge` marks a best lr at the end of its grid; `tie` lists "
+             "the lrs whose cost equals the best's (the lowest is reported; an inside lr among them drops the edge "
+             "flag).", ""]
     for t in result["targets"]:
         rows = []
         for m, res in result["methods"].items():
@@ -56,7 +65,7 @@ def _best_section(result: dict) -> list[str]:
                 rule = {"first_at_or_below": "whole", "interpolated": "interp"}.get(e.get("crossing_rule"), "–")
                 rows.append([m, _f(e["batch_size"], "g"), _f(e["learning_rate"], ".3g"),
                              f"{e['n_reached']}/{e['n_seeds']}", *[_mci(u.get(k)) for k, _ in COST_UNITS], rule,
-                             wide or "", e["edge"] or ""])
+                             wide or "", _edge_text(e)])
         head = ["method", "batch", "best lr", "reached", *[h for _, h in COST_UNITS], "crossing", "wide", "edge"]
         # drop unit columns no row has (a table carries only steps, maybe tokens)
         keep = [j for j in range(len(head)) if j < 4 or j >= 4 + len(COST_UNITS) or any(r[j] != "–" for r in rows)]
@@ -169,7 +178,7 @@ def _fixed_section(result: dict) -> list[str]:
                 _ci_text(vb["diff_mean"], vb["diff_ci"], vb["n_pairs"]) + f" vs {vb['method']}"
             rows.append([m, _f(e["batch_size"], "g"), _f(e["learning_rate"], ".3g"),
                          _ci_text(e["final_val_loss_mean"], e.get("final_val_loss_ci"), e["n_seeds"]), delta,
-                         e["n_diverged"], _f(e["tokens_max"]), e["edge"] or ""])
+                         e["n_diverged"], _f(e["tokens_max"]), _edge_text(e)])
     lines += _table(["method", "batch", "best lr", "final val loss", "Δ to the batch's best", "diverged", "tokens",
                      "edge"], rows)
     for m, es in result["fixed_tokens"].items():
