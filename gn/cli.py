@@ -98,14 +98,16 @@ def cmd_analyze(args) -> None:
     except ValueError:
         raise ConfigError(f"--targets must be comma-separated numbers, got '{args.targets}'.") from None
     if args.table:
-        require(not args.fixed_tokens, "--fixed-tokens needs run directories (their loss curves), not --table.")
+        require(not args.fixed_tokens and not args.fixed_tokens_at,
+                "--fixed-tokens needs run directories (their loss curves), not --table.")
         require(not args.methods, "--methods selects runs; with --table, filter the table's rows instead.")
         result = analyze_table(args.table, targets=targets, b_ref=args.cbs_reference_batch, space=args.fit)
         out = Path(args.out) if args.out else Path(args.table).parent
     else:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
         result = analyze_runs(args.dirs, targets=targets, fixed_tokens=args.fixed_tokens,
-                              b_ref=args.cbs_reference_batch, space=args.fit, read=args.read, methods=methods)
+                              b_ref=args.cbs_reference_batch, space=args.fit, read=args.read, methods=methods,
+                              fixed_tokens_at=args.fixed_tokens_at)
         first = Path(args.dirs[0])
         out = Path(args.out) if args.out else (first.parent if is_archive(first) else first)
     files = write_outputs(result, out)
@@ -164,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", help="output folder (default: the first directory, or the table's folder)")
     a.add_argument("--json", action="store_true", help="print the analysis as one JSON object on stdout")
     a.add_argument("--fixed-tokens", action="store_true", help="also compare final loss per batch at fixed tokens")
+    a.add_argument("--fixed-tokens-at", type=int, default=None, metavar="TOKENS",
+                   help="the fixed-token comparison at this budget, read from each run's evaluation at exactly "
+                        "that many tokens (valid when nothing in a run depends on its total budget: a constant "
+                        "schedule); implies --fixed-tokens")
     a.add_argument("--targets", help="comma-separated target losses, e.g. 3.5,3.25 (default: the runs' config)")
     a.add_argument("--methods", help="comma-separated method names: analyse only their runs (default: every run)")
     a.add_argument("--cbs-reference-batch", type=float, default=None,

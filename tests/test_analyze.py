@@ -142,6 +142,11 @@ def test_best_per_batch_marks_ties_and_drops_an_edge_a_tie_reaches_inside():
     assert best[32]["edge"] is None and not best[32]["lr_at_edge"]
     assert best[64]["tied_lrs"] == [0.01, 0.02] and best[64]["edge"] is None
     assert best[128]["tied_lrs"] == [] and best[128]["edge"] == "low" and best[128]["lr_at_edge"]
+    # an exact tie goes to the cell with more seeds: 0.02 on three seeds beats 0.01 on two
+    rows += [{"method": "m", "batch_size": 256, "learning_rate": lr, "seed": s, "steps": 3}
+             for lr, seeds in ((0.01, (0, 1)), (0.02, (0, 1, 2))) for s in seeds]
+    b256 = next(b for b in cbs.best_per_batch(rows) if b["batch_size"] == 256)
+    assert b256["learning_rate"] == 0.02 and b256["n_seeds"] == 3 and b256["tied_lrs"] == [0.01, 0.02]
     # the report's edge column names the tie
     from gn.studies.report import _edge_text
     assert _edge_text(best[32]) == "tie 0.01/0.02" and _edge_text(best[128]) == "low"
@@ -291,6 +296,35 @@ def test_a_run_stopped_by_another_reading_is_named_not_silently_unreached(tmp_pa
     assert [Path(d).name for d in res["cut_runs"]] == ["cut"]          # "short" ran out of steps: unreached
     assert res["counts"]["stopped before this reading crossed"] == 1
     assert "Stopped before this reading crossed" in render_report(res)
+
+
+def test_fixed_tokens_at_a_smaller_budget_reads_that_evaluation(tmp_path):
+    """--fixed-tokens-at T reads each run at its evaluation at T tokens: the best lr may change with the
+    budget; a budget no run evaluated at, or one a run ended short of, is refused naming the run."""
+    from gn.cli import main
+
+    root = tmp_path / "ft"
+    # batch 16, 16 tokens a sequence, evaluated every 10 steps = 2560 tokens. At 2560 tokens lr 1e-2 is
+    # ahead (3.0 against 4.0); at the end (7680) lr 1e-3 is (2.0 against 2.5)
+    for s in (0, 1):
+        _fake_run(root / f"lo{s}", method="adamw", batch=16, lr=1e-3, seed=s, curve=[5, 4.0 + 0.1 * s, 3, 2])
+        _fake_run(root / f"hi{s}", method="adamw", batch=16, lr=1e-2, seed=s, curve=[5, 3.0 + 0.1 * s, 2.8, 2.5])
+        _fake_run(root / f"dv{s}", method="adamw", batch=16, lr=3e-2, seed=s, curve=[5, 9.0], diverged=True)
+    end = analyze_runs([root], fixed_tokens=True, n_boot=20)["fixed_tokens"]["adamw"][0]
+    assert end["learning_rate"] == 1e-3 and end["final_val_loss_mean"] == pytest.approx(2.0)
+    early = analyze_runs([root], fixed_tokens_at=2560, n_boot=20)
+    e = early["fixed_tokens"]["adamw"][0]
+    assert early["fixed_tokens_at"] == 2560 and e["learning_rate"] == 1e-2 and e["tokens_max"] == 2560
+    assert e["final_val_loss"] == pytest.approx([3.0, 3.1])
+    # at the last evaluation the explicit budget equals the default reading
+    last = analyze_runs([root], fixed_tokens_at=7680, n_boot=20)["fixed_tokens"]["adamw"][0]
+    assert last["final_val_loss"] == end["final_val_loss"] and last["learning_rate"] == end["learning_rate"]
+    with pytest.raises(ConfigError, match="no evaluation at 3,000 tokens"):
+        analyze_runs([root], fixed_tokens_at=3000, n_boot=20)
+    with pytest.raises(ConfigError, match="it ended at 7,680"):
+        analyze_runs([root], fixed_tokens_at=10240, n_boot=20)
+    assert main(["analyze", str(root), "--fixed-tokens-at", "2560", "--out", str(tmp_path / "o")]) == 0
+    assert "2,560 tokens" in (tmp_path / "o" / "report.md").read_text()
 
 
 def test_fixed_tokens_interval_and_paired_difference(tmp_path):

@@ -26,7 +26,7 @@ from gn.errors import require
 from gn.studies import cbs, diagnostics, intervals
 from gn.studies.cbs_plots import write_plots
 from gn.studies.report import write_report
-from gn.studies.inputs import AXES, _final_loss, read_table, run_rows
+from gn.studies.inputs import AXES, _final_loss, loss_at_tokens, read_table, run_rows
 from gn.studies.run_archive import ARCHIVE_NAME, load_runs, write_archive
 from gn.train.metrics import target_key
 
@@ -239,11 +239,15 @@ def _check_options(b_ref: float | None, space: str) -> None:
 
 def analyze_runs(dirs: Sequence[str | Path], *, targets: Sequence[float] | None = None, fixed_tokens: bool = False,
                  n_boot: int = 2000, b_ref: float | None = None, space: str = "wls", read: str = "auto",
-                 methods: Sequence[str] | None = None) -> dict:
+                 methods: Sequence[str] | None = None, fixed_tokens_at: int | None = None) -> dict:
     """Analyse run directories (or parents holding them) and run archives (`runs.jsonl.gz` of a
     committed analysis, gn.studies.run_archive): see the module docstring. `methods`: only the
-    runs of these (sweep) method names; ConfigError naming any that no run has."""
+    runs of these (sweep) method names; ConfigError naming any that no run has. `fixed_tokens_at`:
+    the fixed-token table read at that many tokens instead of each run's last evaluation
+    (inputs.loss_at_tokens)."""
     _check_options(b_ref, space)
+    require(fixed_tokens_at is None or (isinstance(fixed_tokens_at, int) and fixed_tokens_at > 0),
+            f"--fixed-tokens-at must be a positive token count, got {fixed_tokens_at}.")
     runs = load_runs(dirs, read)      # ConfigError for an unknown `read` before any file is read
     if methods:
         missing = sorted(set(methods) - {r["method"] for r in runs})
@@ -266,8 +270,10 @@ def analyze_runs(dirs: Sequence[str | Path], *, targets: Sequence[float] | None 
                       f"crossed every target, and count as not reached here: {', '.join(cut[:3])}"
                       f"{' ...' if len(cut) > 3 else ''}; rerun their sweep to continue them (train.stop_reads: all)",
                       stacklevel=2)
-    if fixed_tokens:
-        out["fixed_tokens"] = fixed_token_table(runs)
+    if fixed_tokens or fixed_tokens_at:
+        out["fixed_tokens"] = fixed_token_table(runs, fixed_tokens_at)
+        if fixed_tokens_at:
+            out["fixed_tokens_at"] = fixed_tokens_at
     out["_runs"] = runs   # curves for the plots; dropped from analysis.json
     return out
 
@@ -286,14 +292,21 @@ def cut_runs(runs: list[dict], targets: Sequence[float]) -> list[str]:
     return out
 
 
-def fixed_token_table(runs: list[dict]) -> dict:
+def fixed_token_table(runs: list[dict], at_tokens: int | None = None) -> dict:
     """Final validation loss against batch size per method, at the best lr by
     mean final loss over seeds (diverged runs count as worst), with its Student-t
     95 % interval over seeds and, per batch, the difference to that batch's best
     method paired by seed (the same data order and the same validation sequences,
-    so the seed-to-seed spread the two share cancels)."""
+    so the seed-to-seed spread the two share cancels). `at_tokens`: read every run
+    at that budget (inputs.loss_at_tokens) rather than at its last evaluation."""
+    def loss(r):
+        return _final_loss(r) if at_tokens is None else loss_at_tokens(r, at_tokens)
+
+    def tokens_of(r):
+        return at_tokens if at_tokens is not None else (r["evals"][-1].get("tokens") if r["evals"] else None)
+
     rows = [{k: r[k] for k in ("method", "batch_size", "learning_rate", "seed")} |
-            {"final_val_loss": _final_loss(r), "tokens": (r["evals"][-1].get("tokens") if r["evals"] else None),
+            {"final_val_loss": loss(r), "tokens": tokens_of(r),
              "read_from": r.get("read_from", "val_loss")}
             for r in runs]
     out = {}

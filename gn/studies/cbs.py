@@ -238,9 +238,9 @@ def best_per_batch(rows: Iterable[dict], key: str = "steps") -> list[dict]:
     edge ("low", "high" or "only") when the best lr is the smallest or largest
     of that batch's grid, so the optimum may lie outside it. `tied_lrs` lists
     every lr whose rank equals the best's (a count at whole outer steps often
-    ties across a grid); the lowest of them is reported as best, and when one of
-    them is inside the grid the edge flag is dropped: the tie, not the grid,
-    limits what the choice says.
+    ties across a grid); of an exact tie the cell with the most seeds is reported
+    (then the lowest lr), and when one of the tied lrs is inside the grid the edge
+    flag is dropped: the tie, not the grid, limits what the choice says.
     """
     by = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -253,14 +253,15 @@ def best_per_batch(rows: Iterable[dict], key: str = "steps") -> list[dict]:
             reached = [v for v in vals if v is not None]
             mean, se = _mean_se(reached)
             miss = 1.0 - len(reached) / len(vals)
-            ranked.append(((miss, math.inf if mean is None else mean, lr), lr, vals, mean, se, rs))
+            # exact ties (whole-step counts) go to the cell with more seeds, then the lower lr
+            ranked.append(((miss, math.inf if mean is None else mean, -len(vals), lr), lr, vals, mean, se, rs))
         ranked.sort(key=lambda t: t[0])
-        (miss0, mean0, _), lr, vals, mean, se, rs = ranked[0]
+        (miss0, mean0, _, _), lr, vals, mean, se, rs = ranked[0]
         grid = sorted(per_lr)
         n_reached = sum(v is not None for v in vals)
         # equal rank up to float rounding of a mean (whole-step counts tie exactly)
-        tied = sorted(t[1] for t in ranked if t[0][0] == miss0 and
-                      (t[0][1] == mean0 or (math.isfinite(mean0) and abs(t[0][1] - mean0) <= 1e-9 * max(1.0, abs(mean0)))))
+        tied = sorted(t[1] for t in ranked if math.isfinite(mean0) and t[0][0] == miss0 and
+                      abs(t[0][1] - mean0) <= 1e-9 * max(1.0, abs(mean0)))
         edge = "only" if len(grid) == 1 else "low" if lr == grid[0] else "high" if lr == grid[-1] else None
         if edge in ("low", "high") and any(grid[0] < t < grid[-1] for t in tied):
             edge = None

@@ -144,6 +144,26 @@ def _final_loss(run: dict) -> float | None:
     return None if run["diverged"] or not vals else vals[-1]
 
 
+def loss_at_tokens(run: dict, tokens: int) -> float | None:
+    """The validation loss of the evaluation at exactly `tokens` training tokens: the loss a run with
+    that budget would have ended at, when nothing in the run depends on its total budget (a constant
+    schedule, a warmup and an EMA counted in updates, as in experiments/fixed_tokens_v2.yaml). None
+    when the run diverged before it or its loss there is not finite; ConfigError when the run ended
+    short of it without diverging or never evaluated at exactly that count."""
+    key = run.get("read_from", "val_loss")
+    at = [e for e in run["evals"] if e.get("tokens") == tokens]
+    if at:
+        v = at[-1].get(key)
+        return float(v) if v is not None and math.isfinite(v) else None
+    last = max((e.get("tokens") or 0 for e in run["evals"]), default=0)
+    if last < tokens and run["diverged"]:
+        return None
+    near = sorted({e.get("tokens") for e in run["evals"] if e.get("tokens") is not None})
+    raise ConfigError(f"run {run['dir']} has no evaluation at {tokens:,} tokens "
+                      f"({'it ended at ' + format(last, ',') if last < tokens else 'it evaluated at ' + ', '.join(f'{t:,}' for t in near[:12])}); "
+                      "--fixed-tokens-at needs a budget every run evaluated at (a multiple of eval_every_tokens).")
+
+
 # ---------------------------------------------------------------- table
 
 def read_table(path: str | Path) -> list[dict]:

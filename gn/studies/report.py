@@ -54,8 +54,8 @@ def _best_section(result: dict) -> list[str]:
              "below the target (a method that moves only at whole outer steps), `interp` = linear between "
              "evaluations. `wide` counts runs whose crossing bracket exceeds the stated limit (see Definitions): "
              "their value is set by the evaluation cadence. `edge` marks a best lr at the end of its grid; `tie` lists "
-             "the lrs whose cost equals the best's (the lowest is reported; an inside lr among them drops the edge "
-             "flag).", ""]
+             "the lrs whose cost equals the best's (the one with the most seeds is reported, then the lowest; an "
+             "inside lr among them drops the edge flag).", ""]
     for t in result["targets"]:
         rows = []
         for m, res in result["methods"].items():
@@ -165,7 +165,8 @@ def _ci_text(mean, ci, n: int) -> str:
 
 def _fixed_section(result: dict) -> list[str]:
     reads = {e.get("read_from") for es in result["fixed_tokens"].values() for e in es} - {None}
-    lines = ["## Fixed token budget", "",
+    at = result.get("fixed_tokens_at")
+    lines = ["## Fixed token budget" + (f": {at:,} tokens, read from each run's evaluation there" if at else ""), "",
              "Final validation loss per batch size at the best lr by mean final loss over seeds (diverged runs "
              f"count as worst; read from {', '.join(sorted(reads)) or 'val_loss'}), mean [Student-t 95 %] (n seeds); "
              "Δ: minus the batch's best method, paired by seed (same data order, same validation sequences), "
