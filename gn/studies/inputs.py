@@ -159,8 +159,8 @@ def loss_at_tokens(run: dict, tokens: int) -> float | None:
     if last < tokens and run["diverged"]:
         return None
     near = sorted({e.get("tokens") for e in run["evals"] if e.get("tokens") is not None})
-    raise ConfigError(f"run {run['dir']} has no evaluation at {tokens:,} tokens "
-                      f"({'it ended at ' + format(last, ',') if last < tokens else 'it evaluated at ' + ', '.join(f'{t:,}' for t in near[:12])}); "
+    where = f"it ended at {last:,}" if last < tokens else "it evaluated at " + ", ".join(f"{t:,}" for t in near[:12])
+    raise ConfigError(f"run {run['dir']} has no evaluation at {tokens:,} tokens ({where}); "
                       "--fixed-tokens-at needs a budget every run evaluated at (a multiple of eval_every_tokens).")
 
 
